@@ -1,0 +1,176 @@
+"""Model configuration: one frozen dataclass describes every supported decoder.
+
+The same `Transformer` module runs the Llama family (Llama 2/3, Mistral, Qwen2; RMSNorm, RoPE,
+SwiGLU, GQA, optional q/k/v bias) and GPT-2 (LayerNorm, learned positions, gelu_new, fused c_attn).
+Configs are hashable so they can be static arguments of `jax.jit`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import jax.numpy as jnp
+
+Arch = Literal["llama", "gpt2"]
+Head = Literal["lm", "score", "none"]
+Remat = Literal["none", "full", "dots", "dots_no_batch"]
+
+LLAMA_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+GPT2_LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """HF `rope_scaling` / `rope_parameters`. type: "default" | "linear" | "llama3"."""
+
+  type: str = "default"
+  factor: float = 1.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+  """Low-rank adapters on named projections; their variables live in the "lora" collection."""
+
+  rank: int = 8
+  alpha: float = 16.0
+  dropout: float = 0.0
+  targets: tuple[str, ...] = ("q_proj", "v_proj")
+
+  def __post_init__(self):
+    if self.rank <= 0:
+      raise ValueError(f"LoRAConfig.rank must be positive, got {self.rank}")
+    known = set(LLAMA_LORA_TARGETS) | set(GPT2_LORA_TARGETS)
+    bad = [t for t in self.targets if t not in known]
+    if bad:
+      raise ValueError(f"unknown LoRA target(s) {bad}; choose from {sorted(known)}")
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Everything needed to build a decoder. Field names follow HF where one exists."""
+
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  mlp_dim: int
+  arch: Arch = "llama"
+  n_kv_heads: int | None = None  # None = n_heads (MHA)
+  head_dim: int | None = None  # None = d_model // n_heads
+  max_seq_len: int = 2048
+  norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling = RopeScaling()
+  qkv_bias: bool = False  # Qwen2: True
+  tie_embeddings: bool = False
+  head: Head = "lm"  # "score": sequence classification (reward model), "none": hidden states only
+  num_labels: int = 1  # width of the score head (K objectives for a multi-head reward model)
+  value_head: bool = False  # per-token scalar value (PPO critic)
+  dtype: str = "float32"  # compute dtype
+  param_dtype: str = "float32"
+  remat: Remat = "none"
+  scan_layers: bool = True  # False unrolls the layer loop (same parameter layout)
+  attention_impl: str | None = None  # passed to jax.nn.dot_product_attention ("xla", "cudnn")
+  pad_token_id: int | None = None
+  bos_token_id: int | None = None
+  eos_token_id: int | None = None
+  lora: LoRAConfig | None = None
+
+  def __post_init__(self):
+    for f in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_dim", "max_seq_len"):
+      if getattr(self, f) <= 0:
+        raise ValueError(f"ModelConfig.{f} must be positive, got {getattr(self, f)}")
+    if self.arch not in ("llama", "gpt2"):
+      raise ValueError(f"ModelConfig.arch must be 'llama' or 'gpt2', got {self.arch!r}")
+    if self.head not in ("lm", "score", "none"):
+      raise ValueError(f"ModelConfig.head must be 'lm', 'score' or 'none', got {self.head!r}")
+    if self.n_heads % self.kv_heads:
+      raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.kv_heads}")
+    if self.head_dim is None and self.d_model % self.n_heads:
+      raise ValueError(f"d_model={self.d_model} not divisible by n_heads={self.n_heads}; set head_dim")
+    if self.remat not in ("none", "full", "dots", "dots_no_batch"):
+      raise ValueError(f"ModelConfig.remat: unknown policy {self.remat!r}")
+    if self.arch == "gpt2" and self.kv_heads != self.n_heads:
+      raise ValueError("GPT-2 has no grouped-query attention (n_kv_heads must equal n_heads)")
+    if self.lora is not None:
+      allowed = GPT2_LORA_TARGETS if self.arch == "gpt2" else LLAMA_LORA_TARGETS
+      bad = [t for t in self.lora.targets if t not in allowed]
+      if bad:
+        raise ValueError(f"LoRA target(s) {bad} do not exist in a {self.arch} model; choose from {allowed}")
+
+  @property
+  def kv_heads(self) -> int:
+    return self.n_kv_heads or self.n_heads
+
+  @property
+  def hd(self) -> int:
+    return self.head_dim or self.d_model // self.n_heads
+
+  @property
+  def jnp_dtype(self) -> Any:
+    return jnp.dtype(self.dtype)
+
+  @property
+  def jnp_param_dtype(self) -> Any:
+    return jnp.dtype(self.param_dtype)
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "ModelConfig":
+    d = dict(d)
+    if isinstance(d.get("rope_scaling"), dict):
+      d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    if isinstance(d.get("lora"), dict):
+      lora = dict(d["lora"])
+      lora["targets"] = tuple(lora.get("targets", ()))
+      d["lora"] = LoRAConfig(**lora)
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ValueError(f"unknown ModelConfig field(s): {sorted(unknown)}")
+    return cls(**d)
+
+  def num_params(self, include_embeddings: bool = True) -> int:
+    """Parameter count of the base model (no LoRA), computed from shapes."""
+    d, hd = self.d_model, self.hd
+    attn = d * hd * (self.n_heads + 2 * self.kv_heads) + self.n_heads * hd * d
+    if self.arch == "gpt2":
+      attn += 3 * d + d  # biases
+      mlp = 2 * d * self.mlp_dim + self.mlp_dim + d
+      norms = 4 * d
+    else:
+      attn += (hd * (self.n_heads + 2 * self.kv_heads)) if self.qkv_bias else 0
+      mlp = 3 * d * self.mlp_dim
+      norms = 2 * d
+    per_layer = attn + mlp + norms
+    n = self.n_layers * per_layer + (2 * d if self.arch == "gpt2" else d)
+    if include_embeddings:
+      n += self.vocab_size * d
+      if self.arch == "gpt2":
+        n += self.max_seq_len * d
+      if self.head == "lm" and not self.tie_embeddings:
+        n += self.vocab_size * d
+    return n
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Forward matmul FLOPs per token (2 * params-in-matmuls + attention), as in the PaLM MFU formula."""
+    d, hd = self.d_model, self.hd
+    matmul_params = self.n_layers * (
+        d * hd * (self.n_heads + 2 * self.kv_heads) + self.n_heads * hd * d
+        + (2 if self.arch == "gpt2" else 3) * d * self.mlp_dim)
+    if self.head == "lm":
+      matmul_params += self.vocab_size * d
+    attn = 2 * self.n_layers * self.n_heads * hd * seq_len  # QK^T and PV, causal-averaged x2 / 2
+    return 2.0 * matmul_params + 2.0 * attn

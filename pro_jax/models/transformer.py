@@ -1,0 +1,398 @@
+"""One decoder-only transformer for the Llama family and GPT-2 (Flax Linen, pure functions).
+
+Parameters are plain pytrees: ``model.apply({"params": params}, tokens_BxL, attention_mask_BxL=...)``
+returns a :class:`ModelOutput`. Layers are stacked on a leading ``layers`` axis (``nn.scan``), so
+the parameter layout is the same whether the layer loop is scanned or unrolled. Every parameter
+carries logical axis names (vocab, embed, heads, kv_heads, mlp, layers) that
+``pro_jax.sharding`` maps onto a device mesh.
+
+LoRA variables (when ``config.lora`` is set) live in their own collection, ``"lora"``:
+``model.apply({"params": params, "lora": lora}, ...)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pro_jax.models.config import LoRAConfig, ModelConfig
+
+Array = jax.Array
+
+# Logical axis names used by the model (parameters and activations).
+BATCH, LENGTH, EMBED, HEADS, KV_HEADS, MLP, VOCAB, LAYERS = (
+    "batch", "length", "embed", "heads", "kv_heads", "mlp", "vocab", "layers")
+
+
+@flax.struct.dataclass
+class ModelOutput:
+  """What a forward pass returns. Fields that the config does not produce are None."""
+
+  logits: Array | None = None  # [B, L, V] float32 (head="lm")
+  scores: Array | None = None  # [B, num_labels] float32, read at the last non-pad token (head="score")
+  values: Array | None = None  # [B, L] float32 (value_head=True)
+  hidden: Array | None = None  # [B, L, D] final (normed) hidden states, compute dtype
+  cache: Any = None  # updated KV cache when one was passed
+
+
+def _remat_policy(name: str):
+  return {
+      "full": None,
+      "dots": jax.checkpoint_policies.checkpoint_dots,
+      "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  }[name]
+
+
+def _init_normal(std: float):
+  return nn.initializers.normal(stddev=std)
+
+
+class Linear(nn.Module):
+  """x @ kernel (+ bias), kernel [in, out]; optional LoRA delta (dropout(x) @ a @ b) * alpha / r."""
+
+  features: int
+  axes: tuple[str | None, str | None]
+  cfg: ModelConfig
+  use_bias: bool = False
+  kernel_std: float = 0.02
+  lora: LoRAConfig | None = None
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.cfg
+    in_features = x.shape[-1]
+    kernel = self.param(
+        "kernel", nn.with_logical_partitioning(_init_normal(self.kernel_std), self.axes),
+        (in_features, self.features), cfg.jnp_param_dtype)
+    dtype = cfg.jnp_dtype
+    x = x.astype(dtype)
+    y = jnp.dot(x, kernel.astype(dtype))
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[1],)),
+                        (self.features,), cfg.jnp_param_dtype)
+      y = y + bias.astype(dtype)
+    if self.lora is not None:
+      r = self.lora.rank
+      # PEFT's init: A ~ kaiming-uniform(a=sqrt(5)) == U(-1/sqrt(in), 1/sqrt(in)); B = 0.
+      bound = 1.0 / math.sqrt(in_features)
+      a_init = nn.with_logical_partitioning(
+          lambda k, s, d: jax.random.uniform(k, s, d, -bound, bound), (self.axes[0], None))
+      b_init = nn.with_logical_partitioning(nn.initializers.zeros, (None, self.axes[1]))
+      a = self.variable("lora", "a", lambda: a_init(self.make_rng("params"), (in_features, r),
+                                                    cfg.jnp_param_dtype)).value
+      b = self.variable("lora", "b", lambda: b_init(self.make_rng("params"), (r, self.features),
+                                                    cfg.jnp_param_dtype)).value
+      xd = nn.Dropout(self.lora.dropout)(x, deterministic=self.deterministic) if self.lora.dropout else x
+      y = y + jnp.dot(jnp.dot(xd, a.astype(dtype)), b.astype(dtype)) * jnp.asarray(self.lora.scale, dtype)
+    return y
+
+
+class RMSNorm(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (EMBED,)),
+                       (x.shape[-1],), self.cfg.jnp_param_dtype)
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.cfg.norm_eps)
+    # HF Llama: weight * hidden.to(input_dtype)
+    return (scale.astype(self.cfg.jnp_dtype) * xf.astype(self.cfg.jnp_dtype))
+
+
+class LayerNorm(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    d = x.shape[-1]
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (EMBED,)),
+                       (d,), self.cfg.jnp_param_dtype)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (EMBED,)),
+                      (d,), self.cfg.jnp_param_dtype)
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + self.cfg.norm_eps) * scale.astype(jnp.float32) + bias.astype(
+        jnp.float32)
+    return y.astype(self.cfg.jnp_dtype)
+
+
+def _norm(cfg: ModelConfig, name: str) -> nn.Module:
+  return (LayerNorm if cfg.arch == "gpt2" else RMSNorm)(cfg, name=name)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  """Inverse RoPE frequencies [hd/2], with HF's rope_scaling types default / linear / llama3."""
+  hd = cfg.hd
+  inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+  rs = cfg.rope_scaling
+  if rs.type in ("default", None):
+    pass
+  elif rs.type == "linear":
+    inv_freq = inv_freq / rs.factor
+  elif rs.type == "llama3":
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    inv_freq_llama = np.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor)
+    smoothed = (1 - smooth) * inv_freq_llama / rs.factor + smooth * inv_freq_llama
+    is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    inv_freq = np.where(is_medium, smoothed, inv_freq_llama)
+  else:
+    raise ValueError(f"unsupported rope_scaling type {rs.type!r} (supported: default, linear, llama3)")
+  return inv_freq.astype(np.float32)
+
+
+def rope_cos_sin(cfg: ModelConfig, positions_BxL: Array) -> tuple[Array, Array]:
+  """cos, sin [B, L, hd] in HF's half-rotation layout (cat(freqs, freqs))."""
+  inv_freq = jnp.asarray(rope_inv_freq(cfg))
+  freqs = positions_BxL.astype(jnp.float32)[..., None] * inv_freq  # [B, L, hd/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x_BxLxHxD: Array, cos: Array, sin: Array) -> Array:
+  dtype = x_BxLxHxD.dtype
+  x = x_BxLxHxD.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  out = x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+  return out.astype(dtype)
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+  deterministic: bool = True
+
+  def _lora(self, target: str) -> LoRAConfig | None:
+    lora = self.cfg.lora
+    return lora if lora is not None and target in lora.targets else None
+
+  def _linear(self, features, axes, name, use_bias=False, std=0.02):
+    return Linear(features, axes, self.cfg, use_bias=use_bias, kernel_std=std, lora=self._lora(name),
+                  deterministic=self.deterministic, name=name)
+
+  @nn.compact
+  def __call__(self, x_BxLxD, cos, sin, mask_Bx1xLxS, layer_cache, cache_index):
+    cfg = self.cfg
+    B, L, _ = x_BxLxD.shape
+    H, K, hd = cfg.n_heads, cfg.kv_heads, cfg.hd
+    out_std = 0.02 / math.sqrt(2 * cfg.n_layers)
+    if cfg.arch == "gpt2":
+      qkv = self._linear(3 * H * hd, (EMBED, HEADS), "c_attn", use_bias=True)(x_BxLxD)
+      q, k, v = jnp.split(qkv, 3, axis=-1)
+    else:
+      q = self._linear(H * hd, (EMBED, HEADS), "q_proj", use_bias=cfg.qkv_bias)(x_BxLxD)
+      k = self._linear(K * hd, (EMBED, KV_HEADS), "k_proj", use_bias=cfg.qkv_bias)(x_BxLxD)
+      v = self._linear(K * hd, (EMBED, KV_HEADS), "v_proj", use_bias=cfg.qkv_bias)(x_BxLxD)
+    q_BxLxHxD = q.reshape(B, L, H, hd)
+    k_BxLxKxD = k.reshape(B, L, K, hd)
+    v_BxLxKxD = v.reshape(B, L, K, hd)
+    if cfg.arch != "gpt2":
+      q_BxLxHxD = apply_rope(q_BxLxHxD, cos, sin)
+      k_BxLxKxD = apply_rope(k_BxLxKxD, cos, sin)
+    new_cache = None
+    if layer_cache is not None:
+      ck = jax.lax.dynamic_update_slice(layer_cache["k"], k_BxLxKxD.astype(layer_cache["k"].dtype),
+                                        (0, cache_index, 0, 0))
+      cv = jax.lax.dynamic_update_slice(layer_cache["v"], v_BxLxKxD.astype(layer_cache["v"].dtype),
+                                        (0, cache_index, 0, 0))
+      new_cache = {"k": ck, "v": cv}
+      k_BxLxKxD, v_BxLxKxD = ck.astype(q_BxLxHxD.dtype), cv.astype(q_BxLxHxD.dtype)
+    out_BxLxHxD = jax.nn.dot_product_attention(
+        q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, mask=mask_Bx1xLxS, scale=1.0 / math.sqrt(hd),
+        implementation=cfg.attention_impl)
+    out = out_BxLxHxD.reshape(B, L, H * hd)
+    name = "c_proj" if cfg.arch == "gpt2" else "o_proj"
+    out = self._linear(cfg.d_model, (HEADS, EMBED), name, use_bias=cfg.arch == "gpt2", std=out_std)(out)
+    return out, new_cache
+
+
+class FeedForward(nn.Module):
+  cfg: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    cfg = self.cfg
+    out_std = 0.02 / math.sqrt(2 * cfg.n_layers)
+
+    def lin(features, axes, name, use_bias=False, std=0.02):
+      lora = cfg.lora if cfg.lora is not None and name in cfg.lora.targets else None
+      return Linear(features, axes, cfg, use_bias=use_bias, kernel_std=std, lora=lora,
+                    deterministic=self.deterministic, name=name)
+
+    if cfg.arch == "gpt2":
+      h = lin(cfg.mlp_dim, (EMBED, MLP), "c_fc", use_bias=True)(x_BxLxD)
+      h = jax.nn.gelu(h, approximate=True)  # == HF gelu_new
+      return lin(cfg.d_model, (MLP, EMBED), "c_proj", use_bias=True, std=out_std)(h)
+    gate = lin(cfg.mlp_dim, (EMBED, MLP), "gate_proj")(x_BxLxD)
+    up = lin(cfg.mlp_dim, (EMBED, MLP), "up_proj")(x_BxLxD)
+    h = nn.with_logical_constraint(jax.nn.silu(gate) * up, (BATCH, LENGTH, MLP))
+    return lin(cfg.d_model, (MLP, EMBED), "down_proj", std=out_std)(h)
+
+
+class Block(nn.Module):
+  """Pre-norm residual block. Signature fits nn.scan: (carry, broadcast ctx, per-layer cache)."""
+
+  cfg: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BxLxD, ctx, layer_cache):
+    cos, sin, mask, cache_index = ctx
+    h, new_cache = Attention(self.cfg, self.deterministic, name="attn")(
+        _norm(self.cfg, "attn_norm")(x_BxLxD), cos, sin, mask, layer_cache, cache_index)
+    x_BxLxD = x_BxLxD + h
+    x_BxLxD = x_BxLxD + FeedForward(self.cfg, self.deterministic, name="mlp")(_norm(self.cfg, "mlp_norm")(x_BxLxD))
+    x_BxLxD = nn.with_logical_constraint(x_BxLxD, (BATCH, LENGTH, EMBED))
+    return x_BxLxD, new_cache
+
+
+def make_attention_mask(attention_mask_BxS: Array | None, q_len: int, kv_len: int,
+                        q_offset: Array | int = 0) -> Array:
+  """Boolean [B, 1, q_len, kv_len]: causal (query i sits at slot q_offset + i) and key not padding.
+
+  Every query may attend to its own slot, so rows of padding never see an all-masked softmax.
+  """
+  q_slot = jnp.arange(q_len)[:, None] + q_offset
+  k_slot = jnp.arange(kv_len)[None, :]
+  causal = k_slot <= q_slot  # [q, kv]
+  if attention_mask_BxS is None:
+    return causal[None, None]
+  valid = attention_mask_BxS.astype(bool)[:, None, None, :]
+  return (causal[None, None] & valid) | (k_slot == q_slot)[None, None]
+
+
+def positions_from_mask(attention_mask_BxL: Array) -> Array:
+  """Positions for left- or right-padded rows: count of real tokens before each slot."""
+  m = attention_mask_BxL.astype(jnp.int32)
+  return jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0)
+
+
+def last_token_index(attention_mask_BxL: Array | None, length: int, batch: int) -> Array:
+  """Index of the last non-pad token per row (HF sequence-classification convention)."""
+  if attention_mask_BxL is None:
+    return jnp.full((batch,), length - 1, jnp.int32)
+  idx = jnp.arange(length, dtype=jnp.int32)[None, :]
+  return jnp.max(jnp.where(attention_mask_BxL.astype(bool), idx, 0), axis=-1)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> dict[str, Array]:
+  """Zeroed KV cache {"k", "v"}: [n_layers, B, max_len, n_kv_heads, head_dim]."""
+  dtype = dtype or cfg.jnp_dtype
+  shape = (cfg.n_layers, batch, max_len, cfg.kv_heads, cfg.hd)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+class Transformer(nn.Module):
+  """Decoder-only transformer. See module docstring."""
+
+  config: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, tokens_BxL: Array, attention_mask_BxL: Array | None = None,
+               positions_BxL: Array | None = None, *, cache: dict | None = None,
+               cache_index: Array | int = 0, cache_mask_BxT: Array | None = None) -> ModelOutput:
+    """Forward pass.
+
+    Args:
+      tokens_BxL: int token ids.
+      attention_mask_BxL: 1 for real tokens, 0 for padding (left or right). None = all real.
+      positions_BxL: position ids; default derived from the mask (correct for left padding).
+      cache: KV cache from `init_cache` for incremental decoding; the new keys/values are written
+        at slots [cache_index, cache_index + L).
+      cache_mask_BxT: with a cache, 1 for the cache slots holding real tokens (including the ones
+        being written now); required with a cache.
+    """
+    cfg = self.config
+    B, L = tokens_BxL.shape
+    dtype = cfg.jnp_dtype
+    if positions_BxL is None:
+      if attention_mask_BxL is not None and cache is None:
+        positions_BxL = positions_from_mask(attention_mask_BxL)
+      else:
+        positions_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32)[None] + cache_index, (B, L))
+
+    embedding = self.param("embed", nn.with_logical_partitioning(_init_normal(0.02), (VOCAB, EMBED)),
+                           (cfg.vocab_size, cfg.d_model), cfg.jnp_param_dtype)
+    x_BxLxD = jnp.take(embedding, tokens_BxL, axis=0).astype(dtype)
+    if cfg.arch == "gpt2":
+      wpe = self.param("wpe", nn.with_logical_partitioning(_init_normal(0.01), (None, EMBED)),
+                       (cfg.max_seq_len, cfg.d_model), cfg.jnp_param_dtype)
+      x_BxLxD = x_BxLxD + jnp.take(wpe, positions_BxL, axis=0).astype(dtype)
+      cos = sin = None
+    else:
+      cos, sin = rope_cos_sin(cfg, positions_BxL)
+    x_BxLxD = nn.with_logical_constraint(x_BxLxD, (BATCH, LENGTH, EMBED))
+
+    if cache is None:
+      mask = make_attention_mask(attention_mask_BxL, L, L)
+      layer_caches = None
+    else:
+      if cache_mask_BxT is None:
+        raise ValueError("cache_mask_BxT is required when decoding with a cache")
+      mask = make_attention_mask(cache_mask_BxT, L, cache["k"].shape[2], cache_index)
+      layer_caches = cache
+
+    block = Block
+    if cfg.remat != "none":
+      block = nn.remat(Block, prevent_cse=False, policy=_remat_policy(cfg.remat))
+    stack = nn.scan(
+        block,
+        variable_axes={"params": 0, "lora": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast, 0),
+        length=cfg.n_layers,
+        unroll=1 if cfg.scan_layers else cfg.n_layers,
+        metadata_params={nn.PARTITION_NAME: LAYERS},
+    )
+    x_BxLxD, new_cache = stack(cfg, self.deterministic, name="layers")(
+        x_BxLxD, (cos, sin, mask, cache_index), layer_caches)
+    hidden = _norm(cfg, "final_norm")(x_BxLxD)
+
+    out = {"hidden": hidden, "cache": new_cache}
+    if cfg.head == "lm":
+      if cfg.tie_embeddings:
+        logits = jnp.dot(hidden, embedding.astype(dtype).T)
+      else:
+        logits = Linear(cfg.vocab_size, (EMBED, VOCAB), cfg, name="lm_head")(hidden)
+      out["logits"] = nn.with_logical_constraint(logits.astype(jnp.float32), (BATCH, LENGTH, VOCAB))
+    elif cfg.head == "score":
+      idx = last_token_index(attention_mask_BxL, L, B)
+      h_last = jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0]
+      out["scores"] = Linear(cfg.num_labels, (EMBED, None), cfg, name="score")(h_last).astype(jnp.float32)
+    if cfg.value_head:
+      values = Linear(1, (EMBED, None), cfg, use_bias=True, name="value_head")(hidden)
+      out["values"] = values[..., 0].astype(jnp.float32)
+    return ModelOutput(**out)
+
+
+def init_variables(model: Transformer, rng: Array, seq_len: int = 8) -> dict:
+  """Random variables {"params": ..., ["lora": ...]} as plain arrays (metadata boxes removed)."""
+  tokens = jnp.zeros((1, seq_len), jnp.int32)
+  return nn.meta.unbox(model.init(rng, tokens))
+
+
+def logical_axes(model: Transformer, seq_len: int = 8) -> dict:
+  """Pytree matching `init_variables` whose leaves are PartitionSpecs of logical axis names."""
+  tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+  abstract = jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)
+  return nn.get_partition_spec(abstract)
+
+
+def abstract_variables(model: Transformer, seq_len: int = 8) -> dict:
+  """ShapeDtypeStructs of the variables, without allocating anything."""
+  tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+  return nn.meta.unbox(jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens))

@@ -1,0 +1,36 @@
+"""Test setup: 8 fake CPU devices (set before JAX is imported) and the shared real data."""
+
+import os
+import pathlib
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> pathlib.Path:
+  return pathlib.Path(os.environ.get("PRO_JAX_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> pathlib.Path:
+  """Path of ../shared/data. Skips when absent, fails when PRO_JAX_REQUIRE_SHARED_DATA=1 (CI)."""
+  path = shared_data_dir()
+  if not path.is_dir():
+    msg = f"shared real data not found at {path} (set PRO_JAX_SHARED_DATA)"
+    if os.environ.get("PRO_JAX_REQUIRE_SHARED_DATA") == "1":
+      pytest.fail(msg)
+    pytest.skip(msg)
+  return path
+
+
+@pytest.fixture(scope="session")
+def stories260k(shared_data) -> pathlib.Path:
+  path = shared_data / "models" / "stories260K"
+  if not (path / "stories260K.bin").is_file():
+    pytest.fail(f"{path}/stories260K.bin missing from the shared data")
+  return path
