@@ -70,6 +70,9 @@ class ModelConfig:
   rope_theta: float = 10000.0
   rope_scaling: RopeScaling = RopeScaling()
   qkv_bias: bool = False  # Qwen2: True
+  o_bias: bool = False  # HF Llama `attention_bias`: a bias on o_proj as well (with qkv_bias=True)
+  mlp_bias: bool = False  # HF Llama `mlp_bias`: biases on gate / up / down projections
+  sliding_window: int | None = None  # Mistral / Qwen2: each query sees only the last `sliding_window` slots
   tie_embeddings: bool = False
   head: Head = "lm"  # "score": sequence classification (reward model), "none": hidden states only
   num_labels: int = 1  # width of the score head (K objectives for a multi-head reward model)
@@ -96,6 +99,10 @@ class ModelConfig:
       raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.kv_heads}")
     if self.head_dim is None and self.d_model % self.n_heads:
       raise ValueError(f"d_model={self.d_model} not divisible by n_heads={self.n_heads}; set head_dim")
+    if self.sliding_window is not None and self.sliding_window <= 0:
+      raise ValueError(f"ModelConfig.sliding_window must be positive or None, got {self.sliding_window}")
+    if self.arch == "gpt2" and (self.o_bias or self.mlp_bias):
+      raise ValueError("o_bias / mlp_bias are Llama-family options (GPT-2 always has biases)")
     if self.remat not in ("none", "full", "dots", "dots_no_batch"):
       raise ValueError(f"ModelConfig.remat: unknown policy {self.remat!r}")
     if self.arch == "gpt2" and self.kv_heads != self.n_heads:
@@ -152,7 +159,8 @@ class ModelConfig:
       norms = 4 * d
     else:
       attn += (hd * (self.n_heads + 2 * self.kv_heads)) if self.qkv_bias else 0
-      mlp = 3 * d * self.mlp_dim
+      attn += d if self.o_bias else 0
+      mlp = 3 * d * self.mlp_dim + ((2 * self.mlp_dim + d) if self.mlp_bias else 0)
       norms = 2 * d
     per_layer = attn + mlp + norms
     n = self.n_layers * per_layer + (2 * d if self.arch == "gpt2" else d)

@@ -214,7 +214,8 @@ class Attention(nn.Module):
         implementation=cfg.attention_impl)
     out = out_BxLxHxD.reshape(B, L, H * hd)
     name = "c_proj" if cfg.arch == "gpt2" else "o_proj"
-    out = self._linear(cfg.d_model, (HEADS, EMBED), name, use_bias=cfg.arch == "gpt2", std=out_std)(out)
+    out = self._linear(cfg.d_model, (HEADS, EMBED), name, use_bias=cfg.arch == "gpt2" or cfg.o_bias,
+                       std=out_std)(out)
     return out, new_cache
 
 
@@ -236,10 +237,10 @@ class FeedForward(nn.Module):
       h = lin(cfg.mlp_dim, (EMBED, MLP), "c_fc", use_bias=True)(x_BxLxD)
       h = jax.nn.gelu(h, approximate=True)  # == HF gelu_new
       return lin(cfg.d_model, (MLP, EMBED), "c_proj", use_bias=True, std=out_std)(h)
-    gate = lin(cfg.mlp_dim, (EMBED, MLP), "gate_proj")(x_BxLxD)
-    up = lin(cfg.mlp_dim, (EMBED, MLP), "up_proj")(x_BxLxD)
+    gate = lin(cfg.mlp_dim, (EMBED, MLP), "gate_proj", use_bias=cfg.mlp_bias)(x_BxLxD)
+    up = lin(cfg.mlp_dim, (EMBED, MLP), "up_proj", use_bias=cfg.mlp_bias)(x_BxLxD)
     h = nn.with_logical_constraint(jax.nn.silu(gate) * up, (BATCH, LENGTH, MLP))
-    return lin(cfg.d_model, (MLP, EMBED), "down_proj", std=out_std)(h)
+    return lin(cfg.d_model, (MLP, EMBED), "down_proj", use_bias=cfg.mlp_bias, std=out_std)(h)
 
 
 class Block(nn.Module):
@@ -260,14 +261,18 @@ class Block(nn.Module):
 
 
 def make_attention_mask(attention_mask_BxS: Array | None, q_len: int, kv_len: int,
-                        q_offset: Array | int = 0) -> Array:
+                        q_offset: Array | int = 0, sliding_window: int | None = None) -> Array:
   """Boolean [B, 1, q_len, kv_len]: causal (query i sits at slot q_offset + i) and key not padding.
 
+  With `sliding_window` (Mistral / Qwen2), a query also sees only keys in slots
+  (q_slot - sliding_window, q_slot], as HF's `sliding_window_overlay` (slots, not positions).
   Every query may attend to its own slot, so rows of padding never see an all-masked softmax.
   """
   q_slot = jnp.arange(q_len)[:, None] + q_offset
   k_slot = jnp.arange(kv_len)[None, :]
   causal = k_slot <= q_slot  # [q, kv]
+  if sliding_window is not None:
+    causal = causal & (k_slot > q_slot - sliding_window)
   if attention_mask_BxS is None:
     return causal[None, None]
   valid = attention_mask_BxS.astype(bool)[:, None, None, :]
@@ -338,12 +343,13 @@ class Transformer(nn.Module):
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, (BATCH, LENGTH, EMBED))
 
     if cache is None:
-      mask = make_attention_mask(attention_mask_BxL, L, L)
+      mask = make_attention_mask(attention_mask_BxL, L, L, sliding_window=cfg.sliding_window)
       layer_caches = None
     else:
       if cache_mask_BxT is None:
         raise ValueError("cache_mask_BxT is required when decoding with a cache")
-      mask = make_attention_mask(cache_mask_BxT, L, cache["k"].shape[2], cache_index)
+      mask = make_attention_mask(cache_mask_BxT, L, cache["k"].shape[2], cache_index,
+                                 sliding_window=cfg.sliding_window)
       layer_caches = cache
 
     block = Block
