@@ -1,0 +1,1 @@
+"""tfds builders producing the preference schema (importing this registers them with tfds)."""
