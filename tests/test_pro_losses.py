@@ -144,6 +144,14 @@ def test_weighted_mo_dpo_hand_value_ties_and_constant_weights():
   assert float(all_tie) == 0.0
 
 
+def test_pair_signs_ties_and_mask():
+  s = losses.pair_signs(jnp.array([[1.0, 2.0, 3.0, 0.5]]), jnp.array([[0.0, 2.05, 3.0, 9.0]]),
+                        mask_BxK=jnp.array([[1, 1, 1, 0]]), tie_eps=0.1)
+  np.testing.assert_array_equal(np.asarray(s), [[1.0, 0.0, 0.0, 0.0]])
+  s0 = losses.pair_signs(jnp.array([[1.0, 2.0]]), jnp.array([[0.0, 2.05]]))
+  np.testing.assert_array_equal(np.asarray(s0), [[1.0, -1.0]])
+
+
 # ------------------------------------------------------------------ MODPO
 
 def test_modpo_k1_is_dpo_scaled_by_inverse_w0():

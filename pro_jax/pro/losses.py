@@ -132,6 +132,20 @@ def dpo(policy_chosen_logp_B: Array, policy_rejected_logp_B: Array, ref_chosen_l
   return loss, metrics
 
 
+def pair_signs(r_a_BxK: Array, r_b_BxK: Array, mask_BxK: Array | None = None,
+               tie_eps: float = 0.0) -> Array:
+  """s_k = sign(r_k(a) - r_k(b)) in {-1, 0, +1} [B, K] float32 for `weighted_mo_dpo`.
+
+  |r_k(a) - r_k(b)| <= tie_eps counts as a tie (0); entries with mask 0 (objective not scored
+  for this pair) are 0 as well, so they add no term.
+  """
+  d_BxK = r_a_BxK.astype(jnp.float32) - r_b_BxK.astype(jnp.float32)
+  s_BxK = jnp.where(jnp.abs(d_BxK) > tie_eps, jnp.sign(d_BxK), 0.0)
+  if mask_BxK is not None:
+    s_BxK = jnp.where(mask_BxK != 0, s_BxK, 0.0)
+  return _sg(s_BxK)
+
+
 def weighted_mo_dpo(logratio_a_B: Array, logratio_b_B: Array, signs_BxK: Array, weights_BxK: Array,
                     beta: float, mask_B: Array | None = None) -> tuple[Array, Metrics]:
   """Weighted multi-objective DPO (PRO_METHOD.md, reconstruction):
