@@ -58,6 +58,7 @@ def test_spearman_with_ties_and_rows():
   assert M.spearman([0.4, 0.4, 0.2], [0.5, 0.3, 0.2]) == pytest.approx(1.5 / math.sqrt(3.0))
   assert math.isnan(M.spearman([1, 1, 1], [1, 2, 3]))
   np.testing.assert_array_equal(M.rankdata([3.0, 1.0, 3.0, 2.0]), [3.5, 1.0, 3.5, 2.0])
+  np.testing.assert_array_equal(M.rankdata([[2.0, 2.0, 2.0], [0.0, 5.0, 0.0]]), [[2, 2, 2], [1.5, 3, 1.5]])
   mean, n = M.mean_row_spearman([[1, 2, 3], [1, 1, 1], [3, 2, 1]], [[1, 2, 3], [1, 2, 3], [1, 2, 3]])
   assert (mean, n) == (pytest.approx(0.0), 2)
 
