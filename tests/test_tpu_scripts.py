@@ -458,3 +458,101 @@ def test_real_run_resume_stopped_is_an_error(fake_gcloud):
   proc = run_script("resume.sh", RESUME_ARGS, fake_gcloud.path, check_rc=1)
   assert "STOPPED" in proc.stderr
   assert fake_gcloud.calls() == [DESCRIBE]
+
+
+# -- the remote side: the --command strings run by bash in a fake home ---------------------------
+
+
+def _remote_command(script, args, empty_path):
+  (argv,) = [a for a in dry_lines(run_script(script, ["--dry-run", *args], empty_path, check_rc=0))
+             if a[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]][-1:]
+  return argv[-1].removeprefix("--command=")
+
+
+def _run_remote(command, home, timeout=30):
+  env = {"HOME": str(home), "PATH": f"{home}/.local/bin:/usr/bin:/bin"}
+  return subprocess.run([BASH, "-c", command], capture_output=True, text=True, env=env, cwd=home,
+                        timeout=timeout)
+
+
+def _fake_program(path, body):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(f"#!{sys.executable}\nimport json, os, sys\n{body}\n")
+  path.chmod(0o755)
+
+
+def test_remote_setup_unpack_launch_logs_in_a_fake_home(tmp_path, empty_path):
+  home = tmp_path / "home"
+  home.mkdir()
+  calls = home / "uv_calls.jsonl"
+  # A fake uv: records its argv; `uv venv ... DIR` makes DIR/bin/python.
+  _fake_program(home / ".local" / "bin" / "uv", f"""
+open({str(calls)!r}, "a").write(json.dumps(sys.argv[1:]) + "\\n")
+if sys.argv[1] == "venv":
+  py = os.path.join(sys.argv[-1], "bin", "python")
+  os.makedirs(os.path.dirname(py), exist_ok=True)
+  open(py, "w").write("#!/bin/sh\\necho Python 3.11.9\\n")
+  os.chmod(py, 0o755)
+""")
+  setup = _run_remote(_remote_command("setup.sh", BASE, empty_path), home)
+  assert setup.returncode == 0, setup.stderr
+  assert setup.stdout.strip() == "Python 3.11.9"
+  venv = f"{home}/pro_jax_venv"
+  assert [json.loads(line) for line in calls.read_text().splitlines()] == [
+      ["python", "install", "3.11"],
+      ["venv", "--python", "3.11", "--seed", "--allow-existing", venv]]
+
+  # ship: unpack a tarball of two files, then `uv pip install -e $HOME/pro_jax[tpu]`.
+  src = tmp_path / "src"
+  (src / "pro_jax").mkdir(parents=True)
+  (src / "pyproject.toml").write_text("[project]\n")
+  (src / "pro_jax" / "__init__.py").write_text("")
+  subprocess.run(["tar", "-czf", str(home / "pro_jax-code.tar.gz"), "-C", str(src), "."], check=True)
+  unpack = _run_remote(_remote_command("ship.sh", BASE, empty_path), home)
+  assert unpack.returncode == 0, unpack.stderr
+  assert (home / "pro_jax" / "pyproject.toml").exists()
+  assert (home / "pro_jax" / "pro_jax" / "__init__.py").exists()
+  assert json.loads(calls.read_text().splitlines()[-1]) == [
+      "pip", "install", "--python", f"{venv}/bin/python", "-e", f"{home}/pro_jax[tpu]"]
+
+  # launch: a fake pro-jax records its argv and cwd, then waits to be told to stop.
+  argv_file, stop = home / "argv.json", home / "stop"
+  _fake_program(home / "pro_jax_venv" / "bin" / "pro-jax", f"""
+import time
+json.dump({{"argv": sys.argv[1:], "cwd": os.getcwd(), "unbuffered": os.environ.get("PYTHONUNBUFFERED"),
+           "extra": os.environ.get("EXTRA")}}, open({str(argv_file)!r}, "w"))
+print("step 1 loss 2.5", flush=True)
+print("step 2 loss 2.25", flush=True)
+deadline = time.time() + 20
+while not os.path.exists({str(stop)!r}) and time.time() < deadline:
+  time.sleep(0.05)
+""")
+  overrides = ["--config.name=it's \"quoted\" $HOME", "--config.lr=1e-3"]
+  launch = _remote_command("launch.sh", [*BASE, "--stage", "train", "--config", "cfg.py", "--workdir",
+                                         "gs://b/r 1", "--env", "EXTRA=a b", "--", *overrides], empty_path)
+  first = _run_remote(launch, home)
+  assert first.returncode == 0, first.stderr
+  pid = int((home / "pro_jax_logs" / "train.pid").read_text())
+  try:
+    for _ in range(200):
+      if argv_file.exists() and "loss 2.25" in (home / "pro_jax_logs" / "train.log").read_text():
+        break
+      subprocess.run(["sleep", "0.05"])
+    got = json.loads(argv_file.read_text())
+    assert got["argv"] == ["train", "--config", "cfg.py", "--workdir", "gs://b/r 1", *overrides]
+    assert got["cwd"] == str(home / "pro_jax")
+    assert got["unbuffered"] == "1" and got["extra"] == "a b"
+    assert f"pid {pid}" in first.stdout
+    # A second launch while the first runs is refused (exit 3), and starts nothing.
+    second = _run_remote(launch, home)
+    assert second.returncode == 3 and "already running" in second.stderr
+    assert int((home / "pro_jax_logs" / "train.pid").read_text()) == pid
+    # logs.sh without following: the log's last lines, prefixed by the hostname for --worker=all.
+    logs = _run_remote(_remote_command("logs.sh", [*BASE, "--no-follow", "--lines", "2", "--worker",
+                                                   "all"], empty_path), home)
+    host = subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip()
+    assert logs.stdout.splitlines() == [f"[{host}] step 1 loss 2.5", f"[{host}] step 2 loss 2.25"]
+  finally:
+    stop.write_text("")  # the fake run exits by itself
+  log = (home / "pro_jax_logs" / "train.log").read_text().splitlines()
+  assert log[0].startswith("=== launch ") and log[1:3] == ["step 1 loss 2.5", "step 2 loss 2.25"]
