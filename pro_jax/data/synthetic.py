@@ -159,7 +159,7 @@ class SyntheticTaskConfig:
   type_probs: Sequence[float] | None = None
   label_noise: float = 0.05
   pair_mode: str = "best_vs_random"
-  length_free: int = 6
+  length_free: int = 8
   length_scale: float = 10.0
   info_cap: int = 6
 
@@ -676,7 +676,7 @@ def generate_task(config: SyntheticTaskConfig | None = None) -> dict[str, list[d
       rows.append((ptype, text, cands))
     flat_p = [text for _, text, cands in rows for _ in cands]
     flat_r = [c for _, _, cands in rows for c in cands]
-    scores = rewards.score(flat_p, flat_r).reshape(n, config.n_candidates, -1)
+    scores = rewards.score(flat_p, flat_r).reshape(n, config.n_candidates, len(config.objectives))
     raw[split] = [(ptype, text, cands, scores[i]) for i, (ptype, text, cands) in enumerate(rows)]
   if raw["train"]:
     all_s = np.concatenate([s for *_, s in raw["train"]]).astype(np.float64)
