@@ -251,6 +251,14 @@ def test_progress_bar_disabled_still_computes_rates():
   bar.update(13, tokens=4096)  # 8 steps, 4096 tokens in 4 s
   assert bar.steps_per_s == pytest.approx(2.0)
   assert bar.tokens_per_s == pytest.approx(1024.0)
+  # The trainer's pattern: a per-step update with tokens, then (same step, no time passed) the loss.
+  clock.t += 1.0
+  bar.update(14, tokens=1024)
+  bar.update(14, loss=1.75)  # kept, shown at the next recomputation
+  assert bar.loss == 2.0
+  clock.t += 1.0
+  bar.update(15, tokens=1024)
+  assert bar.loss == 1.75 and bar.steps_per_s == pytest.approx(1.0)
   bar.close()
 
 

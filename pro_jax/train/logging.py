@@ -385,6 +385,9 @@ class ProgressBar:
     self._mark_time = self.time_fn()
     self._mark_step = int(initial)
     self._tokens = 0.0
+    self._saw_tokens = False
+    self._pending_loss: Any = None
+    self._extra: dict[str, Any] | None = None
     self._bar = None
     if not self.disabled:
       from tqdm.auto import tqdm
@@ -396,11 +399,17 @@ class ProgressBar:
              extra: Mapping[str, Any] | None = None) -> None:
     """Move to `step`; `tokens` = tokens processed since the previous update; `loss` a scalar.
 
-    `loss` may be a device array: it is only fetched when the postfix is recomputed.
+    The latest `loss` / `extra` given are kept (unconverted: a device array is only fetched when
+    the postfix is recomputed), so they show even when given between two recomputations.
     """
     step = int(step)
     if tokens is not None:
       self._tokens += float(tokens)
+      self._saw_tokens = True
+    if loss is not None:
+      self._pending_loss = loss
+    if extra is not None:
+      self._extra = dict(extra)
     if self._bar is not None and step > self._bar.n:
       self._bar.update(step - self._bar.n)
     self.step = step
@@ -409,12 +418,13 @@ class ProgressBar:
     if elapsed < self.min_interval_s or elapsed <= 0:
       return
     self.steps_per_s = (step - self._mark_step) / elapsed
-    self.tokens_per_s = self._tokens / elapsed if tokens is not None or self._tokens else None
-    if loss is not None:
-      self.loss = float(np.asarray(loss))
+    self.tokens_per_s = self._tokens / elapsed if self._saw_tokens else None
+    if self._pending_loss is not None:
+      self.loss = float(np.asarray(self._pending_loss))
+      self._pending_loss = None
     self._mark_time, self._mark_step, self._tokens = now, step, 0.0
     if self._bar is not None:
-      self._bar.set_postfix_str(self.postfix(extra), refresh=False)
+      self._bar.set_postfix_str(self.postfix(self._extra), refresh=False)
 
   def postfix(self, extra: Mapping[str, Any] | None = None) -> str:
     """The text after the bar: `loss=... step/s=... tok/s=...` plus `extra`."""
