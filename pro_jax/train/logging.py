@@ -18,7 +18,7 @@ training).
 
 MFU follows the PaLM paper (Chowdhery et al. 2022, appendix B): model FLOPs per token are
 2 x (parameters in matmuls) + attention for a forward pass, 3x that for a training step (forward +
-backward); see `model_flops_per_step` and docs/train.md / docs/tpu.md.
+backward); see `model_flops_per_step` and docs/tpu.md ("Throughput and MFU").
 """
 
 from __future__ import annotations
