@@ -67,15 +67,27 @@ def resolve(name_or_builder: Any, config: Any = None) -> tuple[type[PreferenceBu
     raise TypeError(f"expected a dataset name or a preference builder, got {name_or_builder!r}")
   if isinstance(config, tfds.core.BuilderConfig):
     return cls, config
+  if cls is GenericPreferences:
+    raise ValueError(f"generic_preferences needs config=GenericConfig(...), got {config!r}")
   configs = dict(cls.builder_configs)
   if config is None:
     if len(configs) != 1:
-      raise ValueError(f"{cls.name} needs a config: one of {', '.join(configs) or '(GenericConfig)'}")
+      raise ValueError(f"{cls.name} needs a config: one of {', '.join(configs)}")
     config = next(iter(configs))
   if config not in configs:
-    hint = " (pass config=GenericConfig(...))" if cls is GenericPreferences else ""
-    raise ValueError(f"{cls.name} has no config {config!r}; configs: {', '.join(configs)}{hint}")
+    raise ValueError(f"{cls.name} has no config {config!r}; configs: {', '.join(configs)}")
   return cls, configs[config]
+
+
+def _names(name_or_builder: Any, config: Any = None) -> tuple[str, str]:
+  """(builder name, config name); for reading prepared data a generic config may be a name."""
+  if isinstance(name_or_builder, str) and name_or_builder.partition("/")[0] == GenericPreferences.name:
+    config_name = name_or_builder.partition("/")[2] or getattr(config, "name", config)
+    if not config_name:
+      raise ValueError("generic_preferences needs a config (a GenericConfig or its name)")
+    return GenericPreferences.name, config_name
+  cls, cfg = resolve(name_or_builder, config)
+  return cls.name, cfg.name
 
 
 def _raw(cls, config, split: str, *, manual_dir, files: Files | None, policy: RowPolicy):
@@ -93,14 +105,16 @@ def load_examples(name_or_builder: Any, split: str, *, data_dir: str | None = No
   Without: reads prepared data from ``data_dir`` (built by ``build``); ``max_tokens`` /
   ``count_tokens`` then re-check every example (strict: raise, lenient: drop).
   """
-  cls, cfg = resolve(name_or_builder, config)
   policy = RowPolicy(mode, max_tokens=max_tokens, count_tokens=count_tokens)
   if manual_dir is not None:
+    cls, cfg = resolve(name_or_builder, config)
+    name = f"{cls.name}/{cfg.name}"
     out = ExampleList(_raw(cls, cfg, split, manual_dir=manual_dir, files=files, policy=policy))
   elif data_dir is not None:
-    source = data_source(cls, split, data_dir=data_dir, config=cfg)
+    name = "/".join(_names(name_or_builder, config))
+    source = data_source(name, split, data_dir=data_dir)
     out = ExampleList()
-    where = os.path.join(str(data_dir), cls.name, cfg.name)
+    where = os.path.join(str(data_dir), name)
     for i in range(len(source)):
       example = source[i]
       policy.read()
@@ -115,7 +129,7 @@ def load_examples(name_or_builder: Any, split: str, *, data_dir: str | None = No
   else:
     raise ValueError("load_examples needs manual_dir (raw files) or data_dir (prepared data)")
   out.report = policy.report
-  policy.log_summary(f"{cls.name}/{cfg.name} {split}")
+  policy.log_summary(f"{name} {split}")
   return out
 
 
@@ -195,8 +209,8 @@ def data_source(name_or_builder: Any, split: str, *, data_dir: str, config: Any 
   ``decode=True``: an ``ExampleSource`` returning schema dicts; ``False``: tfds' source itself
   (dicts of bytes / numpy arrays, as ``schema.features()`` decodes them).
   """
-  cls, cfg = resolve(name_or_builder, config)
-  source = tfds.data_source(f"{cls.name}/{cfg.name}", split=split, data_dir=data_dir,
+  name, config_name = _names(name_or_builder, config)
+  source = tfds.data_source(f"{name}/{config_name}", split=split, data_dir=data_dir,
                             download=False)
   return ExampleSource(source) if decode else source
 
