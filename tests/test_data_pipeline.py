@@ -8,7 +8,7 @@ import pytest
 from pro_jax.data import synthetic as S
 from pro_jax.data.errors import DataError
 from pro_jax.data.pipeline import Pipeline, PipelineConfig, bucket_length
-from pro_jax.data.tokenize import encode, leading_special_tokens, truncate_prompt
+from pro_jax.data.tokenize import encode, leading_special_tokens, make_count_tokens, truncate_prompt
 
 PAD, BOS, EOS, UNK, SYS, USER, ASST = range(7)
 WORD = {w: 7 + i for i, w in enumerate(S.task_vocabulary())}  # ids written by build_tokenizer
@@ -163,6 +163,7 @@ def test_over_long_strict_and_lenient(tok):
   with pytest.raises(DataError) as err:
     single_host(rows, tok, cfg(max_response_len=9), name="data/train.jsonl")
   assert err.value.file == "data/train.jsonl" and err.value.row == 3 and err.value.field == "rejected"
+  assert err.value.reason == "too_long"
   assert str(err.value).startswith("data/train.jsonl: row 3: field 'rejected': response is 10 tokens")
   pipe = single_host(rows, tok, cfg(max_response_len=9, strict=False, batch_size=3))
   assert pipe.stats == {"rows": 4, "records": 3, "dropped_over_long": 1, "skipped_no_pair": 0}
@@ -189,6 +190,14 @@ def test_field_errors_name_row_and_field(tok):
     single_host([dict(good, w="abc")], tok, cfg(extra_fields=("w",)))
   with pytest.raises(DataError, match=r"row 1: field 'prompt'"):
     single_host([dict(good, prompt=[{"text": "hi"}])], tok, cfg())
+  # optional schema validation (pro_jax.data.validate): strict raises, lenient drops and counts
+  same = dict(good, rejected=good["chosen"])
+  with pytest.raises(DataError, match=r"row 2: field 'rejected'") as err:
+    single_host([good, same], tok, cfg(validate=True))
+  assert err.value.reason == "chosen_equals_rejected"
+  single_host([good, same], tok, cfg())  # not checked unless asked
+  pipe = single_host([good, same, good], tok, cfg(validate=True, strict=False))
+  assert pipe.stats["dropped_invalid"] == {"chosen_equals_rejected": 1} and pipe.stats["records"] == 2
   # rows without a pair are skipped (counted) in a pair pipeline
   pipe = single_host([good, dict(good, chosen="", rejected="")], tok, cfg())
   assert pipe.stats["skipped_no_pair"] == 1 and pipe.stats["records"] == 1
@@ -227,6 +236,17 @@ def test_chat_template_path_and_choice(tok, plain_tok):
   assert p_ids[0] == ids("be kind . human : how big is it ? assistant :")  # this tokenizer adds no BOS
   with pytest.raises(ValueError, match="no chat template"):
     encode(plain_tok, [msgs], None, "chat")
+
+
+def test_count_tokens_hook(tok):
+  count = make_count_tokens(tok)
+  # <bos> <|user|> what color is the zorb ? <|assistant|> = 9, the zorb is blue . <eos> = 6
+  assert count([{"role": "user", "content": "what color is the zorb ?"}], "the zorb is blue .") == 15
+  from pro_jax.data.validate import check_length
+  ex = example("what color is the zorb ?", "the zorb is blue .", "sorry , i can not help with that .")
+  check_length(ex, count_tokens=count, max_tokens=19)
+  with pytest.raises(DataError, match="field 'rejected'"):
+    check_length(ex, count_tokens=count, max_tokens=18)
 
 
 def test_tfds_style_rows(tok):

@@ -5,6 +5,7 @@ import pytest
 
 from pro_jax.data import synthetic as S
 from pro_jax.data.schema import FIELDS
+from pro_jax.data.validate import validate_example
 
 SMALL = S.SyntheticTaskConfig(seed=0, n_train=600, n_eval=200, label_noise=0.0)
 
@@ -43,7 +44,8 @@ def test_sizes_and_schema(task):
   assert len(task["train"]) == 600 and len(task["eval"]) == 200
   ids = set()
   for split in ("train", "eval"):
-    for ex in task[split]:
+    for row, ex in enumerate(task[split]):
+      validate_example(ex, file=split, row=row + 1)  # the shared schema's own checks
       for f in FIELDS:
         assert f in ex
       assert ex["source"] == "synthetic"
@@ -233,9 +235,19 @@ def test_label_noise_rate():
   cfg = S.SyntheticTaskConfig(seed=5, n_train=1500, n_eval=0, label_noise=0.3)
   t = S.generate_task(cfg)
   mean, std = S.reward_stats(t["train"])
-  flipped = np.mean([_z_utility(ex["reward_chosen"], ex["true_weights"], mean, std)
-                     < _z_utility(ex["reward_rejected"], ex["true_weights"], mean, std) for ex in t["train"]])
-  assert 0.25 < flipped < 0.35
+  flipped, dominated = [], 0
+  for ex in t["train"]:
+    uc = _z_utility(ex["reward_chosen"], ex["true_weights"], mean, std)
+    ur = _z_utility(ex["reward_rejected"], ex["true_weights"], mean, std)
+    lo, hi = (ex["reward_chosen"], ex["reward_rejected"]) if uc < ur else (ex["reward_rejected"], ex["reward_chosen"])
+    if all(a >= b for a, b in zip(hi, lo)):  # Pareto-ordered pairs are never swapped
+      assert uc > ur
+      dominated += 1
+    else:
+      flipped.append(uc < ur)
+    assert sum(ex["pair_objectives"]) >= 1  # a valid pair always speaks for some objective
+  assert dominated > 50
+  assert 0.25 < np.mean(flipped) < 0.35
 
 
 def test_random_pair_mode():

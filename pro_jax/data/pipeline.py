@@ -66,7 +66,10 @@ class PipelineConfig:
     sequence_responses: for kind "sequence": "chosen" (prompt + chosen, e.g. SFT) or "responses"
       (one row per entry of the example's `responses`, with its `scores` / `score_mask`).
     extra_fields: per-example numeric fields passed through as float32 [B, ...].
-    strict: over-long rows raise a DataError (True) or are dropped and counted (False).
+    strict: over-long rows (and, with ``validate``, invalid rows) raise a DataError (True) or are
+      dropped and counted in ``Pipeline.stats`` (False).
+    validate: run ``pro_jax.data.validate.validate_example`` on every row first (rows from the tfds
+      builders were validated when built; use this for lists made elsewhere).
     shuffle, seed: deterministic shuffling (a new permutation every epoch).
     num_epochs: passes over the data; None = forever.
     drop_remainder: drop the last partial global batch; else it is padded to full size with filler
@@ -83,6 +86,7 @@ class PipelineConfig:
   sequence_responses: str = "chosen"
   extra_fields: tuple[str, ...] = ()
   strict: bool = True
+  validate: bool = False
   shuffle: bool = True
   seed: int = 0
   num_epochs: int | None = 1
@@ -159,7 +163,8 @@ class Pipeline:
     rows: this host's rows of the global batch (overrides process_index / process_count), e.g.
       ``pro_jax.sharding.host_batch_rows(batch_size, mesh)``.
 
-  Attributes: ``stats`` (rows read, usable records, dropped over-long, skipped without a pair),
+  Attributes: ``stats`` (rows read, usable records, dropped over-long, skipped without a pair, and
+  with ``validate`` the invalid rows dropped per reason code),
   ``num_batches`` (None when num_epochs is None), ``rows`` (this host's slice), ``fingerprint``.
   Rows are numbered from 1 in errors. Over-long checks and field checks happen here, up front.
   """
@@ -203,30 +208,43 @@ class Pipeline:
     try:
       arr = np.asarray(value, np.float32)
     except (TypeError, ValueError):
-      raise self._err(f"expected numbers, got {type(value).__name__}", i, field, "bad_type") from None
+      raise self._err(f"expected numbers, got {type(value).__name__}", i, field, "wrong_type") from None
     if not np.all(np.isfinite(arr)):
-      raise self._err("non-finite number", i, field, "non_finite")
+      raise self._err("non-finite number", i, field, "non_finite_score")
     return arr
 
   def _read(self, source: Sequence[Any]) -> None:
     c = self.config
     kind, by_response = c.kind, (c.kind == "sequence" and c.sequence_responses == "responses")
-    stats = {"rows": len(source), "records": 0, "dropped_over_long": 0, "skipped_no_pair": 0}
+    stats: dict[str, Any] = {"rows": len(source), "records": 0, "dropped_over_long": 0,
+                             "skipped_no_pair": 0}
+    if c.validate:
+      from pro_jax.data.validate import validate_example
+      stats["dropped_invalid"] = {}
     prompts, texts, owners = [], [], []  # owners: (row, response_index or -1/-2 for chosen/rejected)
     meta: dict[int, dict[str, Any]] = {}
     extra_shapes: dict[str, tuple] = {}
     k_width = None
     for i in range(len(source)):
       ex = source[i]
+      if c.validate:
+        try:
+          validate_example(ex, file=self.name, row=i + 1)
+        except DataError as err:
+          if c.strict:
+            raise
+          reason = err.reason or "invalid"
+          stats["dropped_invalid"][reason] = stats["dropped_invalid"].get(reason, 0) + 1
+          continue
       messages = normalize_messages(self._get(ex, "prompt", i), file=self.name, row=i + 1)
       if not messages:
-        raise self._err("empty prompt", i, "prompt", "empty")
+        raise self._err("empty prompt", i, "prompt", "empty_field")
       m: dict[str, Any] = {"extras": {}}
       for name in c.extra_fields:
         arr = self._numeric(self._get(ex, name, i), i, name)
         if extra_shapes.setdefault(name, arr.shape) != arr.shape:
           raise self._err(f"shape {arr.shape} differs from earlier rows' {extra_shapes[name]}", i,
-                          name, "bad_shape")
+                          name, "wrong_shape")
         m["extras"][name] = arr
       if kind == "pair":
         chosen = self._get(ex, "chosen", i)
@@ -240,7 +258,7 @@ class Pipeline:
           k_width = len(po)
         if len(po) != k_width:
           raise self._err(f"{len(po)} objectives, earlier rows have {k_width}", i, "pair_objectives",
-                          "bad_shape")
+                          "wrong_num_objectives")
         m["pair_objectives"] = po
         prompts += [messages, messages]
         texts += [chosen, rejected]
@@ -260,13 +278,13 @@ class Pipeline:
         if responses and (scores.ndim != 2 or scores.shape[0] != len(responses)
                           or smask.shape != scores.shape):
           raise self._err(f"scores {scores.shape} / score_mask {smask.shape} do not match "
-                          f"{len(responses)} responses", i, "scores", "bad_shape")
+                          f"{len(responses)} responses", i, "scores", "wrong_shape")
         if responses:
           if k_width is None:
             k_width = scores.shape[1]
           if scores.shape[1] != k_width:
             raise self._err(f"{scores.shape[1]} objectives, earlier rows have {k_width}", i, "scores",
-                            "bad_shape")
+                            "wrong_num_objectives")
         m["scores"], m["score_mask"] = scores, smask
         for j, r in enumerate(responses):
           prompts.append(messages)
@@ -291,7 +309,7 @@ class Pipeline:
         if c.strict:
           raise self._err(f"response is {len(resp)} tokens with EOS, over max_response_len="
                           f"{c.max_response_len} (strict; use strict=False to drop such rows)", i,
-                          field, "over_long")
+                          field, "too_long")
       if j == -1 and kind == "pair":
         pending = {"row": i, "prompt": prompt, "chosen": resp, "over": over}
         continue

@@ -141,7 +141,8 @@ class SyntheticTaskConfig:
     humor: add the "humor" objective and the "playful" prompt type (K = 4 instead of 3).
     type_weights: hidden weight vector per prompt type (each on the simplex); None = the defaults.
     type_probs: probability of each prompt type (in `prompt_types` order); None = uniform.
-    label_noise: probability that a (chosen, rejected) pair is swapped.
+    label_noise: probability that a (chosen, rejected) pair is swapped (pairs whose chosen response
+      is at least as good on every objective are never swapped).
     pair_mode: "best_vs_random": chosen = the candidate with the highest hidden utility, rejected =
       a uniformly drawn candidate of strictly lower utility; "random_pair": two distinct random
       candidates of different utility, the higher one chosen.
@@ -654,7 +655,7 @@ def generate_task(config: SyntheticTaskConfig | None = None) -> dict[str, list[d
   Schema fields are exact (source "synthetic", objectives = the K names, one user turn, chosen /
   rejected picked by the prompt type's hidden weights on z-normalized rewards, pair_objectives[k] =
   1 where r_k(chosen) > r_k(rejected), responses = the candidates, scores = their rewards,
-  score_mask = 1). Extra fields: "prompt_type" (str), "prompt_type_id" (int, index in
+  score_mask = 1; so pair_objectives has at least one 1). Extra fields: "prompt_type" (str), "prompt_type_id" (int, index in
   config.prompt_types), "true_weights" [K], "reward_chosen" [K], "reward_rejected" [K].
   Normalization statistics come from the TRAIN candidates (also used for the eval split).
   """
@@ -691,7 +692,9 @@ def generate_task(config: SyntheticTaskConfig | None = None) -> dict[str, list[d
     for i, (ptype, text, cands, s) in enumerate(raw[split]):
       w = weights[ptype]
       ci, ri = _choose_pair(s, w, stats, rng, config.pair_mode)
-      if rng.random() < config.label_noise:
+      # Label noise swaps the pair, except when chosen is at least as good on every objective (a
+      # swapped pair would then speak for no objective at all).
+      if rng.random() < config.label_noise and np.any(s[ri] > s[ci] + 1e-9):
         ci, ri = ri, ci
       pair_obj = (s[ci] > s[ri] + 1e-9).astype(np.float32)
       examples.append({

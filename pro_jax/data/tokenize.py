@@ -172,3 +172,18 @@ def truncate_prompt(ids: Sequence[int], max_len: int, bos_id: int | None = None)
   if bos_id is not None and ids and ids[0] == bos_id and max_len >= 2:
     return [bos_id] + ids[len(ids) - (max_len - 1):]
   return ids[len(ids) - max_len:]
+
+
+def make_count_tokens(tokenizer: Any, template: str = "auto"):
+  """``count_tokens(prompt_turns, response) -> int`` for ``pro_jax.data.validate``'s length hook.
+
+  The untruncated length of the prompt as this module renders it plus the response with its EOS.
+  (The pipeline itself truncates prompts and only checks the response against max_response_len.)
+  """
+  template = resolve_template(tokenizer, template)
+
+  def count_tokens(prompt_turns: Any, response: str) -> int:
+    p_ids, r_ids = encode(tokenizer, [normalize_messages(prompt_turns)], [response], template)
+    return len(p_ids[0]) + len(r_ids[0])
+
+  return count_tokens
