@@ -133,12 +133,19 @@ def encode(tokenizer: Any, prompts: Sequence[Sequence[Mapping[str, str]]],
   """Tokenize prompts (and, optionally, one response per prompt) with the chosen template.
 
   Returns (prompt_ids, response_ids): untruncated lists of ids; each response ends with EOS (a None
-  response gives None). Batched over the fast tokenizer.
+  response gives None). Batched over the fast tokenizer. (The pipeline calls it once per source.)
   """
   template = resolve_template(tokenizer, template)
-  texts = [render_prompt(tokenizer, m, template) for m in prompts]
+  # The same prompt object listed several times (a pair's two sides, N scored responses) is
+  # rendered and tokenized once.
+  first: dict[int, int] = {}
+  unique = [first.setdefault(id(m), len(first)) for m in prompts]
+  objs = {u: m for u, m in zip(unique, prompts)}
+  u_texts = [render_prompt(tokenizer, objs[u], template) for u in range(len(objs))]
   lead = list(leading_special_tokens(tokenizer)) if template == "plain" else []
-  p_ids = [lead + ids for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+  u_ids = [lead + ids for ids in tokenizer(u_texts, add_special_tokens=False)["input_ids"]] if u_texts else []
+  texts = [u_texts[u] for u in unique]
+  p_ids = [list(u_ids[u]) for u in unique]
   if responses is None:
     return p_ids, None
   if len(responses) != len(prompts):
