@@ -43,6 +43,13 @@ BUILDERS: dict[str, type[PreferenceBuilder]] = {
 }
 
 
+def _expand(path):
+  """``~`` expanded for local paths (left alone for ``gs://`` and other URLs, and None)."""
+  if path is None or "://" in os.fspath(path):
+    return path
+  return os.path.expanduser(os.fspath(path))
+
+
 class ExampleList(list):
   """A list of schema dicts with the ``ValidationReport`` of the read (``.report``)."""
   report: ValidationReport | None = None
@@ -105,6 +112,7 @@ def load_examples(name_or_builder: Any, split: str, *, data_dir: str | None = No
   Without: reads prepared data from ``data_dir`` (built by ``build``); ``max_tokens`` /
   ``count_tokens`` then re-check every example (strict: raise, lenient: drop).
   """
+  manual_dir, data_dir = _expand(manual_dir), _expand(data_dir)
   policy = RowPolicy(mode, max_tokens=max_tokens, count_tokens=count_tokens)
   if manual_dir is not None:
     cls, cfg = resolve(name_or_builder, config)
@@ -153,6 +161,7 @@ def build(name_or_builder: Any, *, data_dir: str, manual_dir: str, config: Any =
   prepared at that path is reused, never overwritten (delete the version directory to rebuild).
   ``data_dir`` may be a GCS path (``gs://...``) where tfds / etils can write to it.
   """
+  manual_dir, data_dir = _expand(manual_dir), _expand(data_dir)
   cls, cfg = resolve(name_or_builder, config)
   paths = split_files(manual_dir, files or cfg.files, splits)
   report = ValidationReport(mode=mode)
@@ -210,7 +219,7 @@ def data_source(name_or_builder: Any, split: str, *, data_dir: str, config: Any 
   (dicts of bytes / numpy arrays, as ``schema.features()`` decodes them).
   """
   name, config_name = _names(name_or_builder, config)
-  source = tfds.data_source(f"{name}/{config_name}", split=split, data_dir=data_dir,
+  source = tfds.data_source(f"{name}/{config_name}", split=split, data_dir=_expand(data_dir),
                             download=False)
   return ExampleSource(source) if decode else source
 

@@ -10,8 +10,9 @@ Config ``raw`` -- the openbmb/UltraFeedback release, one JSON object per line::
                                     "helpfulness": {"Type": [...], "Rating": "N/A", ...}},
                     ...}, ...], ...}
 
-  manual_dir layout: ``<manual_dir>/raw/*.jsonl`` (all files -> split "train"; UltraFeedback has
-  no test split). An annotation given as a one-element list of such dicts is accepted too.
+  manual_dir layout: ``<manual_dir>/raw/*.jsonl`` (or ``*.jsonl.gz`` / ``*.parquet`` with the same
+  columns; all files -> split "train"; UltraFeedback has no test split). An annotation given as
+  a one-element list of such dicts is accepted too.
 
   -> prompt = [user: instruction] (the per-completion ``custom_system_prompt`` was the generation
   principle, not part of the user's prompt, and is not kept); responses = the completions;
@@ -156,7 +157,7 @@ class Ultrafeedback(PreferenceBuilder):
                                   "{train,test}*.jsonl.")
   BUILDER_CONFIGS = [
       PreferenceConfig(name="raw", description="per-aspect ratings, 4 objectives",
-                       files={"train": ["raw/*.jsonl", "raw/*.jsonl.gz"]}),
+                       files={"train": ["raw/*.jsonl", "raw/*.jsonl.gz", "raw/*.parquet"]}),
       PreferenceConfig(name="binarized", description="binarized pairs with mean ratings",
                        files={"train": ["binarized/train*.jsonl", "binarized/train*.jsonl.gz"],
                               "test": ["binarized/test*.jsonl", "binarized/test*.jsonl.gz"]}),
