@@ -495,3 +495,32 @@ def test_prepared_generic_data_read_by_name(tmp_path):
   (ex,) = sources.load_examples("generic_preferences", "train", config="named",
                                 data_dir=str(tmp_path / "d"))
   assert ex == source[0]
+
+
+def test_failure_while_tfds_writes_leaves_no_partial_data(tmp_path):
+  """A crash after the validation pass (here: in the length hook, while tfds writes the second
+  split) leaves neither a version directory nor tfds' incomplete.* directory behind."""
+  manual = str(CORPUS / "summarize")
+  data_dir = tmp_path / "tfds"
+  calls = {"n": 0, "limit": None}
+
+  def flaky(prompt, response):
+    calls["n"] += 1
+    if calls["limit"] is not None and calls["n"] > calls["limit"]:
+      raise RuntimeError("simulated crash while writing")
+    return 1
+
+  kwargs = dict(data_dir=str(data_dir), manual_dir=manual, max_tokens=10, count_tokens=flaky)
+  for split in ("train", "valid1", "valid2"):  # calls made by the validation pass
+    sources.load_examples("summarize_from_feedback/comparisons", split, manual_dir=manual,
+                          max_tokens=10, count_tokens=flaky)
+  calls["limit"], calls["n"] = calls["n"] + 5, 0  # the train split (4 calls) is written, then boom
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    sources.build("summarize_from_feedback/comparisons", **kwargs)
+  leftovers = sorted(p.relative_to(data_dir).as_posix() for p in data_dir.rglob("*")
+                     if p.is_file() and "summarize_from_feedback" in p.as_posix())
+  assert leftovers == ["summarize_from_feedback/.config/metadata.json"]  # tfds' config registry
+  assert not (data_dir / "summarize_from_feedback" / "comparisons").exists()
+  calls["limit"] = None
+  result = sources.build("summarize_from_feedback/comparisons", **kwargs)
+  assert result.splits == {"train": 2, "valid1": 1, "valid2": 1} and not result.reused
