@@ -110,7 +110,8 @@ def load_examples(name_or_builder: Any, split: str, *, data_dir: str | None = No
 
   With ``manual_dir``: parses the raw files (``files`` overrides the config's split -> globs).
   Without: reads prepared data from ``data_dir`` (built by ``build``); ``max_tokens`` /
-  ``count_tokens`` then re-check every example (strict: raise, lenient: drop).
+  ``count_tokens`` then re-check every example (strict: raise, lenient: drop; errors then name
+  the position in the prepared split as the row, and the example's id names the raw row).
   """
   manual_dir, data_dir = _expand(manual_dir), _expand(data_dir)
   policy = RowPolicy(mode, max_tokens=max_tokens, count_tokens=count_tokens)
@@ -192,6 +193,9 @@ def build(name_or_builder: Any, *, data_dir: str, manual_dir: str, config: Any =
   return BuildResult(data_path=data_path, splits=split_sizes, report=report, reused=reused)
 
 
+build_dataset = build  # the name exported at the package top level (``pro_jax.build_dataset``)
+
+
 class ExampleSource:
   """Random access over prepared data, returning plain schema dicts (``len``, ``[i]``)."""
 
@@ -225,4 +229,4 @@ def data_source(name_or_builder: Any, split: str, *, data_dir: str, config: Any 
 
 
 __all__ = ["BUILDERS", "BuildResult", "ExampleList", "ExampleSource", "GenericConfig", "build",
-           "data_source", "load_examples", "resolve"]
+           "build_dataset", "data_source", "load_examples", "resolve"]
