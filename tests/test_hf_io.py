@@ -178,6 +178,13 @@ def test_gpt2_unprefixed_checkpoint_with_buffers(tmp_path):
   assert _tree_equal(params, ref)
 
 
+def test_llama_checkpoint_without_model_prefix(tmp_path):
+  d = _copy_fixture("llama_gqa_untied", tmp_path)
+  _rewrite_tensors(d, lambda t: {k.removeprefix("model."): v for k, v in t.items()})
+  assert "layers.0.self_attn.q_proj.weight" in _load_files(d)
+  assert _tree_equal(load_hf_model(d)[1], load_hf_model(FIXTURES / "llama_gqa_untied")[1])
+
+
 def test_gpt2_max_seq_len_cuts_wpe():
   _, ref = load_hf_model(FIXTURES / "gpt2_lm")
   model, params = load_hf_model(FIXTURES / "gpt2_lm", max_seq_len=16)

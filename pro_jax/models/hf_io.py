@@ -32,7 +32,7 @@ import struct
 import uuid
 import warnings
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.traverse_util
@@ -718,7 +718,7 @@ def _merge_lora(kernel: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float) 
 
 
 def _check_tree(tree: Any, abstract: Any, what: str) -> dict:
-  flat = flax.traverse_util.flatten_dict(tree) if isinstance(tree, dict) else None
+  flat = flax.traverse_util.flatten_dict(dict(tree)) if isinstance(tree, Mapping) else None
   if flat is None:
     raise CheckpointError(f"{what}: expected a nested dict of arrays, got {type(tree).__name__}")
   ref = flax.traverse_util.flatten_dict(abstract)
@@ -766,7 +766,7 @@ def save_hf_model(path: PathLike, model_or_config: Transformer | ModelConfig, pa
   out_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
   if out_dtype is not None and out_dtype not in _ST_DTYPE_CODE:
     raise ValueError(f"dtype {dtype!r}: not a float dtype safetensors can hold")
-  hf_config = model_config_to_hf_config(config, arch, None if out_dtype is None else str(jnp.dtype(dtype)))
+  model_config_to_hf_config(config, arch)  # refuses configs the class cannot express, before any work
   shard_bytes = _parse_size(max_shard_size)
 
   abstract = abstract_variables(Transformer(config))
@@ -776,6 +776,9 @@ def save_hf_model(path: PathLike, model_or_config: Transformer | ModelConfig, pa
     if config.lora is None or "lora" not in abstract:
       raise CheckpointError("lora variables given but the model config has no LoRAConfig (needed for alpha / r)")
     flat_lora = _check_tree(lora, abstract["lora"], "lora variables")
+  if config.head == "score" and config.pad_token_id is None:
+    warnings.warn("save_hf_model: pad_token_id is None; transformers' sequence classifiers then refuse batches "
+                  "of more than one row (they find the last token by input_ids != pad_token_id)", stacklevel=2)
   if config.value_head:
     warnings.warn("save_hf_model: the value head has no transformers equivalent and is not exported", stacklevel=2)
 
@@ -801,6 +804,9 @@ def save_hf_model(path: PathLike, model_or_config: Transformer | ModelConfig, pa
 
       entries.append((name, spec.hf_shape, dt, fetch))
 
+  written = {e[2] for e in entries}
+  hf_config = model_config_to_hf_config(
+      config, arch, str(jnp.dtype(written.pop())) if len(written) == 1 else config.param_dtype)
   shards: list[list] = [[]]
   size = 0
   for e in entries:

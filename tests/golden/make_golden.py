@@ -24,8 +24,9 @@ Second mode, a manual export check (not in the test suite):
 
     /tmp/torchvenv/bin/python tests/golden/make_golden.py --check-export DIR
 
-loads every DIR/<name>/ written by `pro_jax.save_hf_model` (with an `ours.npz` holding tokens, mask
-and pro_jax's logits or scores) through `transformers` Auto classes and prints the max difference.
+loads every DIR/<name>/ written by `pro_jax.save_hf_model` (with an `ours.npz` holding tokens, mask,
+positions and pro_jax's logits or scores; `.venv/bin/python tests/golden/export_for_check.py DIR`
+writes them) through `transformers` Auto classes and prints the max difference.
 """
 
 from __future__ import annotations
