@@ -127,18 +127,21 @@ def test_config_mapping():
   """Hand-checked fields of the fixtures' config.json files."""
   m, _ = load_hf_model(FIXTURES / "llama_gqa_untied")
   c = m.config
-  assert (c.arch, c.d_model, c.n_heads, c.kv_heads, c.hd, c.mlp_dim, c.tie_embeddings) == ("llama", 32, 4, 2, 16, 64, False)
+  assert (c.arch, c.d_model, c.n_heads, c.kv_heads, c.hd, c.mlp_dim, c.tie_embeddings) == (
+      "llama", 32, 4, 2, 16, 64, False)
   assert (c.head, c.norm_eps, c.max_seq_len, c.rope_theta) == ("lm", 1e-5, 64, 10000.0)
   c = load_hf_model(FIXTURES / "llama_rope_llama3")[0].config
   assert c.rope_theta == 500.0 and c.rope_scaling == RopeScaling("llama3", 8.0, 1.0, 4.0, 128)
   c = load_hf_model(FIXTURES / "llama_rope_linear_bias")[0].config
   assert (c.rope_scaling, c.qkv_bias, c.o_bias, c.mlp_bias) == (RopeScaling("linear", 4.0), True, True, True)
   c = load_hf_model(FIXTURES / "qwen2_gqa_tied")[0].config
-  assert (c.qkv_bias, c.o_bias, c.tie_embeddings, c.kv_heads, c.norm_eps, c.sliding_window) == (True, False, True, 1, 1e-6, None)
+  assert (c.qkv_bias, c.o_bias, c.tie_embeddings, c.kv_heads, c.norm_eps, c.sliding_window) == (
+      True, False, True, 1, 1e-6, None)
   c = load_hf_model(FIXTURES / "mistral_swa_bf16")[0].config
   assert (c.sliding_window, c.qkv_bias, c.param_dtype) == (4, False, "float32")
   c = load_hf_model(FIXTURES / "gpt2_lm")[0].config
-  assert (c.arch, c.mlp_dim, c.max_seq_len, c.tie_embeddings, c.bos_token_id, c.eos_token_id) == ("gpt2", 128, 32, True, 1, 2)
+  assert (c.arch, c.mlp_dim, c.max_seq_len, c.tie_embeddings, c.bos_token_id, c.eos_token_id) == (
+      "gpt2", 128, 32, True, 1, 2)
   c = load_hf_model(FIXTURES / "gpt2_cls3")[0].config
   assert (c.head, c.num_labels, c.mlp_dim, c.norm_eps, c.pad_token_id) == ("score", 3, 48, 1e-6, 0)
   c = load_hf_model(FIXTURES / "llama_cls2")[0].config

@@ -127,3 +127,15 @@ def test_bad_files(tmp_path, stories260k):
     load_llama2c(v1)
   with pytest.raises(Llama2cError, match="no such llama2.c checkpoint"):
     load_llama2c(tmp_path / "absent.bin")
+
+
+def test_load_tokenizer_errors(tmp_path):
+  from pro_jax.models.tokenizer import TokenizerError, load_tokenizer
+  with pytest.raises(TokenizerError, match="no tokenizer files"):
+    load_tokenizer(tmp_path)
+  bad = tmp_path / "bad.model"
+  bad.write_bytes(b"\x00not a protobuf\xff" * 3)
+  with pytest.raises(TokenizerError, match=r"bad\.model: not a SentencePiece model"):
+    load_tokenizer(bad)
+  with pytest.raises(TokenizerError, match="no such file"):
+    load_tokenizer(tmp_path / "absent.json")

@@ -59,7 +59,8 @@ def read_header(path: PathLike) -> dict[str, int]:
   bad = [k for k in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
          if h[k] <= 0]
   if bad or dim % n_heads or n_heads % n_kv_heads or (dim // n_heads) % 2:
-    raise Llama2cError(f"{path}: invalid header {dict(zip(('dim', 'hidden_dim', 'n_layers', 'n_heads', 'n_kv_heads', 'vocab_size', 'seq_len'), raw.tolist()))}")
+    fields = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
+    raise Llama2cError(f"{path}: invalid llama2.c header {dict(zip(fields, raw.tolist()))}")
   expected = _HEADER_BYTES + 4 * sum(int(np.prod(s)) for s in _layout(h).values())
   if size != expected:
     raise Llama2cError(f"{path}: {size} bytes, but its header {raw.tolist()} implies {expected} bytes "
