@@ -326,6 +326,9 @@ def test_lora_is_merged_on_export(tmp_path):
   out = save_hf_model(tmp_path / "merged", model, params, lora=lora)
   merged_model, merged_params = load_hf_model(out)
   assert merged_model.config.lora is None
+  from pro_jax.models.lora import merge_lora
+  for x, y in zip(jax.tree.leaves(merged_params), jax.tree.leaves(merge_lora(model.config, params, lora))):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6)
   merged = np.asarray(_apply(merged_model, merged_params, *args).logits)
   assert np.abs(merged - with_lora)[mask].max() <= 1e-4
 

@@ -711,10 +711,12 @@ def _write_safetensors(file: pathlib.Path, entries: list[tuple[str, tuple[int, .
       f.write(arr.tobytes())
 
 
-def _merge_lora(kernel: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float) -> np.ndarray:
-  """W + a @ b * alpha / r, computed in float32 (kernel [in, out], a [in, r], b [r, out])."""
-  merged = kernel.astype(np.float32) + (a.astype(np.float32) @ b.astype(np.float32)) * np.float32(scale)
-  return merged.astype(kernel.dtype)
+def _merge_lora(config: ModelConfig, kernel: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """One layer's W + a @ b * alpha / r in float32 (kernel [in, out], a [in, r], b [r, out]), as
+  `pro_jax.models.lora.merge_lora` computes it for the whole stacked tree; done per layer here so
+  the export streams."""
+  from pro_jax.models.lora import lora_delta
+  return (kernel.astype(np.float32) + np.asarray(lora_delta(config, a, b))).astype(kernel.dtype)
 
 
 def _check_tree(tree: Any, abstract: Any, what: str) -> dict:
@@ -799,7 +801,7 @@ def save_hf_model(path: PathLike, model_or_config: Transformer | ModelConfig, pa
         x = _to_host(leaf[i] if spec.stacked else leaf)
         if lora_ab is not None:
           a, b = (_to_host(t[i] if spec.stacked else t) for t in lora_ab)
-          x = _merge_lora(x, a, b, config.lora.scale)
+          x = _merge_lora(config, x, a, b)
         return (x.T if spec.transpose else x).astype(dt)
 
       entries.append((name, spec.hf_shape, dt, fetch))
