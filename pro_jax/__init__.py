@@ -20,6 +20,30 @@ _API = {
     "init_cache": "pro_jax.models.transformer",
     "logical_axes": "pro_jax.models.transformer",
     "make_mesh": "pro_jax.sharding",
+    # models: import / export
+    "load_hf_model": "pro_jax.models.hf_io",
+    "save_hf_model": "pro_jax.models.hf_io",
+    "CheckpointError": "pro_jax.models.hf_io",
+    "load_llama2c": "pro_jax.models.llama2c",
+    "load_tokenizer": "pro_jax.models.tokenizer",
+    # data
+    "load_examples": "pro_jax.data.sources",
+    "build_dataset": "pro_jax.data.sources",
+    "data_source": "pro_jax.data.sources",
+    "GenericConfig": "pro_jax.data.builders.generic",
+    "validate_example": "pro_jax.data.validate",
+    "ValidationReport": "pro_jax.data.validate",
+    "DataError": "pro_jax.data.errors",
+    "SyntheticTaskConfig": "pro_jax.data.synthetic",
+    "generate_task": "pro_jax.data.synthetic",
+    "SyntheticRewards": "pro_jax.data.synthetic",
+    "Pipeline": "pro_jax.data.pipeline",
+    "PipelineConfig": "pro_jax.data.pipeline",
+    # PRO math
+    "NormStats": "pro_jax.pro.normalize",
+    "fit_norm_stats": "pro_jax.pro.normalize",
+    "parse_weights_source": "pro_jax.pro.weights",
+    "simplex_grid": "pro_jax.pro.weights",
 }
 
 
