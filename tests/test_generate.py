@@ -316,3 +316,28 @@ def test_sample_greedy_and_zero_temperature():
     sample_logits(logits_BxV, jax.random.key(0), temperature=-1.0)
   with pytest.raises(ValueError, match="top_k"):
     sample_logits(logits_BxV, jax.random.key(0), top_k=-2)
+
+
+# ------------------------------------------------------------------------------------- real checkpoint
+
+# karpathy/llama2.c doc/stories260K.md: the greedy (temperature 0) sample from BOS.
+STORY = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
+         "One day, she saw a big, red ball. She wanted to play with it, but it was too high")
+
+
+def test_stories260k_greedy_from_bos(stories260k):
+  """The real pretrained stories260K through generate() (KV cache) reproduces llama2.c's sample."""
+  from pro_jax.models.llama2c import load_llama2c
+  model, params, tokenizer = load_llama2c(stories260k / "stories260K.bin")
+  n_new = len(tokenizer(STORY)["input_ids"]) + 4
+  bos = model.config.bos_token_id
+  out = generate(model, params, np.array([[bos]], np.int32), None, max_new_tokens=n_new, greedy=True,
+                 eos_token_id=[])
+  # BOS left-padded by 3 slots, the padding holding 0s or arbitrary ids: the same story.
+  prompt = np.array([[0, 0, 0, bos], [5, 6, 7, bos]], np.int32)
+  mask = np.array([[0, 0, 0, 1], [0, 0, 0, 1]], np.int32)
+  padded = generate(model, params, prompt, mask, max_new_tokens=n_new, greedy=True, eos_token_id=[])
+  text = tokenizer.decode(np.asarray(out.tokens_BxN)[0].tolist(), skip_special_tokens=True)
+  assert text.startswith(STORY), text
+  for row in np.asarray(padded.tokens_BxN):
+    np.testing.assert_array_equal(row, np.asarray(out.tokens_BxN)[0])
