@@ -131,3 +131,118 @@ def describe_shardings(tree: Any) -> str:
     spec = getattr(getattr(leaf, "sharding", None), "spec", None)
     lines.append(f"{jax.tree_util.keystr(path)} {tuple(leaf.shape)} {spec}")
   return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config-driven mesh and rules, multi-host helpers (used by pro_jax.train).
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  """Number of batch shards: data x fsdp."""
+  return _mesh_axes_size(mesh, BATCH_AXES)
+
+
+def mesh_from_config(mesh_cfg: Any, devices: Sequence[Any] | None = None) -> Mesh:
+  """`make_mesh` from a config section with `data`, `fsdp`, `tensor` (one may be -1)."""
+  get = mesh_cfg.get if hasattr(mesh_cfg, "get") else lambda k, d: getattr(mesh_cfg, k, d)
+  return make_mesh(int(get("data", 1)), int(get("fsdp", -1)), int(get("tensor", 1)), devices=devices)
+
+
+def rules_from_config(rules_cfg: Any) -> tuple[tuple[str, Any], ...]:
+  """Logical-axis rules from a config value: None / empty = `RULES`, else pairs (name, mesh axes).
+
+  Mesh axes may be None, one axis name or a sequence of names (lists from JSON become tuples).
+  """
+  if not rules_cfg:
+    return RULES
+  out = []
+  for i, pair in enumerate(rules_cfg):
+    if len(pair) != 2 or not isinstance(pair[0], str):
+      raise ValueError(f"sharding rule #{i} must be (logical_name, mesh_axes), got {pair!r}")
+    name, axes = pair
+    if isinstance(axes, (list, tuple)):
+      axes = tuple(axes)
+      bad = [a for a in axes if a not in MESH_AXES]
+    else:
+      bad = [axes] if axes is not None and axes not in MESH_AXES else []
+    if bad:
+      raise ValueError(f"sharding rule {name!r}: unknown mesh axes {bad}; mesh axes are {MESH_AXES}")
+    out.append((name, axes))
+  return tuple(out)
+
+
+def _multihost_env() -> bool:
+  """True when the environment describes more than one process (TPU pod slice, SLURM, explicit)."""
+  import os
+  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    return True
+  import re
+  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")
+  if len(hosts) > 1 and all(re.fullmatch(r"[A-Za-z0-9.:_-]+", h.strip()) for h in hosts):
+    return True
+  try:
+    return int(os.environ.get("SLURM_NTASKS", "1")) > 1
+  except ValueError:
+    return False
+
+
+def initialize_distributed(mode: Any = "auto", coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None) -> bool:
+  """Call `jax.distributed.initialize()` for multi-host runs; returns whether it was called.
+
+  mode: "auto" (when the environment describes several processes: a TPU pod slice's
+  TPU_WORKER_HOSTNAMES, JAX_COORDINATOR_ADDRESS, SLURM), True / "always", False / "never".
+  Must run before anything else touches a JAX backend. A no-op for one process and when already
+  initialized.
+  """
+  if isinstance(mode, str):
+    mode = {"auto": "auto", "always": True, "true": True, "never": False, "false": False}.get(mode.lower())
+    if mode is None:
+      raise ValueError("distributed.initialize must be 'auto', 'always' or 'never'")
+  if jax.distributed.is_initialized():
+    return False
+  if mode is False or (mode == "auto" and not coordinator_address and not _multihost_env()):
+    return False
+  kwargs = {k: v for k, v in dict(coordinator_address=coordinator_address, num_processes=num_processes,
+                                  process_id=process_id).items() if v not in (None, "", -1)}
+  jax.distributed.initialize(**kwargs)
+  return True
+
+
+def host_batch_rows(global_batch: int, mesh: Mesh) -> slice:
+  """Rows [start, stop) of the global batch that this process feeds (its devices' batch shards).
+
+  With the batch split over (data, fsdp), each process holds a contiguous block of rows when the
+  mesh's devices are laid out process-major (as `make_mesh` does). One process: all rows.
+  """
+  sharding = batch_sharding(mesh, 1)
+  rows = set()
+  for idx in sharding.addressable_devices_indices_map((global_batch,)).values():
+    sl = idx[0]
+    rows.update(range(*sl.indices(global_batch)))
+  if not rows:
+    raise ValueError(f"process {jax.process_index()} holds no rows of a batch of {global_batch}")
+  start, stop = min(rows), max(rows) + 1
+  if stop - start != len(rows):
+    raise ValueError(f"process {jax.process_index()}'s batch rows are not contiguous on this mesh; "
+                     "order the mesh devices process-major")
+  return slice(start, stop)
+
+
+def host_local_to_global(batch: Any, mesh: Mesh, global_batch: int) -> Any:
+  """Global jax.Arrays (leading dim over (data, fsdp)) from this process's rows of a batch pytree.
+
+  `batch` leaves are numpy arrays holding rows `host_batch_rows(global_batch, mesh)`.
+  """
+
+  def one(x):
+    x = np.asarray(x)
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x,
+                                                  (global_batch,) + x.shape[1:])
+
+  return jax.tree.map(one, batch)
+
+
+def batch_shardings(batch: Any, mesh: Mesh) -> Any:
+  """A `batch_sharding` per leaf of a batch pytree (arrays or ShapeDtypeStructs), by rank."""
+  return jax.tree.map(lambda x: batch_sharding(mesh, len(x.shape)), batch)
