@@ -266,8 +266,9 @@ def test_init_cache_shapes():
   # A forward pass with a cache returns one of the same layout, with the new keys written.
   params = _params(LLAMA)
   tokens = jnp.asarray(_tokens(3, 5))
-  out = Transformer(LLAMA).apply({"params": params}, tokens, cache=cache, cache_index=2,
-                                 cache_mask_BxT=jnp.ones((3, 17), jnp.int32))
+  out = jax.jit(lambda p, t, c: Transformer(LLAMA).apply({"params": p}, t, cache=c, cache_index=2,
+                                                         cache_mask_BxT=jnp.ones((3, 17), jnp.int32)))(
+                                                             params, tokens, cache)
   assert out.cache["k"].shape == cache["k"].shape
   written = np.abs(np.asarray(out.cache["k"])).sum(axis=(0, 1, 3, 4)) > 0
   np.testing.assert_array_equal(written, [False, False] + [True] * 5 + [False] * 10)

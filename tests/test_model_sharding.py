@@ -96,10 +96,10 @@ def test_forward_matches_single_device(arch, mesh_name):
   assert tokens.sharding.spec == P(("data", "fsdp"), None)
 
 
-@pytest.mark.parametrize("arch,mesh_name", [("llama", "fsdp4_tensor2"), ("gpt2", "data2_fsdp2_tensor2")])
-def test_gradient_matches_single_device(arch, mesh_name):
-  config = ARCHS[arch]
-  mesh = make_mesh(*MESHES[mesh_name])
+def test_gradient_matches_single_device():
+  """One gradient (the GQA Llama on the 3-axis mesh): every leaf equals the 1-device gradient."""
+  config = ARCHS["llama"]
+  mesh = make_mesh(*MESHES["data2_fsdp2_tensor2"])
   model, variables, tokens, mask = _place(config, mesh)
   with activation_sharding(mesh):
     grads = jax.jit(jax.grad(functools.partial(_loss, model)))(variables, tokens, mask)
