@@ -13,9 +13,11 @@ from pro_jax.models.generate import generate, sample_logits
 VOCAB = 48
 N_NEW = 10  # one response length everywhere: fewer distinct compiles
 CONFIGS = {
-    # GQA, Qwen2-style q/k/v bias, llama3 rope scaling, untied head.
+    # GQA, Qwen2-style q/k/v bias, llama3 rope scaling, untied head, a sliding window (6 slots) that
+    # prompt (7) + response (10) exceed.
     "llama_gqa": ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=64,
-                             qkv_bias=True, rope_scaling=RopeScaling("llama3", 4.0, 1.0, 4.0, 16)),
+                             qkv_bias=True, rope_scaling=RopeScaling("llama3", 4.0, 1.0, 4.0, 16),
+                             sliding_window=6),
     # GPT-2: LayerNorm, learned positions, fused c_attn. (Untied: greedy decoding of a tiny random
     # model with tied embeddings just repeats its last token, which would make the test weak.)
     "gpt2": ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, mlp_dim=64, arch="gpt2",
