@@ -82,16 +82,40 @@ def _abstract(tree: Any, sharding: Any) -> Any:
   return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), tree)
 
 
+_HANDLER_CONFIGURED = False
+MIN_REPLICA_PARALLEL_BYTES = 1 << 20
+
+
+def _configure_array_handler() -> None:
+  """Orbax writes a replicated array in slices, one per replica ("replica-parallel"), slicing it with
+  one small jitted op per shape: each compiles once, seconds of overhead for many small arrays. Keep
+  replica-parallel for slices of >= 1 MiB only (big arrays, where it pays)."""
+  global _HANDLER_CONFIGURED
+  if _HANDLER_CONFIGURED:
+    return
+  _HANDLER_CONFIGURED = True
+  try:
+    from orbax.checkpoint._src.metadata import array_metadata_store
+    handler = ocp.type_handlers.ArrayHandler(array_metadata_store=array_metadata_store.Store(),
+                                             min_slice_bytes_for_replica_parallel=MIN_REPLICA_PARALLEL_BYTES)
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+  except Exception as e:  # noqa: BLE001 (an Orbax version without these: keep its defaults)
+    log.debug("keeping Orbax's default ArrayHandler: %s", e)
+
+
 class Checkpointer:
   """An Orbax CheckpointManager over `directory` (usually `workdir/checkpoints`)."""
 
   def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True,
                read_only: bool = False):
+    _configure_array_handler()
     self.directory = as_path(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep if keep > 0 else None, create=not read_only,
                                            cleanup_tmp_directories=not read_only,
                                            enable_async_checkpointing=async_save, read_only=read_only)
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
+    handlers = {name: ocp.StandardCheckpointHandler() if name in ("params", "train", "arrays")
+                else ocp.JsonCheckpointHandler() for name in _ITEMS}
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())

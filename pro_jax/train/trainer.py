@@ -255,7 +255,7 @@ def train(cfg: Any, workdir: str | os.PathLike, task: Task, *, existing: str = "
   """Run (or resume) training to `cfg.total_steps`. See the module docstring.
 
   on_event(name, step): test / debugging hook called at "step_dispatched", "save_started",
-  "save_finished" (at the end of a wait) and "preempted".
+  "save_dispatched" (async write in progress), "save_finished" (after the final wait) and "preempted".
   """
   event = on_event or (lambda name, step: None)
   workdir = as_path(workdir)
@@ -301,7 +301,7 @@ def train(cfg: Any, workdir: str | os.PathLike, task: Task, *, existing: str = "
           "model_config": task.model_config.to_dict() if task.model_config is not None else None}
 
   logger = tlog.MetricsLogger(workdir, tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb_project or None,
-                              config=cfg_json, resume_step=start if resumed_from is not None else None)
+                              config=cfg_json, resume_step=start)  # drops lines logged after the checkpoint
   bar = tlog.ProgressBar(cfg.total_steps, desc=task.name, initial=start,
                          disable=None if cfg.log.progress else True)
   peak = tlog.peak_flops(jax.devices()[0].device_kind)
@@ -314,6 +314,7 @@ def train(cfg: Any, workdir: str | os.PathLike, task: Task, *, existing: str = "
   def save(s: int):
     event("save_started", s)
     ckpt.save(s, state, data_state=data.get_state(), extra=task.extra, arrays=task.extra_arrays, meta=meta)
+    event("save_dispatched", s)  # arrays copied to host; files being written in the background
 
   try:
     with _Preemption() as preempt:
