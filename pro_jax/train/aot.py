@@ -10,7 +10,15 @@ compiled by the TPU compiler. The report:
   bytes, and the total = arguments + outputs - aliased + temporaries + generated code, against the
   chip's HBM (v4 32 GiB, v5e 16 GiB, v5p 95 GiB, v6e 32 GiB);
 * XLA's cost model (`compiled.cost_analysis()`): `optimal_seconds` (its estimate of the step's
-  time on one chip), `flops`, `bytes accessed`;
+  time on one chip), `flops`, `bytes accessed`. Two facts about this cost model, found by compiling
+  small programs whose answer is known (docs/training.md): (1) it prices each `ConcatBitcast`
+  custom call (which the TPU compiler emits when it gathers parameter shards) at -1 second, a
+  "don't know" marker that it sums anyway, so the raw total of an FSDP step is negative; the report
+  adds those markers back (`optimal_seconds` = raw + their count; `optimal_seconds_raw` keeps the
+  raw value); (2) it counts a while-loop body ONCE, so a step whose layers are a scanned loop
+  (`model.scan_layers=True`) or with micro-batches (`n_micro > 1`) is under-priced: the report
+  flags such steps and their MFU is not meaningful (compile with `--config.model.scan_layers=false
+  --config.n_micro=1` for the cost figures);
 * model FLOPs per step (PaLM convention, `pro_jax.train.logging.model_flops_per_step`) and the MFU
   they imply: model FLOPs / (optimal_seconds x chips x peak bf16 FLOP/s per chip; v4 275e12,
   v5e 197e12, v5p 459e12, v6e 918e12).
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any
 
 GIB = 1024 ** 3
@@ -75,7 +84,10 @@ class AotReport:
   total_bytes: int
   hbm_bytes: int
   fits: bool
-  optimal_seconds: float | None
+  optimal_seconds: float | None  # raw + unknown_cost_ops
+  optimal_seconds_raw: float | None
+  unknown_cost_ops: int  # ConcatBitcast custom calls, each priced -1 s by the cost model
+  while_loops: int  # loop bodies are counted once by the cost model
   xla_flops: float | None
   bytes_accessed: float | None
   model_flops: float | None
@@ -95,11 +107,18 @@ class AotReport:
         f"  total             {g(self.total_bytes)} of {self.hbm_bytes / GIB:.0f} GiB "
         f"({100 * self.total_bytes / self.hbm_bytes:.1f}%) -> {'FITS' if self.fits else 'DOES NOT FIT'}",
         "XLA cost model (cost_analysis, per chip)",
-        f"  optimal_seconds   {self.optimal_seconds if self.optimal_seconds is not None else 'n/a'}",
+        f"  optimal_seconds   {self.optimal_seconds if self.optimal_seconds is not None else 'n/a'}"
+        f"  (raw {self.optimal_seconds_raw} + {self.unknown_cost_ops} ConcatBitcast ops priced -1 s each)",
         f"  flops             {self.xla_flops:.4g}" if self.xla_flops else "  flops             n/a",
         f"  bytes accessed    {self.bytes_accessed:.4g}" if self.bytes_accessed else "  bytes accessed    n/a",
         f"model FLOPs / step  {self.model_flops:.4g}" if self.model_flops else "model FLOPs / step  n/a",
         f"MFU (cost model)    {100 * self.mfu:.1f}%" if self.mfu is not None else "MFU (cost model)    n/a",
+    ]
+    if self.while_loops:
+      lines.append(f"  NOTE: the step has {self.while_loops} while loop(s) (scanned layers / micro-batches); the cost "
+                   "model counts a loop body once, so optimal_seconds and MFU are NOT meaningful. Use "
+                   "--config.model.scan_layers=false --config.n_micro=1 for the cost figures.")
+    lines += [
         f"compile time        {self.compile_seconds:.1f} s",
     ]
     return "\n".join(lines)
@@ -142,12 +161,17 @@ def aot_compile(cfg: Any, topology: str, task: Any = None) -> AotReport:
   code = int(getattr(mem, "generated_code_size_in_bytes", 0) or 0)
   total = arg + out - alias + temp + code
   cost = compiled.cost_analysis()
-  opt_s = _first(cost, "optimal_seconds")
+  hlo = compiled.as_text()
+  raw = _first(cost, "optimal_seconds")
+  unknown = hlo.count('custom_call_target="ConcatBitcast"')
+  loops = len(re.findall(r"\swhile\(", hlo))
+  opt_s = raw + unknown if raw is not None else None
   model_flops = task.flops_per_step
-  mfu = model_flops / (opt_s * len(devices) * PEAK_BF16[gen]) if model_flops and opt_s else None
+  mfu = model_flops / (opt_s * len(devices) * PEAK_BF16[gen]) if model_flops and opt_s and opt_s > 0 else None
   return AotReport(topology=topology, n_chips=len(devices), device_kind=devices[0].device_kind,
                    mesh_shape=dict(mesh.shape), argument_bytes=arg, output_bytes=out, alias_bytes=alias,
                    temp_bytes=temp, code_bytes=code, total_bytes=total, hbm_bytes=HBM_BYTES[gen],
-                   fits=total <= HBM_BYTES[gen], optimal_seconds=opt_s, xla_flops=_first(cost, "flops"),
+                   fits=total <= HBM_BYTES[gen], optimal_seconds=opt_s, optimal_seconds_raw=raw,
+                   unknown_cost_ops=unknown, while_loops=loops, xla_flops=_first(cost, "flops"),
                    bytes_accessed=_first(cost, "bytes accessed"), model_flops=model_flops, mfu=mfu,
                    compile_seconds=seconds)

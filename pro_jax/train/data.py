@@ -108,16 +108,18 @@ class TokenFileLM(_Source):
   def __init__(self, path: str, seed: int, global_batch: int, seq_len: int, vocab_size: int,
                rows: slice | None = None):
     super().__init__(seed, global_batch, rows)
+    from pro_jax.configs import ConfigError  # a bad data.path is a config problem: reported before compiling
     p = pathlib.Path(path)
     if not p.is_file():
-      raise FileNotFoundError(f"data.path: token file {path} does not exist")
+      raise ConfigError(f"data.path: token file {path} does not exist")
     self.tokens = np.load(p, mmap_mode="r") if p.suffix == ".npy" else np.memmap(p, dtype=np.uint16, mode="r")
     if self.tokens.ndim != 1 or len(self.tokens) <= seq_len:
-      raise ValueError(f"{path}: expected a flat token array longer than seq_len={seq_len}, "
+      raise ConfigError(f"{path}: expected a flat token array longer than seq_len={seq_len}, "
                        f"got shape {self.tokens.shape}")
-    top = int(np.max(self.tokens[: min(len(self.tokens), 1 << 20)]))
-    if top >= vocab_size:
-      raise ValueError(f"{path}: token id {top} >= model.vocab_size={vocab_size}")
+    head = np.asarray(self.tokens[: min(len(self.tokens), 1 << 20)])
+    bad = np.flatnonzero((head < 0) | (head >= vocab_size))
+    if bad.size:
+      raise ConfigError(f"{path}: token #{bad[0]} has id {head[bad[0]]}, outside [0, model.vocab_size={vocab_size})")
     self.seq_len = int(seq_len)
 
   def batch(self, k: int) -> dict[str, np.ndarray]:
