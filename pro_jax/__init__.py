@@ -26,6 +26,13 @@ _API = {
     "CheckpointError": "pro_jax.models.hf_io",
     "load_llama2c": "pro_jax.models.llama2c",
     "load_tokenizer": "pro_jax.models.tokenizer",
+    "generate": "pro_jax.models.generate",
+    "GenerateOutput": "pro_jax.models.generate",
+    "sample_logits": "pro_jax.models.generate",
+    "merge_lora": "pro_jax.models.lora",
+    "init_lora": "pro_jax.models.lora",
+    "lora_only": "pro_jax.models.lora",
+    "lora_param_count": "pro_jax.models.lora",
     # data
     "load_examples": "pro_jax.data.sources",
     "build_dataset": "pro_jax.data.sources",
