@@ -16,9 +16,12 @@ compiled by the TPU compiler. The report:
   "don't know" marker that it sums anyway, so the raw total of an FSDP step is negative; the report
   adds those markers back (`optimal_seconds` = raw + their count; `optimal_seconds_raw` keeps the
   raw value); (2) it counts a while-loop body ONCE, so a step whose layers are a scanned loop
-  (`model.scan_layers=True`) or with micro-batches (`n_micro > 1`) is under-priced: the report
-  flags such steps and their MFU is not meaningful (compile with `--config.model.scan_layers=false
-  --config.n_micro=1` for the cost figures);
+  (`model.scan_layers=True`), with micro-batches (`n_micro > 1`) or with the TPU compiler's
+  "windowed einsum" collective matmuls (FSDP all-gathers overlapped with matmuls, emitted as loops)
+  is under-priced. So when the configured step has loops, `aot_compile` compiles a second, loop-free
+  variant of the same step for the cost figures: layers unrolled, n_micro=1 (same batch, same
+  FLOPs) and windowed einsum off (plain all-gather + matmul, which the cost model prices fully).
+  Memory figures always come from the step as configured;
 * model FLOPs per step (PaLM convention, `pro_jax.train.logging.model_flops_per_step`) and the MFU
   they imply: model FLOPs / (optimal_seconds x chips x peak bf16 FLOP/s per chip; v4 275e12,
   v5e 197e12, v5p 459e12, v6e 918e12).
@@ -26,6 +29,7 @@ compiled by the TPU compiler. The report:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import re
@@ -76,29 +80,42 @@ class AotReport:
   n_chips: int
   device_kind: str
   mesh_shape: dict
+  hbm_bytes: int
+  # per-chip memory of the step AS CONFIGURED
   argument_bytes: int
   output_bytes: int
   alias_bytes: int
   temp_bytes: int
   code_bytes: int
   total_bytes: int
-  hbm_bytes: int
   fits: bool
+  while_loops: int  # loops in the configured step
+  # XLA's cost model, of `cost_program`
+  cost_program: str  # "as configured" or the loop-free variant's description
   optimal_seconds: float | None  # raw + unknown_cost_ops
   optimal_seconds_raw: float | None
   unknown_cost_ops: int  # ConcatBitcast custom calls, each priced -1 s by the cost model
-  while_loops: int  # loop bodies are counted once by the cost model
+  cost_while_loops: int  # loops left in the costed program (0 = every op priced)
   xla_flops: float | None
   bytes_accessed: float | None
   model_flops: float | None
   mfu: float | None
   compile_seconds: float
+  cost_program_total_bytes: int | None = None  # per-chip memory of the loop-free variant (information)
+  compile_error: str | None = None  # the TPU compiler's own out-of-memory message
 
   def table(self) -> str:
     g = lambda b: f"{b / GIB:8.2f} GiB"
+    head = f"topology            {self.topology} ({self.n_chips} chips, {self.device_kind}), mesh {self.mesh_shape}"
+    if self.compile_error is not None:
+      return "\n".join([
+          head, f"per-chip HBM        needs {g(self.total_bytes)} of {self.hbm_bytes / GIB:.0f} GiB -> DOES NOT FIT",
+          f"  the TPU compiler: {self.compile_error}",
+          f"model FLOPs / step  {self.model_flops:.4g}" if self.model_flops else "model FLOPs / step  n/a",
+          f"compile time        {self.compile_seconds:.1f} s"])
     lines = [
-        f"topology            {self.topology} ({self.n_chips} chips, {self.device_kind}), mesh {self.mesh_shape}",
-        "per-chip HBM (memory_analysis)",
+        head,
+        "per-chip HBM (memory_analysis of the step as configured)",
         f"  arguments         {g(self.argument_bytes)}",
         f"  outputs           {g(self.output_bytes)}",
         f"  aliased (donated) {g(self.alias_bytes)}",
@@ -106,21 +123,25 @@ class AotReport:
         f"  generated code    {g(self.code_bytes)}",
         f"  total             {g(self.total_bytes)} of {self.hbm_bytes / GIB:.0f} GiB "
         f"({100 * self.total_bytes / self.hbm_bytes:.1f}%) -> {'FITS' if self.fits else 'DOES NOT FIT'}",
-        "XLA cost model (cost_analysis, per chip)",
-        f"  optimal_seconds   {self.optimal_seconds if self.optimal_seconds is not None else 'n/a'}"
-        f"  (raw {self.optimal_seconds_raw} + {self.unknown_cost_ops} ConcatBitcast ops priced -1 s each)",
+        f"XLA cost model (cost_analysis per chip, {self.cost_program})",
+    ]
+    if self.optimal_seconds is None:
+      lines.append("  optimal_seconds   n/a")
+    else:
+      lines.append(f"  optimal_seconds   {self.optimal_seconds:.4f} s  (raw {self.optimal_seconds_raw:.4f} + "
+                   f"{self.unknown_cost_ops} ConcatBitcast ops priced -1 s each)")
+    lines += [
         f"  flops             {self.xla_flops:.4g}" if self.xla_flops else "  flops             n/a",
         f"  bytes accessed    {self.bytes_accessed:.4g}" if self.bytes_accessed else "  bytes accessed    n/a",
         f"model FLOPs / step  {self.model_flops:.4g}" if self.model_flops else "model FLOPs / step  n/a",
         f"MFU (cost model)    {100 * self.mfu:.1f}%" if self.mfu is not None else "MFU (cost model)    n/a",
     ]
-    if self.while_loops:
-      lines.append(f"  NOTE: the step has {self.while_loops} while loop(s) (scanned layers / micro-batches); the cost "
-                   "model counts a loop body once, so optimal_seconds and MFU are NOT meaningful. Use "
-                   "--config.model.scan_layers=false --config.n_micro=1 for the cost figures.")
-    lines += [
-        f"compile time        {self.compile_seconds:.1f} s",
-    ]
+    if self.cost_while_loops:
+      lines.append(f"  NOTE: the costed program still has {self.cost_while_loops} while loop(s); the cost model "
+                   "counts a loop body once, so optimal_seconds and MFU are NOT meaningful")
+    if self.cost_program_total_bytes is not None:
+      lines.append(f"  (the loop-free variant itself needs {g(self.cost_program_total_bytes).strip()} per chip)")
+    lines.append(f"compile time        {self.compile_seconds:.1f} s")
     return "\n".join(lines)
 
   def to_json(self) -> str:
@@ -136,42 +157,90 @@ def _first(d: Any, *keys: str) -> float | None:
   return None
 
 
-def aot_compile(cfg: Any, topology: str, task: Any = None) -> AotReport:
-  """Compile the train step of `cfg` (or `task`) for `topology`; see the module docstring."""
+# Loop-free variant for the cost model: no windowed-einsum collective matmul loops.
+COST_MODEL_COMPILER_OPTIONS = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
+                               "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
+COST_VARIANT = "loop-free variant: layers unrolled, n_micro=1, windowed einsum off"
+
+
+def _compile(cfg: Any, task: Any, devices: list, options: dict | None) -> dict:
+  """Compile one step; a dict of figures, or {"error": msg, "total": bytes} when HBM runs out."""
   import time
 
   from pro_jax import sharding as shd
-  from pro_jax.train.config import validate_config
   from pro_jax.train.trainer import setup
 
-  gen = chip_generation(topology)
-  devices = topology_devices(topology)
-  validate_config(cfg, num_devices=len(devices))
-  if task is None:
-    from pro_jax.train.tasks import build_task
-    task = build_task(cfg)
   mesh = shd.mesh_from_config(cfg.mesh, devices=devices)
   su = setup(cfg, task, mesh)
   t0 = time.perf_counter()
-  compiled = su.step.lower(su.abstract_state, su.frozen_abstract, su.batch_abstract).compile()
-  seconds = time.perf_counter() - t0
+  lowered = su.step.lower(su.abstract_state, su.frozen_abstract, su.batch_abstract)
+  out: dict[str, Any] = {"mesh_shape": dict(mesh.shape)}
+  try:
+    compiled = lowered.compile(compiler_options=options or None)
+  except Exception as e:  # noqa: BLE001
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    # "... total memory required for HLO temporaries (44.20G) exceeds available HBM (15.75G)"
+    msg = str(e).split("RESOURCE_EXHAUSTED:", 1)[-1].strip().splitlines()[0]
+    need = re.search(r"\(([\d.]+)([KMGT])\)", msg)
+    scale = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+    out.update(error=msg, total=int(float(need.group(1)) * scale[need.group(2)]) if need else 0,
+               seconds=time.perf_counter() - t0)
+    return out
+  out["seconds"] = time.perf_counter() - t0
   mem = compiled.memory_analysis()
-  arg, out = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
-  alias, temp = int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes)
-  code = int(getattr(mem, "generated_code_size_in_bytes", 0) or 0)
-  total = arg + out - alias + temp + code
+  out.update(arg=int(mem.argument_size_in_bytes), out=int(mem.output_size_in_bytes),
+             alias=int(mem.alias_size_in_bytes), temp=int(mem.temp_size_in_bytes),
+             code=int(getattr(mem, "generated_code_size_in_bytes", 0) or 0))
+  out["total"] = out["arg"] + out["out"] - out["alias"] + out["temp"] + out["code"]
   cost = compiled.cost_analysis()
   hlo = compiled.as_text()
-  raw = _first(cost, "optimal_seconds")
-  unknown = hlo.count('custom_call_target="ConcatBitcast"')
-  loops = len(re.findall(r"\swhile\(", hlo))
-  opt_s = raw + unknown if raw is not None else None
-  model_flops = task.flops_per_step
-  mfu = model_flops / (opt_s * len(devices) * PEAK_BF16[gen]) if model_flops and opt_s and opt_s > 0 else None
-  return AotReport(topology=topology, n_chips=len(devices), device_kind=devices[0].device_kind,
-                   mesh_shape=dict(mesh.shape), argument_bytes=arg, output_bytes=out, alias_bytes=alias,
-                   temp_bytes=temp, code_bytes=code, total_bytes=total, hbm_bytes=HBM_BYTES[gen],
-                   fits=total <= HBM_BYTES[gen], optimal_seconds=opt_s, optimal_seconds_raw=raw,
-                   unknown_cost_ops=unknown, while_loops=loops, xla_flops=_first(cost, "flops"),
-                   bytes_accessed=_first(cost, "bytes accessed"), model_flops=model_flops, mfu=mfu,
-                   compile_seconds=seconds)
+  out.update(raw=_first(cost, "optimal_seconds"), unknown=hlo.count('custom_call_target="ConcatBitcast"'),
+             loops=len(re.findall(r"\swhile\(", hlo)), flops=_first(cost, "flops"),
+             bytes=_first(cost, "bytes accessed"))
+  return out
+
+
+def aot_compile(cfg: Any, topology: str, task_fn: Any = None, *, cost_variant: bool = True) -> AotReport:
+  """Compile the train step of `cfg` for `topology` (see the module docstring).
+
+  task_fn: `cfg -> Task` (default `pro_jax.train.tasks.build_task`); stages pass their own.
+  cost_variant: when the configured step has loops, also compile the loop-free variant for the
+  cost-model figures.
+  """
+  from pro_jax.train.config import validate_config
+
+  if task_fn is None:
+    from pro_jax.train.tasks import build_task as task_fn
+  gen = chip_generation(topology)
+  devices = topology_devices(topology)
+  validate_config(cfg, num_devices=len(devices))
+  task = task_fn(cfg)
+  main = _compile(cfg, task, devices, None)
+  common = dict(topology=topology, n_chips=len(devices), device_kind=devices[0].device_kind,
+                mesh_shape=main["mesh_shape"], hbm_bytes=HBM_BYTES[gen], model_flops=task.flops_per_step)
+  if "error" in main:
+    return AotReport(argument_bytes=0, output_bytes=0, alias_bytes=0, temp_bytes=0, code_bytes=0,
+                     total_bytes=main["total"], fits=False, while_loops=0, cost_program="n/a",
+                     optimal_seconds=None, optimal_seconds_raw=None, unknown_cost_ops=0, cost_while_loops=0,
+                     xla_flops=None, bytes_accessed=None, mfu=None, compile_seconds=main["seconds"],
+                     compile_error=main["error"], **common)
+  cost, program, seconds, variant_total = main, "as configured", main["seconds"], None
+  if cost_variant and main["loops"]:
+    vcfg = copy.deepcopy(cfg)
+    with vcfg.unlocked():
+      vcfg.model.scan_layers = False
+      vcfg.n_micro = 1
+    variant = _compile(vcfg, task_fn(vcfg), devices, COST_MODEL_COMPILER_OPTIONS)
+    seconds += variant["seconds"]
+    if "error" not in variant:
+      cost, program, variant_total = variant, COST_VARIANT, variant["total"]
+  opt_s = cost["raw"] + cost["unknown"] if cost["raw"] is not None else None
+  flops = task.flops_per_step
+  mfu = flops / (opt_s * len(devices) * PEAK_BF16[gen]) if flops and opt_s and opt_s > 0 else None
+  return AotReport(argument_bytes=main["arg"], output_bytes=main["out"], alias_bytes=main["alias"],
+                   temp_bytes=main["temp"], code_bytes=main["code"], total_bytes=main["total"],
+                   fits=main["total"] <= HBM_BYTES[gen], while_loops=main["loops"], cost_program=program,
+                   optimal_seconds=opt_s, optimal_seconds_raw=cost["raw"], unknown_cost_ops=cost["unknown"],
+                   cost_while_loops=cost["loops"], xla_flops=cost["flops"], bytes_accessed=cost["bytes"], mfu=mfu,
+                   compile_seconds=seconds, cost_program_total_bytes=variant_total, **common)

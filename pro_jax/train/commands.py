@@ -97,6 +97,9 @@ def _aot_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--topology", required=True,
                  help="TPU topology, e.g. v5e:4x4, v5e:2x2, v5p:2x2x2, v4:2x2x2, v6e:4x4")
   p.add_argument("--json", default="", help="also write the report as JSON to this file")
+  p.add_argument("--no-cost-variant", action="store_true",
+                 help="skip the second, loop-free compile used for the cost-model figures when the configured "
+                      "step has loops (scanned layers, micro-batches, windowed-einsum collective matmuls)")
 
 
 def _aot_run(args: argparse.Namespace) -> int:
@@ -104,7 +107,7 @@ def _aot_run(args: argparse.Namespace) -> int:
   from pro_jax.train.aot import AotError, aot_compile
   cfg = load_config(args.config, args.overrides)
   try:
-    report = aot_compile(cfg, args.topology)
+    report = aot_compile(cfg, args.topology, cost_variant=not args.no_cost_variant)
   except AotError as e:
     print(f"pro-jax aot: error: {e}", file=sys.stderr)
     return EXIT_FAIL
