@@ -201,6 +201,46 @@ def _compile(cfg: Any, task: Any, devices: list, options: dict | None) -> dict:
   return out
 
 
+def _variant(cfg: Any, n_layers: int | None = None) -> Any:
+  vcfg = copy.deepcopy(cfg)
+  with vcfg.unlocked():
+    vcfg.model.scan_layers = False
+    vcfg.n_micro = 1
+    if n_layers is not None:
+      vcfg.model.n_layers = n_layers
+  return vcfg
+
+
+EXTRAPOLATE_FROM = (2, 4)  # layer counts of the two loop-free compiles a deep model's cost is fitted on
+
+
+def _loop_free_cost(cfg: Any, task_fn: Any, devices: list) -> tuple[dict, str, float, int | None]:
+  """Cost figures of the loop-free variant: compiled directly for shallow models; for deep ones
+  (more than 4 layers) fitted as a + b * n_layers on 2- and 4-layer variants (every layer is the same
+  program, so the cost is linear in the layer count; checked against a full 32-layer compile in
+  docs/training.md), since the full unrolled program compiles slowly and may not fit in HBM itself."""
+  n = int(cfg.model.n_layers)
+  if n <= max(EXTRAPOLATE_FROM):
+    v = _compile(_variant(cfg), task_fn(_variant(cfg)), devices, COST_MODEL_COMPILER_OPTIONS)
+    if "error" in v:
+      return None, f"n/a: the loop-free variant does not fit ({v['error']})", v["seconds"], None
+    return v, COST_VARIANT, v["seconds"], v["total"]
+  lo, hi = EXTRAPOLATE_FROM
+  runs = []
+  for k in (lo, hi):
+    vcfg = _variant(cfg, k)
+    v = _compile(vcfg, task_fn(vcfg), devices, COST_MODEL_COMPILER_OPTIONS)
+    if "error" in v:
+      return None, f"n/a: the {k}-layer loop-free variant does not fit ({v['error']})", v["seconds"], None
+    runs.append(v)
+  fit = lambda a, b: a + (b - a) / (hi - lo) * (n - lo)
+  out = {"raw": fit(runs[0]["raw"], runs[1]["raw"]), "unknown": round(fit(runs[0]["unknown"], runs[1]["unknown"])),
+         "loops": runs[0]["loops"] + runs[1]["loops"], "flops": fit(runs[0]["flops"], runs[1]["flops"]),
+         "bytes": fit(runs[0]["bytes"], runs[1]["bytes"])}
+  desc = f"{COST_VARIANT}; fitted a + b * n_layers on {lo}- and {hi}-layer compiles, evaluated at {n} layers"
+  return out, desc, runs[0]["seconds"] + runs[1]["seconds"], None
+
+
 def aot_compile(cfg: Any, topology: str, task_fn: Any = None, *, cost_variant: bool = True) -> AotReport:
   """Compile the train step of `cfg` for `topology` (see the module docstring).
 
@@ -227,14 +267,10 @@ def aot_compile(cfg: Any, topology: str, task_fn: Any = None, *, cost_variant: b
                      compile_error=main["error"], **common)
   cost, program, seconds, variant_total = main, "as configured", main["seconds"], None
   if cost_variant and main["loops"]:
-    vcfg = copy.deepcopy(cfg)
-    with vcfg.unlocked():
-      vcfg.model.scan_layers = False
-      vcfg.n_micro = 1
-    variant = _compile(vcfg, task_fn(vcfg), devices, COST_MODEL_COMPILER_OPTIONS)
-    seconds += variant["seconds"]
-    if "error" not in variant:
-      cost, program, variant_total = variant, COST_VARIANT, variant["total"]
+    cost, program, vsec, variant_total = _loop_free_cost(cfg, task_fn, devices)
+    seconds += vsec
+  if cost is None:  # the cost variant could not be compiled: memory figures only
+    cost = {"raw": None, "unknown": 0, "loops": 0, "flops": None, "bytes": None}
   opt_s = cost["raw"] + cost["unknown"] if cost["raw"] is not None else None
   flops = task.flops_per_step
   mfu = flops / (opt_s * len(devices) * PEAK_BF16[gen]) if flops and opt_s and opt_s > 0 else None
