@@ -209,36 +209,49 @@ def initialize_distributed(mode: Any = "auto", coordinator_address: str | None =
   return True
 
 
-def host_batch_rows(global_batch: int, mesh: Mesh) -> slice:
-  """Rows [start, stop) of the global batch that this process feeds (its devices' batch shards).
+def host_batch_rows(global_batch: int, mesh: Mesh) -> slice | np.ndarray:
+  """The rows of the global batch that this process feeds (the batch shards its devices hold).
 
-  With the batch split over (data, fsdp), each process holds a contiguous block of rows when the
-  mesh's devices are laid out process-major (as `make_mesh` does). One process: all rows.
+  A slice [start, stop) when they are contiguous (one process: all rows; multi-host meshes whose
+  devices are ordered process-major), else the sorted array of row ids. Either indexes a numpy
+  batch: `global_batch_array[rows]`.
   """
   sharding = batch_sharding(mesh, 1)
   rows = set()
   for idx in sharding.addressable_devices_indices_map((global_batch,)).values():
-    sl = idx[0]
-    rows.update(range(*sl.indices(global_batch)))
+    rows.update(range(*idx[0].indices(global_batch)))
   if not rows:
     raise ValueError(f"process {jax.process_index()} holds no rows of a batch of {global_batch}")
   start, stop = min(rows), max(rows) + 1
-  if stop - start != len(rows):
-    raise ValueError(f"process {jax.process_index()}'s batch rows are not contiguous on this mesh; "
-                     "order the mesh devices process-major")
-  return slice(start, stop)
+  if stop - start == len(rows):
+    return slice(start, stop)
+  return np.asarray(sorted(rows), np.int64)
 
 
 def host_local_to_global(batch: Any, mesh: Mesh, global_batch: int) -> Any:
   """Global jax.Arrays (leading dim over (data, fsdp)) from this process's rows of a batch pytree.
 
-  `batch` leaves are numpy arrays holding rows `host_batch_rows(global_batch, mesh)`.
+  `batch` leaves are numpy arrays holding the rows `host_batch_rows(global_batch, mesh)`, in that
+  order. Each local device gets its shard of them (no cross-host transfer).
   """
+  rows = host_batch_rows(global_batch, mesh)
+  row_ids = np.arange(global_batch)[rows]
+  position = {int(r): i for i, r in enumerate(row_ids)}
 
   def one(x):
     x = np.asarray(x)
-    return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x,
-                                                  (global_batch,) + x.shape[1:])
+    if x.shape[0] != len(row_ids):
+      raise ValueError(f"this process feeds {len(row_ids)} rows of the global batch of {global_batch}, "
+                       f"got a leaf with leading dimension {x.shape[0]}")
+    sharding = batch_sharding(mesh, x.ndim)
+    shape = (global_batch,) + x.shape[1:]
+    if isinstance(rows, slice):
+      return jax.make_array_from_process_local_data(sharding, x, shape)
+    arrays = []
+    for device, idx in sharding.addressable_devices_indices_map(shape).items():
+      local = [position[r] for r in range(*idx[0].indices(global_batch))]
+      arrays.append(jax.device_put(x[local], device))
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
   return jax.tree.map(one, batch)
 
