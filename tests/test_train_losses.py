@@ -60,8 +60,8 @@ def test_toy_dpo_loss_matches_the_sigmoid_dpo_formula():
   margin = beta * ((seq_lp(policy, "chosen") - seq_lp(ref, "chosen")) -
                    (seq_lp(policy, "rejected") - seq_lp(ref, "rejected")))
   want = np.mean(np.log1p(np.exp(-margin)))  # -log sigmoid
-  for fused in (True, False):
-    loss, m = jax.jit(toy_dpo_loss(model, model, beta=beta, fused=fused))(policy, {"ref": ref}, batch, None)
+  for concat in (True, False):
+    loss, m = jax.jit(toy_dpo_loss(model, model, beta=beta, concat_pairs=concat))(policy, {"ref": ref}, batch, None)
     assert float(loss) == pytest.approx(want, rel=1e-5)
     assert float(m["accuracy"]) == pytest.approx(np.mean(margin > 0))
     assert float(m["margin"]) == pytest.approx(margin.mean(), rel=1e-4, abs=1e-6)

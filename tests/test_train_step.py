@@ -86,11 +86,9 @@ def test_four_microbatches_equal_one_full_batch(variables):
   lengths = data[0]["loss_mask"].sum(1)
   assert len(set(lengths.tolist())) > 2  # rows of different lengths: token weighting matters
   l_full, s_full, _ = run(one_device_mesh(), opt, variables, data)
-  l_micro, s_micro, _ = run(one_device_mesh(), opt, variables, data, n_micro=4)
-  l_micro8, s_micro8, _ = run(shd.make_mesh(2, 2, 2), opt, variables, data, n_micro=4)
+  l_micro, s_micro, _ = run(shd.make_mesh(2, 2, 2), opt, variables, data, n_micro=4)
   np.testing.assert_allclose(l_micro, l_full, rtol=1e-6)
   assert max_diff(s_full.params, s_micro.params) <= 1e-6
-  assert max_diff(s_full.params, s_micro8.params) <= 1e-6
   assert max_diff(s_full.params, variables) > 1e-3  # the step did something
 
   # Control: averaging the 4 micro-batch means with equal weights is measurably different.

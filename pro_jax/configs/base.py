@@ -57,7 +57,7 @@ def base_config() -> mc.ConfigDict:
       lr=3e-4, warmup_steps=10, decay="cosine",  # "cosine" | "linear" | "constant"
       end_lr_factor=0.1,  # final lr = lr * end_lr_factor (cosine / linear)
       b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0))  # clip_norm <= 0: off
-  c.loss = mc.ConfigDict(dict(name="lm", beta=0.1, fused_reference=True))
+  c.loss = mc.ConfigDict(dict(name="lm", beta=0.1, concat_pairs=True))  # concat: chosen+rejected in one forward
   c.data = mc.ConfigDict(dict(kind="synthetic", seq_len=64, path="", prompt_len=16))
   c.guards = mc.ConfigDict(dict(nonfinite="skip"))  # "skip" | "stop"
   c.checkpoint = mc.ConfigDict(dict(every_steps=50, keep=3, async_save=True))

@@ -18,7 +18,7 @@ def get_config():
                  dtype="bfloat16", param_dtype="float32", remat="full", bos_token_id=1,
                  eos_token_id=2, pad_token_id=0)
   c.reference.update(source="policy", param_dtype="bfloat16")
-  c.loss.update(name="dpo", beta=0.1, fused_reference=True)
+  c.loss.update(name="dpo", beta=0.1, concat_pairs=True)
   c.data.update(kind="synthetic_pairs", seq_len=512, prompt_len=128)
   c.mesh.update(data=1, fsdp=-1, tensor=1)
   c.batch_size = 64  # pairs per step (128 sequences through the policy and the reference)

@@ -11,7 +11,7 @@ def get_config():
   c.model.update(vocab_size=128, d_model=64, n_layers=2, n_heads=4, mlp_dim=128, max_seq_len=64,
                  dtype="bfloat16", remat="full")
   c.reference.update(source="policy", param_dtype="bfloat16")
-  c.loss.update(name="dpo", beta=0.1, fused_reference=True)
+  c.loss.update(name="dpo", beta=0.1, concat_pairs=True)
   c.data.update(kind="synthetic_pairs", seq_len=32, prompt_len=8)
   c.batch_size = 8
   c.total_steps = 10

@@ -105,7 +105,7 @@ class AotReport:
   compile_error: str | None = None  # the TPU compiler's own out-of-memory message
 
   def table(self) -> str:
-    g = lambda b: f"{b / GIB:8.2f} GiB"
+    g = lambda b: f"{b / GIB:8.2f} GiB" if b >= GIB / 10 else f"{b / 2 ** 20:8.2f} MiB"
     head = f"topology            {self.topology} ({self.n_chips} chips, {self.device_kind}), mesh {self.mesh_shape}"
     if self.compile_error is not None:
       return "\n".join([
@@ -128,7 +128,7 @@ class AotReport:
     if self.optimal_seconds is None:
       lines.append("  optimal_seconds   n/a")
     else:
-      lines.append(f"  optimal_seconds   {self.optimal_seconds:.4f} s  (raw {self.optimal_seconds_raw:.4f} + "
+      lines.append(f"  optimal_seconds   {self.optimal_seconds:.4g} s  (raw {self.optimal_seconds_raw:.6g} + "
                    f"{self.unknown_cost_ops} ConcatBitcast ops priced -1 s each)")
     lines += [
         f"  flops             {self.xla_flops:.4g}" if self.xla_flops else "  flops             n/a",

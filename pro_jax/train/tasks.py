@@ -76,7 +76,7 @@ def build_task(cfg) -> Task:
   spec["prompt_mask"] = jax.ShapeDtypeStruct((B, Lp), jnp.int32)
   tokens = 2 * B * L  # chosen + rejected through the policy (and again through the reference)
   return Task(
-      loss_fn=toy_dpo_loss(model, ref_model, beta=cfg.loss.beta, fused=cfg.loss.fused_reference),
+      loss_fn=toy_dpo_loss(model, ref_model, beta=cfg.loss.beta, concat_pairs=cfg.loss.concat_pairs),
       batch_spec=spec,
       make_data=lambda rows: tdata.SyntheticPairs(cfg.seed, B, L, mcfg.vocab_size, Lp, rows),
       frozen_abstract=ref_abstract, frozen_logical_axes=ref_axes,
