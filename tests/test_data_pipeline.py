@@ -382,3 +382,21 @@ def test_extra_fields_pass_through(tok, task):
       np.testing.assert_array_equal(b["reward_chosen"][i], np.asarray(ex["reward_chosen"], np.float32))
       assert b["prompt_type_id"][i] == ex["prompt_type_id"]
     assert b["true_weights"].shape == (6, 3) and b["prompt_type_id"].shape == (6,)
+
+
+def test_static_shapes_give_one_shape_for_every_batch():
+  """static_shapes=True pads every batch to the largest bucket, whatever its rows' lengths."""
+  import pro_jax.data.synthetic as S
+  from pro_jax.data.pipeline import Pipeline, PipelineConfig
+  import tempfile
+  from transformers import AutoTokenizer
+  cfg = S.SyntheticTaskConfig(n_train=64, n_eval=8, seed=3)
+  tok = AutoTokenizer.from_pretrained(S.build_tokenizer(cfg, tempfile.mkdtemp()))
+  examples = S.generate_task(cfg)["train"]
+  pc = PipelineConfig(kind="pair", batch_size=8, max_prompt_len=24, max_response_len=40, bucket_multiple=16,
+                      static_shapes=True, shuffle=False)
+  shapes = {(b["chosen_tokens"].shape, b["prompt_tokens"].shape) for b in Pipeline(examples, tok, pc).iterator()}
+  assert shapes == {((8, 64), (8, 32))}  # round_up(24 + 40, 16) = 64, round_up(24, 16) = 32
+  dynamic = PipelineConfig(**{**pc.__dict__, "static_shapes": False})
+  lengths = {b["chosen_tokens"].shape[1] for b in Pipeline(examples, tok, dynamic).iterator()}
+  assert max(lengths) <= 64 and min(lengths) < 64  # without it the short batches get shorter buckets

@@ -75,6 +75,8 @@ class PipelineConfig:
     drop_remainder: drop the last partial global batch; else it is padded to full size with filler
       rows (example_id -1, masks 0).
     num_threads, prefetch: grain read options (0 / 0 = in the calling thread).
+    static_shapes: every batch has the largest bucket shape (L = round_up(max_prompt_len +
+      max_response_len), Lp = round_up(max_prompt_len)), so a train step compiles exactly once.
   """
 
   kind: str = "pair"
@@ -93,6 +95,7 @@ class PipelineConfig:
   drop_remainder: bool = True
   num_threads: int = 0
   prefetch: int = 0
+  static_shapes: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, "extra_fields", tuple(self.extra_fields))
@@ -382,9 +385,12 @@ class Pipeline:
     idx = np.full(c.batch_size, -1, np.int64)
     idx[:len(indices)] = indices
     real = idx[idx >= 0]
-    L = bucket_length(self._seq_len[real].max(), c.bucket_multiple,
-                      c.max_prompt_len + (c.max_response_len if c.kind != "prompt" else 0))
-    Lp = bucket_length(self._prompt_len[real].max(), c.bucket_multiple, c.max_prompt_len)
+    cap = c.max_prompt_len + (c.max_response_len if c.kind != "prompt" else 0)
+    if c.static_shapes:
+      L, Lp = round_up(cap, c.bucket_multiple), round_up(c.max_prompt_len, c.bucket_multiple)
+    else:
+      L = bucket_length(self._seq_len[real].max(), c.bucket_multiple, cap)
+      Lp = bucket_length(self._prompt_len[real].max(), c.bucket_multiple, c.max_prompt_len)
     mine = idx[self.rows]
     return self._collate(mine, L, Lp)
 

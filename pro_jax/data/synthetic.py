@@ -791,12 +791,16 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 # Words of the plain "\n\nHuman: ...\n\nAssistant:" template, so it also works without <unk>.
 _PLAIN_TEMPLATE_WORDS = ("human", "assistant", ":")
+# Words of the RiC-style weight text "<w> concise 0.7 informative 0.2 harmless 0.1 </w>"
+# (pro_jax.pro.weights.format_weights_text) as this tokenizer's pre-tokenizer splits it.
+_WEIGHT_TEXT_WORDS = ("<", ">", "</", "w") + tuple(str(d) for d in range(10)) + (
+    "concise", "informative", "harmless", "humor")
 
 
 def task_vocabulary(config: SyntheticTaskConfig | None = None) -> list[str]:
   """Every word the task can produce (sorted), special tokens excluded. Independent of the seed."""
   del config  # the vocabulary covers every option (humor, all creatures), so one tokenizer fits all
-  words: set[str] = set(_PLAIN_TEMPLATE_WORDS)
+  words: set[str] = set(_PLAIN_TEMPLATE_WORDS) | set(_WEIGHT_TEXT_WORDS)
   for canon in list(_sentence_table()) + list(_prompt_table()):
     words.update(t for t in canon if t != _ENTITY)
   words.update(ENTITY_POOL)
