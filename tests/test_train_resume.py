@@ -16,7 +16,8 @@ import pytest
 from pro_jax.configs import ConfigError, load_config
 from pro_jax.train.checkpoint import Checkpointer
 from pro_jax.train.tasks import build_task
-from pro_jax.train.trainer import NonFiniteError, WorkdirError, train
+from pro_jax.train.config import config_to_dict
+from pro_jax.train.trainer import NonFiniteError, WorkdirError, prepare_workdir, train
 
 DRIVER = textwrap.dedent("""
     import os, signal, sys
@@ -154,9 +155,10 @@ def test_workdir_guard_and_config_errors_before_anything_is_written(tmp_path):
   r = train(longer, tmp_path / "run", build_task(longer), existing="resume")
   assert r.resumed_from == 4 and r.step == 6 and steps(tmp_path / "run") == [2, 4, 6]
   assert (tmp_path / "run" / "config.1.json").read_text() == before
-  # --overwrite: starts afresh
-  r = train(other, tmp_path / "run", build_task(other), existing="overwrite")
-  assert r.resumed_from is None and steps(tmp_path / "run") == [2, 4]
+  # --overwrite: the old run's checkpoints, base, config and metrics are deleted, the new config written
+  prepare_workdir(tmp_path / "run", config_to_dict(other), "overwrite")
+  assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+  assert json.loads((tmp_path / "run" / "config.json").read_text())["optim"]["lr"] == 0.01
 
 
 def _nan_task(cfg, nan_at):

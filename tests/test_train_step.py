@@ -93,7 +93,7 @@ def test_four_microbatches_equal_one_full_batch(variables):
 
   # Control: averaging the 4 micro-batch means with equal weights is measurably different.
   model = Transformer(MCFG)
-  loss_fn = lm_loss(model)
+  loss_fn = jax.jit(lm_loss(model))
   per_micro = [float(loss_fn(variables, {}, {k: v[j::4] for k, v in data[0].items()}, None)[0])
                for j in range(4)]
   assert abs(np.mean(per_micro) - l_full[0]) > 1e-4

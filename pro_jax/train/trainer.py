@@ -145,7 +145,7 @@ def setup(cfg: Any, task: Task, mesh: Mesh, *, donate: bool = True) -> Setup:
 # Workdir guard
 
 
-def prepare_workdir(workdir: epath.Path, cfg_json: dict, existing: str = "auto") -> None:
+def prepare_workdir(workdir: str | os.PathLike, cfg_json: dict, existing: str = "auto") -> None:
   """Make `workdir` hold this run's config; refuse to mix two runs in one directory.
 
   existing: "auto" (continue a run with the same config, error on a different one), "resume"
@@ -154,6 +154,7 @@ def prepare_workdir(workdir: epath.Path, cfg_json: dict, existing: str = "auto")
   """
   if existing not in ("auto", "resume", "overwrite"):
     raise ValueError(f"existing must be 'auto', 'resume' or 'overwrite', got {existing!r}")
+  workdir = as_path(workdir)
   cfg_path = workdir / CONFIG_FILE
   ck_dir = workdir / CHECKPOINTS_DIR
   has_run = cfg_path.exists() or (ck_dir.is_dir() and any(ck_dir.iterdir()))
