@@ -174,7 +174,7 @@ class Pipeline:
 
   def __init__(self, source: Sequence[Any], tokenizer: Any, config: PipelineConfig, *,
                name: str | None = None, process_index: int | None = None,
-               process_count: int | None = None, rows: slice | None = None):
+               process_count: int | None = None, rows: slice | np.ndarray | None = None):
     self.config, self.tokenizer, self.name = config, tokenizer, name
     self.template = resolve_template(tokenizer, config.template)
     self.pad_id = pad_id(tokenizer)
@@ -189,10 +189,16 @@ class Pipeline:
         raise ValueError(f"batch_size {B} is not divisible by process_count {process_count}")
       per = B // process_count
       rows = slice(process_index * per, (process_index + 1) * per)
-    start, stop, step = rows.indices(B)
-    if step != 1 or stop <= start:
-      raise ValueError(f"rows must be a non-empty contiguous slice of the batch, got {rows}")
-    self.rows = slice(start, stop)
+    if isinstance(rows, slice):
+      start, stop, step = rows.indices(B)
+      if step != 1 or stop <= start:
+        raise ValueError(f"rows must be a non-empty contiguous slice of the batch, got {rows}")
+      self.rows = slice(start, stop)
+    else:  # sorted row ids (pro_jax.sharding.host_batch_rows on meshes with non-contiguous rows)
+      ids = np.asarray(rows, np.int64)
+      if ids.ndim != 1 or not len(ids) or ids.min() < 0 or ids.max() >= B or np.any(np.diff(ids) <= 0):
+        raise ValueError(f"rows must be sorted distinct row ids in [0, {B}), got {rows}")
+      self.rows = ids
     self._read(source)
     self._build()
 
@@ -443,6 +449,28 @@ class Pipeline:
           arr[b] = self._meta[r["row"]]["extras"][name]
       out[name] = arr
     return out
+
+  def with_rows(self, rows: slice | np.ndarray) -> "Pipeline":
+    """The same tokenized data serving other rows of each global batch (no re-tokenization)."""
+    import copy
+    other = copy.copy(self)
+    B = self.config.batch_size
+    if isinstance(rows, slice):
+      start, stop, step = rows.indices(B)
+      if step != 1 or stop <= start:
+        raise ValueError(f"rows must be a non-empty contiguous slice of the batch, got {rows}")
+      other.rows = slice(start, stop)
+    else:
+      other.rows = np.asarray(rows, np.int64)
+    other._build()
+    return other
+
+  def batch_spec(self) -> dict[str, Any]:
+    """Shapes / dtypes of one GLOBAL batch (needs static_shapes=True to be the same every step)."""
+    import jax
+    full = self.with_rows(slice(0, self.config.batch_size))
+    b = full.host_batch(np.arange(min(self.config.batch_size, len(self._recs))))
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in b.items()}
 
   # -- iteration ---------------------------------------------------------------------------------
 

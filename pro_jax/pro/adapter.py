@@ -1,0 +1,182 @@
+"""Stages 3-4: adapter targets and the preference adapter f_psi(x) -> weights on the simplex.
+
+* Targets: ``w*(x) = softmax(r~(x, y_w) / tau)``: the preferred response's normalized rewards say
+  which objectives mattered for this prompt (`compute_targets`).
+* Features: ``h(x)`` = mean-pooled final hidden states over the prompt tokens of a FROZEN backbone
+  (default: the reference policy), computed inside the train step (`prompt_features`).
+* Adapter: ``f(x) = softmax(g(h(x)))``, g a small MLP (`AdapterMLP`: LayerNorm -> `layers` dense
+  layers of width `hidden` with GELU -> K logits). Loss: KL(w* || f) (`pro_jax.pro.losses.adapter_kl`).
+* Deployment: `PreferenceAdapter` (and `load_adapter(dir)`) maps prompts (text or tokens) to
+  weights [B, K] with the backbone and tokenizer recorded in the adapter's checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pro_jax.data.pipeline import Pipeline, pad_left, round_up
+from pro_jax.data.tokenize import encode, normalize_messages, pad_id, truncate_prompt
+from pro_jax.models import Transformer
+from pro_jax.pro import metrics as pm
+from pro_jax.pro.losses import adapter_kl
+from pro_jax.pro.normalize import NormStats
+from pro_jax.pro.ops import mean_pool
+from pro_jax.pro.weights import target_weights
+
+
+class AdapterMLP(nn.Module):
+  """g_psi: features [B, D] -> logits [B, K]. Parameters are tiny next to the backbone."""
+
+  num_objectives: int
+  hidden: int = 256
+  layers: int = 2
+
+  @nn.compact
+  def __call__(self, features_BxD: jax.Array) -> jax.Array:
+    x = nn.LayerNorm(name="in_norm")(features_BxD.astype(jnp.float32))
+    for i in range(self.layers - 1):
+      x = nn.gelu(nn.Dense(self.hidden, name=f"dense_{i}")(x))
+    return nn.Dense(self.num_objectives, name="out", kernel_init=nn.initializers.zeros)(x)
+
+
+def adapter_variables(adapter: AdapterMLP, d_model: int, rng: jax.Array) -> dict:
+  return adapter.init(rng, jnp.zeros((1, d_model), jnp.float32))
+
+
+def adapter_axes(variables: Any) -> Any:
+  """Logical axes of the adapter's variables: all replicated (it is a few hundred KB)."""
+  return jax.tree.map(lambda x: jax.sharding.PartitionSpec(*([None] * np.ndim(x))), variables)
+
+
+def prompt_features(backbone: Transformer, backbone_variables: Any, prompt_tokens_BxL: jax.Array,
+                    prompt_mask_BxL: jax.Array) -> jax.Array:
+  """h(x): mean over real prompt tokens of the frozen backbone's final hidden states, [B, D] f32."""
+  hidden = backbone.apply(backbone_variables, prompt_tokens_BxL, prompt_mask_BxL).hidden
+  return jax.lax.stop_gradient(mean_pool(hidden, prompt_mask_BxL))
+
+
+def compute_targets(scores_NxK: np.ndarray, norm: NormStats, tau: float = 1.0) -> np.ndarray:
+  """w* [N, K] from the raw scores of each prompt's preferred response."""
+  return np.asarray(target_weights(norm.apply(np.asarray(scores_NxK, np.float32)), tau), np.float32)
+
+
+def adapter_loss(adapter: AdapterMLP, backbone: Transformer):
+  """Plug-in loss on a prompt batch with a `target_weights` [B, K] field; frozen["backbone"]."""
+
+  def loss_fn(params: Any, frozen: Any, batch: dict, rng: jax.Array):
+    del rng
+    feats = prompt_features(backbone, frozen["backbone"], batch["prompt_tokens"], batch["prompt_mask"])
+    logits = adapter.apply(params, feats)
+    real_B = (batch["example_id"] >= 0).astype(jnp.float32)
+    loss, metrics = adapter_kl(batch["target_weights"], logits, real_B)
+    metrics = dict(metrics)
+    metrics["loss_weight"] = real_B.sum()
+    return loss, metrics
+
+  return loss_fn
+
+
+@dataclasses.dataclass
+class PreferenceAdapter:
+  """Deployment: prompts -> per-prompt objective weights [B, K] (numpy float32)."""
+
+  adapter: AdapterMLP
+  params: Any
+  backbone: Transformer
+  backbone_variables: Any
+  tokenizer: Any
+  objectives: tuple[str, ...]
+  max_prompt_len: int = 256
+  template: str = "auto"
+  batch_size: int = 64
+
+  def __post_init__(self):
+    self.objectives = tuple(self.objectives)
+    adapter, backbone = self.adapter, self.backbone
+
+    def fn(params, bvars, tokens, mask):
+      return jax.nn.softmax(adapter.apply(params, prompt_features(backbone, bvars, tokens, mask)), axis=-1)
+
+    self._fn = jax.jit(fn)
+    self._len = round_up(self.max_prompt_len, 8)
+
+  def from_tokens(self, prompt_tokens_BxL: Any, prompt_mask_BxL: Any) -> np.ndarray:
+    """Weights for left-padded prompt tokens (any batch size; one compile per shape)."""
+    return np.asarray(self._fn(self.params, self.backbone_variables, prompt_tokens_BxL, prompt_mask_BxL))
+
+  def tokenize(self, prompts: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+    msgs = [normalize_messages(p) for p in prompts]
+    ids, _ = encode(self.tokenizer, msgs, None, self.template)
+    bos = getattr(self.tokenizer, "bos_token_id", None)
+    rows = [np.asarray(truncate_prompt(i, self.max_prompt_len, bos), np.int32) for i in ids]
+    return pad_left(rows, self._len, pad_id(self.tokenizer))
+
+  def __call__(self, prompts: Sequence[Any]) -> np.ndarray:
+    """Weights [N, K] for prompts given as text or schema messages."""
+    tokens, mask = self.tokenize(prompts)
+    n, B = len(tokens), self.batch_size
+    out = np.zeros((n, len(self.objectives)), np.float32)
+    for s in range(0, n, B):
+      t, m = tokens[s:s + B], mask[s:s + B]
+      k = len(t)
+      if k < B:
+        t = np.concatenate([t, np.repeat(t[-1:], B - k, 0)])
+        m = np.concatenate([m, np.repeat(m[-1:], B - k, 0)])
+      out[s:s + k] = self.from_tokens(t, m)[:k]
+    return out
+
+
+def evaluate_adapter(weights_NxK: np.ndarray, targets_NxK: np.ndarray) -> dict[str, float]:
+  """Held-out KL(w* || f), top-1 objective agreement and mean per-prompt Spearman correlation."""
+  w = np.clip(np.asarray(targets_NxK, np.float64), 0, None)
+  f = np.clip(np.asarray(weights_NxK, np.float64), 1e-12, None)
+  kl = np.sum(np.where(w > 0, w * (np.log(np.where(w > 0, w, 1.0)) - np.log(f)), 0.0), axis=1)
+  rho, defined = pm.mean_row_spearman(f, w)
+  return {"kl": float(kl.mean()), "top1_agreement": float(pm.top1_agreement(f, w)),
+          "spearman": float(rho), "spearman_defined": int(defined)}
+
+
+def adapter_metadata(*, backbone_source: str, tokenizer_path: str, objectives: Sequence[str], hidden: int,
+                     layers: int, max_prompt_len: int, template: str, d_model: int) -> dict:
+  """What `load_adapter` needs, saved as the adapter checkpoint's `extra`."""
+  return {"adapter": {"backbone": backbone_source, "tokenizer": str(tokenizer_path),
+                      "objectives": list(objectives), "hidden": hidden, "layers": layers,
+                      "max_prompt_len": max_prompt_len, "template": template, "d_model": d_model}}
+
+
+def load_adapter(directory: str, step: int | None = None, *, batch_size: int = 64) -> PreferenceAdapter:
+  """A trained preference adapter from its run directory: a callable prompts -> weights [B, K].
+
+      adapter = pro_jax.load_adapter("runs/demo/adapter")
+      w = adapter(["what color is the zorb ?"])      # [1, K], rows on the simplex
+      adapter.objectives                              # the K names
+  """
+  from pro_jax.models.tokenizer import load_tokenizer
+  from pro_jax.pro.backbone import load_source
+  from pro_jax.train.checkpoint import load_checkpoint
+
+  ck = load_checkpoint(directory, step)
+  meta = (ck.extra or {}).get("adapter")
+  if meta is None:
+    raise ValueError(f"{directory}: not a preference-adapter run (no 'adapter' metadata in its checkpoint)")
+  bb = load_source(meta["backbone"])
+  if bb.config is None:
+    raise ValueError(f"{directory}: the adapter's backbone source {meta['backbone']!r} holds no weights")
+  backbone = Transformer(bb.config.replace(head="none", value_head=False, lora=None))
+  tokenizer = bb.tokenizer if meta["tokenizer"] in ("", "builtin") else load_tokenizer(meta["tokenizer"])
+  adapter = AdapterMLP(len(meta["objectives"]), hidden=meta["hidden"], layers=meta["layers"])
+  return PreferenceAdapter(adapter, ck.variables, backbone, {"params": bb.params}, tokenizer,
+                           tuple(meta["objectives"]), max_prompt_len=meta["max_prompt_len"],
+                           template=meta["template"], batch_size=batch_size)
+
+
+def dumps(meta: dict) -> str:
+  return json.dumps(meta, indent=2, sort_keys=True)

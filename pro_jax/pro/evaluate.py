@@ -1,0 +1,272 @@
+"""Evaluation: generate on held-out prompts with PRO's weights and with a grid of fixed weights,
+score with the K objectives, and compare.
+
+For each *setting* (a name and per-prompt weights [N, K]: PRO = the adapter's f(x); a fixed vector
+repeated; optionally the oracle) the policy generates one response per prompt (conditioned on the
+weights when it is a weight-conditioned policy), the scorer gives raw rewards [N, K], the saved
+normalization turns them into r~, and
+
+* per-objective means (raw and normalized),
+* the per-prompt utility U(x, y) = sum_k w*_k(x) r~_k(x, y) (w* = the prompt's true / target
+  weights, `utility_weights`), averaged,
+* KL(pi || pi_ref) on the generated responses (when a reference is given),
+* win rate of PRO against each setting (per prompt, on U; ties count half),
+* the Pareto front of the fixed-weight settings (mean r~ per objective), its hypervolume, and
+  whether PRO's point is dominated,
+
+go into a JSON and a markdown report and a PNG plot of the fixed-weight front with PRO's point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from pro_jax.data.pipeline import pad_left, pad_right, round_up
+from pro_jax.data.tokenize import encode, eos_id, normalize_messages, pad_id, truncate_prompt
+from pro_jax.models import Transformer
+from pro_jax.models.generate import generate
+from pro_jax.pro import metrics as pm
+from pro_jax.pro import ops
+from pro_jax.pro.normalize import NormStats
+from pro_jax.pro.policy import condition_prompt
+
+
+@dataclasses.dataclass
+class Policy:
+  """A policy to evaluate. `conditioned`: the prompt carries the weights as text (RiC-style)."""
+
+  name: str
+  model: Transformer
+  variables: Any
+  conditioned: bool = False
+
+
+@dataclasses.dataclass
+class GenerationConfig:
+  max_prompt_len: int = 64
+  max_new_tokens: int = 48
+  batch_size: int = 128
+  greedy: bool = True
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int = 0
+  template: str = "auto"
+
+
+def _prompt_arrays(tokenizer: Any, prompts: Sequence[Any], max_prompt_len: int, template: str):
+  ids, _ = encode(tokenizer, [normalize_messages(p) for p in prompts], None, template)
+  bos = getattr(tokenizer, "bos_token_id", None)
+  rows = [np.asarray(truncate_prompt(i, max_prompt_len, bos), np.int32) for i in ids]
+  return pad_left(rows, round_up(max_prompt_len, 8), pad_id(tokenizer))
+
+
+def generate_texts(model: Transformer, variables: Any, tokenizer: Any, prompts: Sequence[Any],
+                   gen: GenerationConfig) -> tuple[list[str], np.ndarray, np.ndarray]:
+  """Responses (decoded text without EOS), their token ids [N, T] and masks [N, T]."""
+  tokens, mask = _prompt_arrays(tokenizer, prompts, gen.max_prompt_len, gen.template)
+  n, B = len(tokens), gen.batch_size
+  eos, pad = eos_id(tokenizer), pad_id(tokenizer)
+  out_tok = np.zeros((n, gen.max_new_tokens), np.int32)
+  out_mask = np.zeros((n, gen.max_new_tokens), np.int32)
+  rng = jax.random.PRNGKey(gen.seed)
+  for s in range(0, n, B):
+    t, m = tokens[s:s + B], mask[s:s + B]
+    k = len(t)
+    if k < B:
+      t = np.concatenate([t, np.repeat(t[-1:], B - k, 0)])
+      m = np.concatenate([m, np.repeat(m[-1:], B - k, 0)])
+    res = generate(model, variables, t, m, max_new_tokens=gen.max_new_tokens, rng=jax.random.fold_in(rng, s),
+                   temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p, greedy=gen.greedy,
+                   eos_token_id=eos, pad_token_id=pad, return_logprobs=False)
+    out_tok[s:s + k] = np.asarray(res.tokens_BxN)[:k]
+    out_mask[s:s + k] = np.asarray(res.response_mask_BxN)[:k]
+  texts = []
+  for row, mrow in zip(out_tok, out_mask):
+    ids = [int(x) for x, mm in zip(row, mrow) if mm and x != eos]
+    texts.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
+  return texts, out_tok, out_mask
+
+
+def response_logps(model: Transformer, variables: Any, tokenizer: Any, prompts: Sequence[Any],
+                   responses_NxT: np.ndarray, response_mask_NxT: np.ndarray, gen: GenerationConfig) -> np.ndarray:
+  """Summed log p(response | prompt) [N] under `model` (teacher forcing on the given token ids)."""
+  p_tok, p_mask = _prompt_arrays(tokenizer, prompts, gen.max_prompt_len, gen.template)
+  rows, lmask = [], []
+  for pt, pm_, rt, rm in zip(p_tok, p_mask, responses_NxT, response_mask_NxT):
+    p = pt[pm_ > 0]
+    r = rt[rm > 0]
+    rows.append(np.concatenate([p, r]).astype(np.int32))
+    lmask.append(np.concatenate([np.zeros(len(p), np.int32), np.ones(len(r), np.int32)]))
+  L = round_up(gen.max_prompt_len, 8) + responses_NxT.shape[1]
+  tokens, mask = pad_right(rows, L, pad_id(tokenizer))
+  loss_mask, _ = pad_right(lmask, L, 0)
+  fn = jax.jit(lambda t, m, lm: ops.sequence_logprob(model.apply(variables, t, m).logits, t, lm))
+  out = np.zeros(len(rows), np.float32)
+  B = gen.batch_size
+  for s in range(0, len(rows), B):
+    t, m, lm = tokens[s:s + B], mask[s:s + B], loss_mask[s:s + B]
+    k = len(t)
+    if k < B:
+      pad_rows = lambda x: np.concatenate([x, np.repeat(x[-1:], B - k, 0)])
+      t, m, lm = pad_rows(t), pad_rows(m), pad_rows(lm)
+    out[s:s + k] = np.asarray(fn(t, m, lm))[:k]
+  return out
+
+
+def evaluate_settings(policy: Policy, settings: dict[str, np.ndarray], prompts: Sequence[Any], tokenizer: Any,
+                      scorer: Any, norm: NormStats, utility_weights_NxK: np.ndarray, *,
+                      gen: GenerationConfig = GenerationConfig(), reference: tuple[Transformer, Any] | None = None,
+                      pro_setting: str = "PRO", fixed_settings: Sequence[str] | None = None,
+                      progress: Callable[[str], None] | None = None, keep_samples: int = 3) -> dict[str, Any]:
+  """Generate, score and compare every setting (see the module docstring). Returns the report dict."""
+  objectives = list(scorer.objectives)
+  K, N = len(objectives), len(prompts)
+  uw = np.asarray(utility_weights_NxK, np.float32)
+  if uw.shape != (N, K):
+    raise ValueError(f"utility weights have shape {uw.shape}, expected {(N, K)}")
+  rows: dict[str, dict[str, Any]] = {}
+  per_prompt_U: dict[str, np.ndarray] = {}
+  for name, w_NxK in settings.items():
+    w_NxK = np.asarray(w_NxK, np.float32)
+    if w_NxK.shape != (N, K):
+      raise ValueError(f"setting {name!r}: weights of shape {w_NxK.shape}, expected {(N, K)}")
+    if progress:
+      progress(name)
+    cond = [condition_prompt(p, w, objectives) for p, w in zip(prompts, w_NxK)] if policy.conditioned else list(prompts)
+    texts, tok, msk = generate_texts(policy.model, policy.variables, tokenizer, cond, gen)
+    raw = np.asarray(scorer.score(list(prompts), texts), np.float32)
+    r_norm = np.asarray(norm.apply(raw), np.float32)
+    U = pm.utility(uw, r_norm)
+    per_prompt_U[name] = U
+    row = {"weights_mean": w_NxK.mean(0).round(4).tolist(), "utility": float(U.mean()),
+           "utility_sem": float(U.std(ddof=1) / math.sqrt(N)) if N > 1 else 0.0,
+           "raw": pm.objective_means(raw, objectives), "normalized": pm.objective_means(r_norm, objectives),
+           "mean_length_tokens": float(msk.sum(1).mean()),
+           "samples": [{"prompt": normalize_messages(cond[i])[-1]["content"], "response": texts[i]}
+                       for i in range(min(keep_samples, N))]}
+    if reference is not None:
+      lp = response_logps(policy.model, policy.variables, tokenizer, cond, tok, msk, gen)
+      lr = response_logps(reference[0], reference[1], tokenizer, list(prompts), tok, msk, gen)
+      row["kl_to_reference"] = float(np.mean(lp - lr))
+    rows[name] = row
+  fixed = list(fixed_settings) if fixed_settings is not None else [n for n in settings if n != pro_setting]
+  report: dict[str, Any] = {"objectives": objectives, "num_prompts": N, "settings": rows,
+                            "generation": dataclasses.asdict(gen)}
+  if pro_setting in rows:
+    pro_U = per_prompt_U[pro_setting]
+    for name in rows:
+      if name != pro_setting:
+        rows[name]["pro_win_rate"] = pm.win_rate(pro_U, per_prompt_U[name])
+    best = max(fixed, key=lambda n: rows[n]["utility"]) if fixed else None
+    report["pro"] = {"setting": pro_setting, "utility": rows[pro_setting]["utility"],
+                     "best_fixed": best, "best_fixed_utility": rows[best]["utility"] if best else None,
+                     "margin": rows[pro_setting]["utility"] - rows[best]["utility"] if best else None}
+  if fixed:
+    pts = np.array([[rows[n]["normalized"][o] for o in objectives] for n in fixed], np.float64)
+    front = pm.pareto_mask(pts)
+    ref_pt = pts.min(0) - 1.0
+    report["pareto"] = {"front": [n for n, f in zip(fixed, front) if f], "reference_point": ref_pt.tolist(),
+                        "hypervolume_fixed": float(pm.hypervolume(pts[front], ref_pt))}
+    if pro_setting in rows:
+      p = np.array([rows[pro_setting]["normalized"][o] for o in objectives])
+      dominated = bool(np.any(np.all(pts >= p, axis=1) & np.any(pts > p, axis=1)))
+      both = np.vstack([pts, p])
+      report["pareto"]["pro_dominated"] = dominated
+      report["pareto"]["hypervolume_with_pro"] = float(pm.hypervolume(both[pm.pareto_mask(both)], ref_pt))
+  report["fixed_settings"] = fixed
+  return report
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+  objectives = report["objectives"]
+  has_kl = any("kl_to_reference" in r for r in report["settings"].values())
+  head = ["setting", "weights", "U (mean +- sem)"] + [f"{o} (r~)" for o in objectives] + ["PRO win rate"]
+  if has_kl:
+    head.append("KL to ref")
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  order = sorted(report["settings"], key=lambda n: -report["settings"][n]["utility"])
+  for name in order:
+    r = report["settings"][name]
+    w = "per prompt" if name in ("PRO", "oracle", "target") else " ".join(f"{x:.2f}" for x in r["weights_mean"])
+    cells = [name, w, f"{r['utility']:.3f} +- {r['utility_sem']:.3f}"]
+    cells += [f"{r['normalized'][o]:.3f}" for o in objectives]
+    cells.append("-" if "pro_win_rate" not in r else f"{r['pro_win_rate']:.2f}")
+    if has_kl:
+      cells.append(f"{r.get('kl_to_reference', float('nan')):.2f}")
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def plot_front(report: dict[str, Any], path: str | os.PathLike) -> None:
+  """PNG: mean r~ of every fixed-weight setting (front highlighted) with PRO's point, per objective pair."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  objectives = report["objectives"]
+  fixed = report.get("fixed_settings", [])
+  front = set(report.get("pareto", {}).get("front", []))
+  pairs = [(i, j) for i in range(len(objectives)) for j in range(i + 1, len(objectives))]
+  fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 4), squeeze=False)
+  for ax, (i, j) in zip(axes[0], pairs):
+    oi, oj = objectives[i], objectives[j]
+    for n in fixed:
+      r = report["settings"][n]["normalized"]
+      ax.scatter(r[oi], r[oj], c="tab:blue" if n in front else "lightgray", s=22, zorder=2)
+    pro = report.get("pro")
+    if pro:
+      r = report["settings"][pro["setting"]]["normalized"]
+      ax.scatter(r[oi], r[oj], c="tab:red", marker="*", s=180, zorder=3, label="PRO")
+    for extra, color in (("oracle", "tab:green"),):
+      if extra in report["settings"]:
+        r = report["settings"][extra]["normalized"]
+        ax.scatter(r[oi], r[oj], c=color, marker="^", s=70, zorder=3, label=extra)
+    ax.set_xlabel(f"{oi} (normalized)")
+    ax.set_ylabel(f"{oj} (normalized)")
+    ax.grid(alpha=0.3)
+  axes[0][0].legend(loc="best", fontsize=8)
+  fig.suptitle("fixed-weight policies (blue: Pareto front, gray: dominated) and PRO")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def write_report(report: dict[str, Any], out_dir: str | os.PathLike, title: str = "PRO evaluation") -> dict[str, str]:
+  """report.json, report.md and front.png in `out_dir` (written to temp names, then renamed)."""
+  os.makedirs(out_dir, exist_ok=True)
+  paths = {k: os.path.join(out_dir, f) for k, f in (("json", "report.json"), ("md", "report.md"),
+                                                      ("png", "front.png"))}
+  tmp = paths["json"] + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(report, f, indent=2, sort_keys=True, default=float)
+  os.replace(tmp, paths["json"])
+  md = [f"# {title}", "", f"{report['num_prompts']} held-out prompts; objectives: {', '.join(report['objectives'])}.",
+        "U = sum_k w*_k(x) r~_k(x, y) with each prompt's true weights; r~ = normalized rewards.", "",
+        markdown_table(report), ""]
+  if report.get("pro"):
+    p = report["pro"]
+    md.append(f"PRO: U = {p['utility']:.4f}; best fixed weights ({p['best_fixed']}): U = "
+              f"{p['best_fixed_utility']:.4f}; margin {p['margin']:+.4f}.")
+  if report.get("pareto"):
+    pa = report["pareto"]
+    md.append(f"Fixed-weight Pareto front: {len(pa['front'])} of {len(report['fixed_settings'])} settings; "
+              f"hypervolume {pa['hypervolume_fixed']:.4f}"
+              + (f", with PRO {pa['hypervolume_with_pro']:.4f}; PRO dominated: {pa['pro_dominated']}"
+                 if "hypervolume_with_pro" in pa else "") + ".")
+  md.append("")
+  md.append("![front](front.png)")
+  tmp = paths["md"] + ".tmp"
+  with open(tmp, "w") as f:
+    f.write("\n".join(md) + "\n")
+  os.replace(tmp, paths["md"])
+  plot_front(report, paths["png"])
+  return paths

@@ -1,0 +1,176 @@
+"""Stage 5: policy training with prompt-aware weights w(x), as loss plug-ins for the engine's step.
+
+Every policy loss reads its per-prompt weights from the batch field ``weights`` [B, K], filled
+before training from ``weights_source`` (`resolve_example_weights`): ``target`` (w* from the
+preferred response), ``adapter`` (f_psi(x)), ``fixed:[...]`` or ``uniform``. The weights are
+constants (stop-gradient inside the losses), so where they come from changes nothing in the step.
+
+Losses (`policy_loss(kind, ...)`):
+
+* ``sft``: next-token NLL on responses (token mean);
+* ``ric``: the same on weight-conditioned prompts (RiC-style: the prompt carries w as text,
+  `condition_prompt`); build its data with `ric_examples`;
+* ``dpo``: plain DPO (TRL's formula), ignoring the weights (the single-objective baseline);
+* ``wdpo``: weighted multi-objective DPO, signs s_k from the pair's normalized rewards
+  (``reward_chosen`` / ``reward_rejected`` fields);
+* ``modpo``: MODPO, objective 0 through the DPO implicit reward, margins r~_k(y_w) - r~_k(y_l), k>=1.
+
+DPO-type losses run chosen and rejected through the policy as one [2B, L] batch, and the frozen
+reference the same way (`frozen["ref"]`), unless the reference log-probs were precomputed into the
+batch (``ref_chosen_logp`` / ``ref_rejected_logp``, `precompute_reference_logps`): the reference is
+frozen, so that is exact and saves its forward pass every step. With LoRA the reference is the base
+model itself (the policy's `params` without its `lora`), so no second copy of the weights is needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pro_jax.models import Transformer
+from pro_jax.pro import losses as L
+from pro_jax.pro import ops
+from pro_jax.pro.weights import WeightsSource, format_weights_text, parse_weights_source
+
+POLICY_LOSSES = ("sft", "ric", "dpo", "wdpo", "modpo")
+DPO_TYPE = ("dpo", "wdpo", "modpo")
+
+
+def _cat(batch: dict, a: str, b: str) -> jax.Array:
+  return jnp.concatenate([batch[a], batch[b]], axis=0)
+
+
+def pair_logps(model: Transformer, variables: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
+  """Summed response log-probs (chosen_B, rejected_B), one forward over [chosen; rejected]."""
+  tokens = _cat(batch, "chosen_tokens", "rejected_tokens")
+  logits = model.apply(variables, tokens, _cat(batch, "chosen_mask", "rejected_mask")).logits
+  logp_2B = ops.sequence_logprob(logits, tokens, _cat(batch, "chosen_loss_mask", "rejected_loss_mask"))
+  return jnp.split(logp_2B, 2)
+
+
+def policy_loss(kind: str, model: Transformer, *, ref_model: Transformer | None = None, beta: float = 0.1,
+                ref_key: str = "ref", label_smoothing: float = 0.0, dpo_loss_type: str = "sigmoid",
+                modpo_w0_min: float = 1e-2) -> Callable:
+  """The loss plug-in `(params, frozen, batch, rng) -> (loss, metrics)` for `kind` (see module doc).
+
+  ref_key: where the reference variables are: "ref" (frozen["ref"]), "base" (the policy's own base
+    params, for LoRA policies) or "batch" (precomputed `ref_chosen_logp` / `ref_rejected_logp`).
+  """
+  if kind not in POLICY_LOSSES:
+    raise ValueError(f"policy loss must be one of {POLICY_LOSSES}, got {kind!r}")
+
+  if kind in ("sft", "ric"):
+
+    def sft_fn(params, frozen, batch, rng):
+      del frozen
+      variables = params
+      deterministic = model.deterministic
+      out = model.apply(variables, batch["tokens"], batch["mask"],
+                        rngs={"dropout": rng} if not deterministic else None)
+      loss, metrics = L.sft(out.logits, batch["tokens"], batch["loss_mask"])
+      metrics = dict(metrics)
+      metrics["loss_weight"] = metrics["tokens"]
+      return loss, metrics
+
+    return sft_fn
+
+  if ref_key not in ("ref", "base", "batch"):
+    raise ValueError(f"ref_key must be 'ref', 'base' or 'batch', got {ref_key!r}")
+  ref_model = ref_model or model
+
+  def dpo_fn(params, frozen, batch, rng):
+    del rng
+    pc, pr = pair_logps(model, params, batch)
+    if ref_key == "batch":
+      rc, rr = batch["ref_chosen_logp"], batch["ref_rejected_logp"]
+    else:
+      ref_vars = frozen["ref"] if ref_key == "ref" else {"params": params["params"]}
+      rc, rr = pair_logps(ref_model, ref_vars, batch)
+    rc, rr = jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)
+    real_B = (batch["example_id"] >= 0).astype(jnp.float32)
+    if kind == "dpo":
+      loss, metrics = L.dpo(pc, pr, rc, rr, beta, label_smoothing, dpo_loss_type, mask_B=real_B)
+    elif kind == "wdpo":
+      signs = L.pair_signs(batch["reward_chosen"], batch["reward_rejected"])
+      loss, metrics = L.weighted_mo_dpo(pc - rc, pr - rr, signs, batch["weights"], beta, mask_B=real_B)
+    else:
+      margins = batch["reward_chosen"] - batch["reward_rejected"]
+      loss, metrics = L.modpo(pc - rc, pr - rr, batch["weights"], margins, beta, modpo_w0_min, mask_B=real_B)
+    metrics = dict(metrics)
+    metrics["logratio/chosen"] = ops.masked_mean(pc - rc, real_B)
+    metrics["logratio/rejected"] = ops.masked_mean(pr - rr, real_B)
+    metrics["loss_weight"] = real_B.sum()
+    return loss, metrics
+
+  return dpo_fn
+
+
+def precompute_reference_logps(ref_model: Transformer, ref_variables: Any, pipeline: Any) -> dict[int, tuple]:
+  """example_id -> (ref log p(chosen), ref log p(rejected)) over one pass of a pair pipeline."""
+  fn = jax.jit(lambda b: pair_logps(ref_model, ref_variables, b))
+  out = {}
+  for batch in pipeline.iterator():
+    rc, rr = jax.device_get(fn(batch))
+    for i, c, r in zip(batch["example_id"], rc, rr):
+      if i >= 0:
+        out[int(i)] = (float(c), float(r))
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights and weight-conditioned data
+
+
+def resolve_example_weights(source: str | WeightsSource, num_examples: int, num_objectives: int, *,
+                            targets_NxK: np.ndarray | None = None,
+                            adapter_fn: Callable[[], np.ndarray] | None = None) -> np.ndarray:
+  """Per-example weights [N, K] for `weights_source` (target / adapter / fixed:[...] / uniform)."""
+  src = parse_weights_source(source, num_objectives) if isinstance(source, str) else source
+  if src.kind == "target":
+    if targets_NxK is None:
+      raise ValueError("weights_source='target' needs the adapter targets w* (a preferred response per prompt)")
+    w = np.asarray(targets_NxK, np.float32)
+  elif src.kind == "adapter":
+    if adapter_fn is None:
+      raise ValueError("weights_source='adapter' needs a trained preference adapter")
+    w = np.asarray(adapter_fn(), np.float32)
+  elif src.kind == "uniform":
+    w = np.full((num_examples, num_objectives), 1.0 / num_objectives, np.float32)
+  else:
+    w = np.broadcast_to(np.asarray(src.values, np.float32), (num_examples, num_objectives)).copy()
+  if w.shape != (num_examples, num_objectives):
+    raise ValueError(f"weights_source={source}: got weights of shape {w.shape}, expected "
+                     f"{(num_examples, num_objectives)}")
+  return w
+
+
+def condition_prompt(prompt: Any, weights: Sequence[float], objectives: Sequence[str], decimals: int = 1) -> list[dict]:
+  """RiC-style conditioning: the weight text appended to the last user turn (a new message list)."""
+  from pro_jax.data.tokenize import normalize_messages
+  msgs = [dict(m) for m in normalize_messages(prompt)]
+  text = format_weights_text(weights, objectives, decimals)
+  for m in reversed(msgs):
+    if m["role"] == "user":
+      m["content"] = f"{m['content']} {text}"
+      break
+  else:
+    raise ValueError("condition_prompt: the prompt has no user turn")
+  return msgs
+
+
+def ric_examples(examples: Sequence[dict], response_weights: Sequence[np.ndarray], objectives: Sequence[str],
+                 decimals: int = 1) -> list[dict]:
+  """Weight-conditioned SFT data: one row per (example, response) with the prompt conditioned on that
+  response's own w*(x, y) (`response_weights[i]` is [N_i, K] for example i's `responses`)."""
+  out = []
+  for ex, w_NxK in zip(examples, response_weights):
+    for j, (resp, w) in enumerate(zip(ex["responses"], w_NxK)):
+      out.append({"id": f"{ex['id']}#{j}", "source": ex["source"], "objectives": list(objectives),
+                  "prompt": condition_prompt(ex["prompt"], w, objectives, decimals), "chosen": resp,
+                  "rejected": "", "pair_objectives": [0.0] * len(objectives), "responses": [],
+                  "scores": [], "score_mask": []})
+  return out
