@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -178,5 +177,45 @@ def load_adapter(directory: str, step: int | None = None, *, batch_size: int = 6
                            template=meta["template"], batch_size=batch_size)
 
 
-def dumps(meta: dict) -> str:
-  return json.dumps(meta, indent=2, sort_keys=True)
+def train_adapter(engine_cfg: Any, workdir: str, examples: Sequence[dict], targets_NxK: np.ndarray,
+                  tokenizer: Any, *, backbone_source: str, tokenizer_path: str, objectives: Sequence[str],
+                  hidden: int = 256, layers: int = 2, max_prompt_len: int = 256, template: str = "auto",
+                  bucket_multiple: int = 8, existing: str = "auto", name: str = "train") -> PreferenceAdapter:
+  """Stage 4 end to end: train f_psi on (prompt, w*) with the engine, return the deployable adapter.
+
+  engine_cfg: the engine config of the run (batch_size, total_steps, optim, mesh, checkpoint, ...).
+  backbone_source: the frozen feature backbone (`pro_jax.pro.backbone` source string; default use:
+    the reference policy's checkpoint). tokenizer_path: saved in the checkpoint for `load_adapter`
+    ("builtin" = the tokenizer that comes with a llama2.c source).
+  """
+  from pro_jax.data.pipeline import PipelineConfig
+  from pro_jax.pro.backbone import load_source
+  from pro_jax.pro.stage import make_task
+  from pro_jax.train.trainer import train
+
+  targets_NxK = np.asarray(targets_NxK, np.float32)
+  K = len(objectives)
+  if targets_NxK.shape != (len(examples), K):
+    raise ValueError(f"targets of shape {targets_NxK.shape} for {len(examples)} examples and {K} objectives")
+  bb = load_source(backbone_source)
+  if bb.config is None:
+    raise ValueError(f"the adapter's backbone {backbone_source!r} must hold weights (not 'scratch')")
+  backbone = Transformer(bb.config.replace(head="none", value_head=False, lora=None))
+  adapter = AdapterMLP(K, hidden=hidden, layers=layers)
+  d_model = bb.config.d_model
+  rows = [dict(ex, target_weights=targets_NxK[i].tolist()) for i, ex in enumerate(examples)]
+  pc = PipelineConfig(kind="prompt", batch_size=engine_cfg.batch_size, max_prompt_len=max_prompt_len,
+                      max_response_len=1, bucket_multiple=bucket_multiple, template=template,
+                      extra_fields=("target_weights",), shuffle=True, seed=int(engine_cfg.seed),
+                      num_epochs=None, static_shapes=True)
+  pipe = Pipeline(rows, tokenizer, pc, name=name)
+  example_vars = adapter_variables(adapter, d_model, jax.random.PRNGKey(0))
+  task = make_task(None, adapter_loss(adapter, backbone), pipe,
+                   init=lambda rng: adapter_variables(adapter, d_model, rng),
+                   abstract=jax.eval_shape(lambda: example_vars), axes=adapter_axes(example_vars),
+                   frozen={"backbone": (backbone, {"params": bb.params})}, name="adapter",
+                   extra=adapter_metadata(backbone_source=backbone_source, tokenizer_path=tokenizer_path,
+                                          objectives=objectives, hidden=hidden, layers=layers,
+                                          max_prompt_len=max_prompt_len, template=template, d_model=d_model))
+  train(engine_cfg, workdir, task, existing=existing)
+  return load_adapter(workdir)

@@ -120,25 +120,13 @@ def run_demo(cfg: Any, workdir: str, *, existing: str = "auto") -> dict[str, Any
     return A.compute_targets(raw, norm, acfg.pro.tau)
 
   train_targets, eval_targets = targets_for(train_ex), targets_for(eval_ex)
-  with_t = lambda exs, w: [dict(ex, target_weights=w[i].tolist()) for i, ex in enumerate(exs)]
-  backbone = Transformer(mcfg.replace(head="none"))
-  adapter = A.AdapterMLP(K, hidden=acfg.pro.hidden, layers=acfg.pro.layers)
-  a_vars = A.adapter_variables(adapter, mcfg.d_model, jax.random.PRNGKey(seed))
-  a_pipe = _pipeline(with_t(train_ex, train_targets), tokenizer, cfg, acfg, "prompt", name="synthetic/train",
-                     extra_fields=("target_weights",))
-  a_task = make_task(None, A.adapter_loss(adapter, backbone), a_pipe,
-                     init=lambda rng: A.adapter_variables(adapter, mcfg.d_model, rng),
-                     abstract=jax.eval_shape(lambda: a_vars), axes=A.adapter_axes(a_vars),
-                     frozen={"backbone": (backbone, ref_vars)}, name="adapter",
-                     extra=A.adapter_metadata(backbone_source=f"checkpoint:{sft_dir}", tokenizer_path=str(tok_dir),
-                                              objectives=objectives, hidden=acfg.pro.hidden, layers=acfg.pro.layers,
-                                              max_prompt_len=cfg.data.max_prompt_len, template=cfg.data.template,
-                                              d_model=mcfg.d_model))
-  a_cfg = _engine(acfg, cfg, None)
   adapter_dir = os.path.join(workdir, "adapter")
   _say(f"stage adapter: MLP over the reference's prompt features, {acfg.total_steps} steps")
-  train(a_cfg, adapter_dir, a_task, existing=existing)
-  pref = A.load_adapter(adapter_dir)
+  pref = A.train_adapter(_engine(acfg, cfg, None), adapter_dir, train_ex, train_targets, tokenizer,
+                         backbone_source=f"checkpoint:{sft_dir}", tokenizer_path=str(tok_dir), objectives=objectives,
+                         hidden=acfg.pro.hidden, layers=acfg.pro.layers, max_prompt_len=cfg.data.max_prompt_len,
+                         template=cfg.data.template, bucket_multiple=cfg.data.bucket_multiple, existing=existing,
+                         name="synthetic/train")
   eval_prompts = [ex["prompt"] for ex in eval_ex]
   pro_w = pref(eval_prompts)
   adapter_metrics = A.evaluate_adapter(pro_w, eval_targets)
