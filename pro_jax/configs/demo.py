@@ -39,8 +39,12 @@ def get_config():
   with c.adapter.unlocked():  # targets w* = softmax(r~(x, y_w) / tau); the MLP's width and depth
     c.adapter.pro = mc.ConfigDict(dict(tau=1.0, hidden=256, layers=2))
   c.policy = stage(total_steps=250, batch_size=64, lr=1e-3)
-  with c.policy.unlocked():  # each training response y is conditioned on w*(x, y) = softmax(r~ / tau)
-    c.policy.pro = mc.ConfigDict(dict(loss="ric", tau=1.0, decimals=1, max_prompt_len=32))
+  # conditioning "own": each training response y is conditioned on its own w*(x, y) = softmax(r~ / tau)
+  # (PRO_METHOD.md); "best_of": weights drawn from the whole simplex, each paired with the candidate
+  # that maximizes w . r~ (`pro_jax.pro.policy.best_of_examples`), `samples` per prompt.
+  with c.policy.unlocked():
+    c.policy.pro = mc.ConfigDict(dict(loss="ric", conditioning="own", tau=1.0, samples=6, decimals=1,
+                                      max_prompt_len=32))
   c.eval = mc.ConfigDict(dict(grid_step=0.25, max_new_tokens=48, batch_size=256, greedy=True, kl=True,
                               oracle=True))
   c.lock()

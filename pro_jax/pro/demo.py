@@ -33,7 +33,7 @@ from pro_jax.pro import adapter as A
 from pro_jax.pro import evaluate as E
 from pro_jax.pro.backbone import graft, load_source
 from pro_jax.pro.normalize import NormStats, fit_norm_stats
-from pro_jax.pro.policy import policy_loss, ric_examples
+from pro_jax.pro.policy import best_of_examples, policy_loss, ric_examples
 from pro_jax.pro.stage import make_task
 from pro_jax.pro.weights import simplex_grid
 from pro_jax.train.config import model_config_from
@@ -138,11 +138,14 @@ def run_demo(cfg: Any, workdir: str, *, existing: str = "auto") -> dict[str, Any
   # 5. weight-conditioned policy ---------------------------------------------------------------------
   t = time.perf_counter()
   pcfg = cfg.policy
-  resp_w = []
-  for ex in train_ex:
-    raw = np.asarray(ex["scores"], np.float32)
-    resp_w.append(A.compute_targets(raw, norm, pcfg.pro.tau))
-  ric = ric_examples(train_ex, resp_w, objectives, pcfg.pro.decimals)
+  if pcfg.pro.conditioning == "own":
+    resp_w = [A.compute_targets(np.asarray(ex["scores"], np.float32), norm, pcfg.pro.tau) for ex in train_ex]
+    ric = ric_examples(train_ex, resp_w, objectives, pcfg.pro.decimals)
+  elif pcfg.pro.conditioning == "best_of":
+    z = [norm.apply(np.asarray(ex["scores"], np.float32)) for ex in train_ex]
+    ric = best_of_examples(train_ex, z, objectives, pcfg.pro.samples, seed=seed, decimals=pcfg.pro.decimals)
+  else:
+    raise ValueError(f"policy.pro.conditioning must be 'own' or 'best_of', got {pcfg.pro.conditioning!r}")
   p_pipe = _pipeline(ric, tokenizer, cfg, pcfg, "sequence", name="synthetic/train-conditioned",
                      max_prompt_len=pcfg.pro.max_prompt_len)
   p_task = make_task(policy_model, policy_loss("sft", policy_model), p_pipe,

@@ -80,7 +80,8 @@ def policy_loss(kind: str, model: Transformer, *, ref_model: Transformer | None 
 
   if ref_key not in ("ref", "base", "batch"):
     raise ValueError(f"ref_key must be 'ref', 'base' or 'batch', got {ref_key!r}")
-  ref_model = ref_model or model
+  if ref_model is None:  # the reference is the policy's architecture without LoRA (its base for ref_key="base")
+    ref_model = model if model.config.lora is None else Transformer(model.config.replace(lora=None))
 
   def dpo_fn(params, frozen, batch, rng):
     del rng
@@ -173,4 +174,32 @@ def ric_examples(examples: Sequence[dict], response_weights: Sequence[np.ndarray
                   "prompt": condition_prompt(ex["prompt"], w, objectives, decimals), "chosen": resp,
                   "rejected": "", "pair_objectives": [0.0] * len(objectives), "responses": [],
                   "scores": [], "score_mask": []})
+  return out
+
+
+def best_of_examples(examples: Sequence[dict], normalized_scores: Sequence[np.ndarray], objectives: Sequence[str],
+                     samples_per_example: int, seed: int = 0, decimals: int = 1) -> list[dict]:
+  """Weight-conditioned SFT data covering the whole simplex ("best_of" conditioning).
+
+  For each example, draw `samples_per_example` weight vectors w ~ Dirichlet(1), round them as the
+  prompt text will show them, and pair the prompt conditioned on w with the example's response that
+  maximizes w . r~(x, y) (`normalized_scores[i]` is [N_i, K] for example i's `responses`). The policy
+  thus learns what every point of the simplex asks for, including weights no single response's own
+  w* reaches (the corners), so fixed-weight baselines are served as well as prompt-aware weights.
+  """
+  from pro_jax.pro.weights import parse_weights_text
+  rng = np.random.default_rng(seed)
+  K = len(objectives)
+  out = []
+  for ex, z_NxK in zip(examples, normalized_scores):
+    z_NxK = np.asarray(z_NxK, np.float64)
+    for j in range(samples_per_example):
+      w = rng.dirichlet(np.ones(K))
+      text = format_weights_text(w, objectives, decimals)
+      w_shown = parse_weights_text(text, objectives)
+      best = int(np.argmax(z_NxK @ w_shown))
+      out.append({"id": f"{ex['id']}#w{j}", "source": ex["source"], "objectives": list(objectives),
+                  "prompt": condition_prompt(ex["prompt"], w_shown, objectives, decimals),
+                  "chosen": ex["responses"][best], "rejected": "", "pair_objectives": [0.0] * K,
+                  "responses": [], "scores": [], "score_mask": []})
   return out
