@@ -40,11 +40,14 @@ def get_config():
     c.adapter.pro = mc.ConfigDict(dict(tau=1.0, hidden=256, layers=2))
   c.policy = stage(total_steps=250, batch_size=64, lr=1e-3)
   # conditioning "own": each training response y is conditioned on its own w*(x, y) = softmax(r~ / tau)
-  # (PRO_METHOD.md); "best_of": weights drawn from the whole simplex, each paired with the candidate
-  # that maximizes w . r~ (`pro_jax.pro.policy.best_of_examples`), `samples` per prompt.
+  # (PRO_METHOD.md's description). "best_of" (the demo's choice): weights drawn from the whole simplex
+  # (Dirichlet(concentration)), each paired with the candidate that maximizes w . r~
+  # (`pro_jax.pro.policy.best_of_examples`), `samples` per prompt. With "own", weights near the corners
+  # of the simplex never occur in training, so the fixed-weight baselines of the grid would be judged
+  # on a policy that never learned what they ask for; "best_of" serves every weight vector equally.
   with c.policy.unlocked():
-    c.policy.pro = mc.ConfigDict(dict(loss="ric", conditioning="own", tau=1.0, samples=6, decimals=1,
-                                      max_prompt_len=32))
+    c.policy.pro = mc.ConfigDict(dict(loss="ric", conditioning="best_of", tau=1.0, samples=6,
+                                      concentration=0.5, decimals=1, max_prompt_len=32))
   c.eval = mc.ConfigDict(dict(grid_step=0.25, max_new_tokens=48, batch_size=256, greedy=True, kl=True,
                               oracle=True))
   c.lock()

@@ -143,7 +143,8 @@ def run_demo(cfg: Any, workdir: str, *, existing: str = "auto") -> dict[str, Any
     ric = ric_examples(train_ex, resp_w, objectives, pcfg.pro.decimals)
   elif pcfg.pro.conditioning == "best_of":
     z = [norm.apply(np.asarray(ex["scores"], np.float32)) for ex in train_ex]
-    ric = best_of_examples(train_ex, z, objectives, pcfg.pro.samples, seed=seed, decimals=pcfg.pro.decimals)
+    ric = best_of_examples(train_ex, z, objectives, pcfg.pro.samples, seed=seed, decimals=pcfg.pro.decimals,
+                           concentration=pcfg.pro.concentration)
   else:
     raise ValueError(f"policy.pro.conditioning must be 'own' or 'best_of', got {pcfg.pro.conditioning!r}")
   p_pipe = _pipeline(ric, tokenizer, cfg, pcfg, "sequence", name="synthetic/train-conditioned",

@@ -178,10 +178,12 @@ def ric_examples(examples: Sequence[dict], response_weights: Sequence[np.ndarray
 
 
 def best_of_examples(examples: Sequence[dict], normalized_scores: Sequence[np.ndarray], objectives: Sequence[str],
-                     samples_per_example: int, seed: int = 0, decimals: int = 1) -> list[dict]:
+                     samples_per_example: int, seed: int = 0, decimals: int = 1,
+                     concentration: float = 0.5) -> list[dict]:
   """Weight-conditioned SFT data covering the whole simplex ("best_of" conditioning).
 
-  For each example, draw `samples_per_example` weight vectors w ~ Dirichlet(1), round them as the
+  For each example, draw `samples_per_example` weight vectors w ~ Dirichlet(concentration) (< 1 puts
+  more draws near the corners and edges, which fixed-weight grids ask for), round them as the
   prompt text will show them, and pair the prompt conditioned on w with the example's response that
   maximizes w . r~(x, y) (`normalized_scores[i]` is [N_i, K] for example i's `responses`). The policy
   thus learns what every point of the simplex asks for, including weights no single response's own
@@ -194,7 +196,7 @@ def best_of_examples(examples: Sequence[dict], normalized_scores: Sequence[np.nd
   for ex, z_NxK in zip(examples, normalized_scores):
     z_NxK = np.asarray(z_NxK, np.float64)
     for j in range(samples_per_example):
-      w = rng.dirichlet(np.ones(K))
+      w = rng.dirichlet(np.full(K, concentration))
       text = format_weights_text(w, objectives, decimals)
       w_shown = parse_weights_text(text, objectives)
       best = int(np.argmax(z_NxK @ w_shown))
