@@ -217,5 +217,8 @@ def train_adapter(engine_cfg: Any, workdir: str, examples: Sequence[dict], targe
                    extra=adapter_metadata(backbone_source=backbone_source, tokenizer_path=tokenizer_path,
                                           objectives=objectives, hidden=hidden, layers=layers,
                                           max_prompt_len=max_prompt_len, template=template, d_model=d_model))
-  train(engine_cfg, workdir, task, existing=existing)
+  result = train(engine_cfg, workdir, task, existing=existing)
+  if result.status == "preempted":
+    from pro_jax.pro.pipeline import Preempted
+    raise Preempted(f"{workdir}: preempted at step {result.step}; checkpoint saved; rerun to resume")
   return load_adapter(workdir)
