@@ -258,7 +258,7 @@ def synthetic(tmp_path_factory):
 
 def _engine_cfg():
   return engine_config(None, **{"optim.lr": 1e-3, "optim.warmup_steps": 0, "optim.decay": "constant",
-                                "optim.weight_decay": 0.0, "optim.clip_norm": 0.5, "checkpoint.every_steps": 2,
+                                "optim.weight_decay": 0.0, "optim.clip_norm": 0.5, "checkpoint.every_steps": 4,
                                 "checkpoint.keep": 2, "log.tensorboard": False, "log.progress": False})
 
 
