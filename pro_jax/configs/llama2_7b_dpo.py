@@ -21,7 +21,7 @@ def get_config():
   c.loss.update(name="dpo", beta=0.1, concat_pairs=True)
   c.data.update(kind="synthetic_pairs", seq_len=512, prompt_len=128)
   c.mesh.update(data=1, fsdp=-1, tensor=1)
-  c.batch_size = 64  # pairs per step (128 sequences through the policy and the reference)
+  c.batch_size = 96  # pairs per step (192 sequences through the policy and the reference); see docs/training.md
   c.n_micro = 1
   c.total_steps = 1000
   c.optim.update(lr=5e-7, warmup_steps=100, decay="cosine", end_lr_factor=0.0, b2=0.999,

@@ -46,16 +46,28 @@ def pro_config() -> mc.ConfigDict:
   c.rm = stage(300, 32, 1e-4, source="stage:sft", objectives=())
   # targets w* = softmax(r~(x, y_w) / tau); features of the frozen `backbone`; MLP width / depth.
   c.adapter = stage(300, 64, 3e-3, warmup=10, backbone="stage:sft", tau=1.0, hidden=256, layers=2)
+  # name: the run's subdirectory of the workdir (several policies, e.g. one per fixed weight, side by side);
   # loss: sft | ric | dpo | wdpo | modpo | ppo; weights_source: target | adapter | uniform | fixed:[...]
   # (ric conditions on the weights instead: its training data carries them, see `conditioning`).
   c.policy = stage(
-      250, 64, 1e-3, loss="ric", weights_source="adapter", init="stage:sft", reference="stage:sft", beta=0.1,
+      250, 64, 1e-3, name="policy", loss="ric", weights_source="adapter", init="stage:sft", reference="stage:sft",
+      beta=0.1,
       tau=1.0, precompute_reference=False,
       conditioning="best_of", samples=6, concentration=0.5, decimals=1, max_prompt_len=288,
-      ppo=mc.ConfigDict(dict(rollout_batch=64, minibatch=16, ppo_epochs=2, temperature=0.7, top_k=0,
-                             top_p=1.0, max_new_tokens=128, init_kl_coef=0.2, kl_target=3.0,
-                             kl_horizon=10000, gamma=1.0, lam=0.95, clip_eps=0.2, vf_coef=0.1,
-                             vf_clip=0.2, whiten=True, save_every=10)))
+      # MORLHF-PPO (loss "ppo"): pro_jax.pro.ppo_trainer.PPOConfig; the policy's engine optim holds
+      # lr / clip_norm (the paper: 1e-5, 0.5); reward_clip <= 0 = off.
+      ppo=mc.ConfigDict(dict(iterations=100, rollout_batch=64, minibatch=16, ppo_epochs=4, max_new_tokens=128,
+                             temperature=0.7, top_k=0, top_p=1.0, kl_coef=0.2, adaptive_kl=True, kl_target=3.0,
+                             kl_horizon=10000.0, gamma=1.0, lam=0.95, whiten_advantages=True, clip_eps=0.2,
+                             vf_coef=0.1, vf_clip=0.2, entropy_coef=0.0, reward_clip=0.0)))
   c.eval = mc.ConfigDict(dict(grid_step=0.25, max_new_tokens=128, batch_size=64, greedy=True, temperature=1.0,
-                              kl=True, oracle=True, utility_weights="true", max_prompts=0))
+                              kl=True, oracle=True, utility_weights="true", max_prompts=0,
+                              policies=()))  # policy run names to compare; () = policy.pro.name
+  return c
+
+
+def get_config():
+  """The schema's defaults (the embedded task at library-default sizes); start your own from here."""
+  c = pro_config()
+  c.lock()
   return c

@@ -33,7 +33,9 @@ def run_demo(cfg: Any, workdir: str, *, existing: str = "auto", table_rows: int 
   report = run_pipeline(cfg, workdir, existing=existing)
   say("PRO against every fixed weight vector (held-out prompts, U with the true weights):\n"
       + E.markdown_table(_top(report, table_rows)))
-  p = report["pro"]
+  p = report.get("pro")
+  if not p or not p.get("best_fixed"):
+    return report
   say(f"PRO U = {p['utility']:.4f} vs best fixed {p['best_fixed']} U = {p['best_fixed_utility']:.4f} "
       f"(margin {p['margin']:+.4f}); report in {workdir}/report; timings {report['timings_s']}")
   return report

@@ -122,12 +122,22 @@ def response_logps(model: Transformer, variables: Any, tokenizer: Any, prompts: 
   return out
 
 
-def evaluate_settings(policy: Policy, settings: dict[str, np.ndarray], prompts: Sequence[Any], tokenizer: Any,
+def evaluate_settings(policy: Policy | dict[str, Policy], settings: dict[str, np.ndarray], prompts: Sequence[Any],
+                      tokenizer: Any,
                       scorer: Any, norm: NormStats, utility_weights_NxK: np.ndarray, *,
                       gen: GenerationConfig = GenerationConfig(), reference: tuple[Transformer, Any] | None = None,
                       pro_setting: str = "PRO", fixed_settings: Sequence[str] | None = None,
                       progress: Callable[[str], None] | None = None, keep_samples: int = 3) -> dict[str, Any]:
-  """Generate, score and compare every setting (see the module docstring). Returns the report dict."""
+  """Generate, score and compare every setting (see the module docstring). Returns the report dict.
+
+  `policy` is one policy for every setting (a weight-conditioned policy: the settings differ in the
+  weights it is given), or a dict setting name -> policy (separately trained policies; their weights
+  are reported but only condition a policy that is `conditioned`).
+  """
+  policies = policy if isinstance(policy, dict) else {name: policy for name in settings}
+  missing = [n for n in settings if n not in policies]
+  if missing:
+    raise ValueError(f"no policy for setting(s) {missing}")
   objectives = list(scorer.objectives)
   K, N = len(objectives), len(prompts)
   uw = np.asarray(utility_weights_NxK, np.float32)
@@ -141,8 +151,9 @@ def evaluate_settings(policy: Policy, settings: dict[str, np.ndarray], prompts: 
       raise ValueError(f"setting {name!r}: weights of shape {w_NxK.shape}, expected {(N, K)}")
     if progress:
       progress(name)
-    cond = [condition_prompt(p, w, objectives) for p, w in zip(prompts, w_NxK)] if policy.conditioned else list(prompts)
-    texts, tok, msk = generate_texts(policy.model, policy.variables, tokenizer, cond, gen)
+    pol = policies[name]
+    cond = [condition_prompt(p, w, objectives) for p, w in zip(prompts, w_NxK)] if pol.conditioned else list(prompts)
+    texts, tok, msk = generate_texts(pol.model, pol.variables, tokenizer, cond, gen)
     raw = np.asarray(scorer.score(list(prompts), texts), np.float32)
     r_norm = np.asarray(norm.apply(raw), np.float32)
     U = pm.utility(uw, r_norm)
@@ -154,9 +165,10 @@ def evaluate_settings(policy: Policy, settings: dict[str, np.ndarray], prompts: 
            "samples": [{"prompt": normalize_messages(cond[i])[-1]["content"], "response": texts[i]}
                        for i in range(min(keep_samples, N))]}
     if reference is not None:
-      lp = response_logps(policy.model, policy.variables, tokenizer, cond, tok, msk, gen)
+      lp = response_logps(pol.model, pol.variables, tokenizer, cond, tok, msk, gen)
       lr = response_logps(reference[0], reference[1], tokenizer, list(prompts), tok, msk, gen)
       row["kl_to_reference"] = float(np.mean(lp - lr))
+    row["policy"] = pol.name
     rows[name] = row
   fixed = list(fixed_settings) if fixed_settings is not None else [n for n in settings if n != pro_setting]
   report: dict[str, Any] = {"objectives": objectives, "num_prompts": N, "settings": rows,
@@ -252,7 +264,7 @@ def write_report(report: dict[str, Any], out_dir: str | os.PathLike, title: str 
   md = [f"# {title}", "", f"{report['num_prompts']} held-out prompts; objectives: {', '.join(report['objectives'])}.",
         "U = sum_k w*_k(x) r~_k(x, y) with each prompt's true weights; r~ = normalized rewards.", "",
         markdown_table(report), ""]
-  if report.get("pro"):
+  if report.get("pro") and report["pro"].get("best_fixed"):
     p = report["pro"]
     md.append(f"PRO: U = {p['utility']:.4f}; best fixed weights ({p['best_fixed']}): U = "
               f"{p['best_fixed_utility']:.4f}; margin {p['margin']:+.4f}.")

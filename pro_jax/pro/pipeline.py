@@ -44,10 +44,10 @@ import numpy as np
 
 from pro_jax.data import synthetic as S
 from pro_jax.data.pipeline import Pipeline, PipelineConfig
-from pro_jax.models import ModelConfig, Transformer
+from pro_jax.models import ModelConfig, Transformer, init_variables
 from pro_jax.pro import adapter as A
 from pro_jax.pro import evaluate as E
-from pro_jax.pro.backbone import Backbone, graft, load_source
+from pro_jax.pro.backbone import Backbone, load_source
 from pro_jax.pro.normalize import NormStats, fit_norm_stats
 from pro_jax.pro.policy import (DPO_TYPE, best_of_examples, policy_loss, precompute_reference_logps,
                                 resolve_example_weights, ric_examples)
@@ -324,7 +324,8 @@ def run_sft(ctx: Context, existing: str = "auto") -> str:
   seq = scfg.pro.responses
   rows = ctx.train if seq == "chosen" else [ex for ex in ctx.train if len(ex.get("responses", []))]
   pipe = _pipeline(ctx, rows, scfg, "sequence", name="train", seq=seq)
-  task = make_task(model, policy_loss("sft", model), pipe, init=lambda rng: graft(model, bb.params, rng),
+  task = make_task(model, policy_loss("sft", model), pipe, init=lambda rng: init_variables(model, rng),
+                   backbone_params=bb.params,
                    name="sft", extra={"tokenizer": ctx.tokenizer_path})
   say(f"stage sft: {mcfg.num_params():,} params from {scfg.pro.source}, {scfg.total_steps} steps")
   _train(stage_engine_config(scfg, ctx.cfg, mcfg), ctx.path("sft"), task, existing)
@@ -424,11 +425,12 @@ def run_policy(ctx: Context, existing: str = "auto") -> str:
     loss = policy_loss(kind, model, beta=pro.beta, ref_key=ref_key)
   else:
     raise ValueError(f"policy.pro.loss must be one of sft, ric, dpo, wdpo, modpo, ppo; got {kind!r}")
-  task = make_task(model, loss, pipe, init=lambda rng: graft(model, init.params, rng), frozen=frozen,
+  task = make_task(model, loss, pipe, init=lambda rng: init_variables(model, rng), backbone_params=init.params,
+                   frozen=frozen,
                    name="policy", extra=extra)
   say(f"stage policy: {kind} with weights {pro.weights_source}, from {pro.init}, {pcfg.total_steps} steps")
-  _train(stage_engine_config(pcfg, ctx.cfg, mcfg), ctx.path("policy"), task, existing)
-  return ctx.path("policy")
+  _train(stage_engine_config(pcfg, ctx.cfg, mcfg), ctx.path(pro.name), task, existing)
+  return ctx.path(pro.name)
 
 
 def _adapter_weights(ctx: Context, examples: list[dict]) -> np.ndarray:
@@ -480,24 +482,50 @@ def _ric_rows(ctx: Context) -> list[dict]:
 
 
 def _run_ppo(ctx: Context, model: Transformer, init: Backbone, extra: dict, existing: str) -> str:
-  from pro_jax.pro import ppo_trainer
-  pcfg = ctx.cfg.policy
-  w = example_weights(ctx, ctx.train, pcfg.pro.weights_source, pcfg.pro.tau)
-  say(f"stage policy: MORLHF-PPO with weights {pcfg.pro.weights_source}, {pcfg.total_steps} iterations")
-  ppo_trainer.run_ppo_stage(ctx, model, init, w, extra, existing=existing)
-  return ctx.path("policy")
+  """MORLHF-PPO (`pro_jax.pro.ppo_trainer.run_ppo`) with the prompts' weights from `weights_source`."""
+  from pro_jax.pro.ppo_trainer import PPOConfig, run_ppo
+  del model
+  pcfg, pro = ctx.cfg.policy, ctx.cfg.policy.pro
+  pp = pro.ppo
+  w = example_weights(ctx, ctx.train, pro.weights_source, pro.tau)
+  ppo = PPOConfig(iterations=pp.iterations, rollout_batch=pp.rollout_batch, minibatch=pp.minibatch,
+                  ppo_epochs=pp.ppo_epochs, max_prompt_len=ctx.cfg.data.max_prompt_len,
+                  max_new_tokens=pp.max_new_tokens, temperature=pp.temperature, top_k=pp.top_k, top_p=pp.top_p,
+                  kl_coef=pp.kl_coef, adaptive_kl=pp.adaptive_kl, kl_target=pp.kl_target, kl_horizon=pp.kl_horizon,
+                  gamma=pp.gamma, lam=pp.lam, whiten_advantages=pp.whiten_advantages, clip_eps=pp.clip_eps,
+                  vf_coef=pp.vf_coef, vf_clip=pp.vf_clip, entropy_coef=pp.entropy_coef,
+                  reward_clip=pp.reward_clip if pp.reward_clip > 0 else None, template=ctx.cfg.data.template)
+  reference = None
+  if ctx.source(pro.reference) != ctx.source(pro.init):
+    ref = load_source(ctx.source(pro.reference))
+    reference = (ref.config, ref.params)
+  say(f"stage policy: MORLHF-PPO with weights {pro.weights_source}, {pp.iterations} iterations of "
+      f"{pp.rollout_batch} rollouts")
+  result = run_ppo(stage_engine_config(pcfg, ctx.cfg, None), ctx.path(pro.name), policy=ctx.source(pro.init),
+                   prompts=ctx.train, tokenizer=ctx.tokenizer, scorer=ctx.scorer, norm=ctx.norm, weights=w, ppo=ppo,
+                   reference=reference, existing=existing, extra=extra)
+  if result.status == "preempted":
+    raise Preempted(f"{ctx.path(pro.name)}: preempted at iteration {result.iteration}; rerun to resume")
+  return ctx.path(pro.name)
+
+
+def _fixed_name(w: np.ndarray) -> str:
+  return "fixed(" + ",".join(f"{x:.2f}" for x in w) + ")"
 
 
 def run_eval(ctx: Context) -> dict[str, Any]:
-  """PRO's per-prompt weights vs every fixed weight vector of a simplex grid (conditioned policy),
-  or the trained policy itself (an unconditioned policy: its training weights are its setting)."""
+  """PRO against fixed weights on held-out prompts.
+
+  A weight-conditioned policy (`policy.pro.loss="ric"`) is one model: PRO = the adapter's f(x) in its
+  prompts, each fixed setting = one vector of the `eval.grid_step` simplex grid, plus the oracle (the
+  true weights, when the data has them). Unconditioned policies (dpo / wdpo / modpo / ppo / sft) are
+  one model per weighting: list their run directories (subdirectories of the workdir, each trained
+  with `--config.policy.pro.name=...` and its own `weights_source`) in `eval.policies`; the run trained
+  with the adapter's weights is PRO, those with fixed / uniform weights are the fixed settings.
+  """
   ecfg = ctx.cfg.eval
   from pro_jax.train.checkpoint import load_checkpoint
-  ck = load_checkpoint(ctx.path("policy"))
-  meta = ck.extra or {}
-  pol = load_source(f"checkpoint:{ctx.path('policy')}")
-  model = Transformer(pol.config.replace(value_head=False))
-  conditioned = meta.get("conditioning") == "text"
+  runs = list(ecfg.policies) or [ctx.cfg.policy.pro.name]
   examples = ctx.eval[:ecfg.max_prompts] if ecfg.max_prompts else ctx.eval
   prompts = [ex["prompt"] for ex in examples]
   N, K = len(examples), ctx.K
@@ -509,18 +537,43 @@ def run_eval(ctx: Context) -> dict[str, Any]:
     uw, uw_name = target_w, "target"
   else:
     raise ValueError("eval needs utility weights: the examples' true weights or a preferred response per prompt")
+
+  def load_policy(run: str) -> tuple[E.Policy, dict]:
+    meta = load_checkpoint(ctx.path(run)).extra or {}
+    src = load_source(f"checkpoint:{ctx.path(run)}")
+    model = Transformer(src.config.replace(value_head=False))
+    return E.Policy(run, model, {"params": src.params}, conditioned=meta.get("conditioning") == "text"), meta
+
   settings: dict[str, np.ndarray] = {}
+  policies: dict[str, E.Policy] = {}
   fixed_names: list[str] = []
+  first, _ = load_policy(runs[0])
+  conditioned = first.conditioned
   if conditioned:
+    if len(runs) > 1:
+      raise ValueError("eval.policies: a weight-conditioned policy is evaluated on its own (one model, all weights)")
     settings["PRO"] = _adapter_weights(ctx, examples)
     for w in simplex_grid(K, ecfg.grid_step):
-      name = "fixed(" + ",".join(f"{x:.2f}" for x in w) + ")"
-      settings[name] = np.broadcast_to(w, (N, K)).astype(np.float32)
-      fixed_names.append(name)
+      settings[_fixed_name(w)] = np.broadcast_to(w, (N, K)).astype(np.float32)
+      fixed_names.append(_fixed_name(w))
     if ecfg.oracle and true_w is not None:
       settings["oracle"] = true_w
+    policies = {name: first for name in settings}
   else:
-    settings[str(meta.get("weights_source", "policy"))] = np.full((N, K), 1.0 / K, np.float32)
+    for run in runs:
+      pol, meta = load_policy(run) if run != runs[0] else (first, load_checkpoint(ctx.path(run)).extra or {})
+      src = str(meta.get("weights_source", "uniform"))
+      if src == "adapter":
+        name, w = "PRO", _adapter_weights(ctx, examples)
+      elif src == "target":
+        name, w = "target", target_w if target_w is not None else np.full((N, K), 1.0 / K, np.float32)
+      else:
+        w = resolve_example_weights(src, N, K)
+        name = _fixed_name(w[0])
+        fixed_names.append(name)
+      if name in settings:
+        raise ValueError(f"eval.policies: two runs are setting {name!r} ({run})")
+      settings[name], policies[name] = w, pol
   ref = None
   if ecfg.kl:
     ref_src = load_source(ctx.source(ctx.cfg.policy.pro.reference))
@@ -535,15 +588,13 @@ def run_eval(ctx: Context) -> dict[str, Any]:
     bar.set_postfix_str(name)
     bar.update(1)
 
-  policy = E.Policy(meta.get("loss", "policy"), model, {"params": pol.params}, conditioned=conditioned)
-  report = E.evaluate_settings(policy, settings, prompts, ctx.tokenizer, ctx.scorer, ctx.norm, uw, gen=gen,
-                               reference=ref, fixed_settings=fixed_names if conditioned else [],
-                               progress=progress)
+  report = E.evaluate_settings(policies, settings, prompts, ctx.tokenizer, ctx.scorer, ctx.norm, uw, gen=gen,
+                               reference=ref, fixed_settings=fixed_names, progress=progress)
   bar.close()
   report["utility_weights"] = uw_name
   if target_w is not None and "PRO" in settings:
     report["adapter"] = A.evaluate_adapter(settings["PRO"], target_w)
-  if ctx.task_config is not None and fixed_names:
+  if ctx.task_config is not None and fixed_names and conditioned:
     steps = int(round(1.0 / ecfg.grid_step))
     res = S.oracle_vs_fixed(examples, (ctx.norm.loc, ctx.norm.scale), grid_steps=steps)
     report["theorem"] = {"oracle_candidates": res["oracle"], "best_fixed_candidates": res["best_fixed"],

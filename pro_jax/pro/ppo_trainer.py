@@ -595,7 +595,7 @@ def _check_inputs(prompts, weights, scorer, norm) -> tuple[list, np.ndarray]:
 def run_ppo(engine_cfg: Any, workdir: str | os.PathLike, *, policy: str | tuple, prompts: Sequence[Any],
             tokenizer: Any, scorer: Any, norm: NormStats, weights: np.ndarray, ppo: PPOConfig = PPOConfig(),
             reference: tuple | None = None, mesh: Any = None, existing: str = "auto",
-            on_event: Callable[[str, int], None] | None = None) -> PPOResult:
+            on_event: Callable[[str, int], None] | None = None, extra: dict | None = None) -> PPOResult:
   """MORLHF + PRO with PPO, run (or resumed) to `ppo.iterations` iterations. See the module docstring.
 
   Args:
@@ -618,6 +618,7 @@ def run_ppo(engine_cfg: Any, workdir: str | os.PathLike, *, policy: str | tuple,
     mesh: default `mesh_from_config(engine_cfg.mesh)`.
     existing: "auto" / "resume" / "overwrite" (the engine's workdir guard; the PPO config is part of it).
     on_event(name, iteration): hook called at "iteration_done", "save_started" and "preempted".
+    extra: JSON-able metadata saved with every checkpoint (e.g. the pipeline's weights_source).
   """
   event = on_event or (lambda name, it: None)
   ppo.check()
@@ -714,9 +715,10 @@ def run_ppo(engine_cfg: Any, workdir: str | os.PathLike, *, policy: str | tuple,
 
   def save(done: int, position: int):
     event("save_started", done)
-    extra = {"ppo": {"iteration": done, "kl_coef": float(kl_state.kl_coef), "prompts_consumed": position},
-             "norm": norm.to_dict(), "objectives": list(norm.objectives)}
-    ckpt.save(done, state, data_state={"prompts_consumed": position}, extra=extra, meta=meta)
+    meta_extra = dict(extra or {})
+    meta_extra.update({"ppo": {"iteration": done, "kl_coef": float(kl_state.kl_coef), "prompts_consumed": position},
+                       "norm": norm.to_dict(), "objectives": list(norm.objectives)})
+    ckpt.save(done, state, data_state={"prompts_consumed": position}, extra=meta_extra, meta=meta)
 
   try:
     with _Preemption() as preempt:

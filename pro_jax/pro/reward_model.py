@@ -35,6 +35,7 @@ import numpy as np
 from pro_jax.data.pipeline import Pipeline, PipelineConfig
 from pro_jax.models import ModelConfig, Transformer
 from pro_jax.pro.losses import bradley_terry_multi
+from pro_jax.pro.scoring import hf_reward_scorer  # noqa: F401  (re-exported: imported RMs next to trained ones)
 from pro_jax.pro.stage import batched_apply
 
 META_KEY = "reward_model"
@@ -232,7 +233,8 @@ def train_reward_model(engine_cfg: Any, workdir: str, train_examples: Sequence[d
   tokenizer_path: recorded for `load_reward_model`; None = save `tokenizer` into WORKDIR/tokenizer.
   strict: over-long responses raise (True) or their pairs are dropped (see `fit_responses`).
   Returns (model, variables): the trained plain model (LoRA merged) with head="score", num_labels=K.
-  An existing finished run in `workdir` with the same config is loaded, not retrained (`existing`).
+  An existing finished run in `workdir` with the same config is loaded, not retrained (`existing`);
+  a run stopped by SIGTERM raises `pro_jax.pro.pipeline.Preempted` (rerun to resume).
   """
   from pro_jax.pro.backbone import derive_config, graft, load_source
   from pro_jax.pro.stage import make_task
@@ -271,7 +273,10 @@ def train_reward_model(engine_cfg: Any, workdir: str, train_examples: Sequence[d
                    extra=reward_model_metadata(objectives=objectives, tokenizer_path=tokenizer_path, template=template,
                                                max_prompt_len=max_prompt_len, max_response_len=max_response_len,
                                                backbone_source=backbone_source))
-  train(engine_cfg, workdir, task, existing=existing, mesh=mesh)
+  result = train(engine_cfg, workdir, task, existing=existing, mesh=mesh)
+  if result.status == "preempted":
+    from pro_jax.pro.pipeline import Preempted
+    raise Preempted(f"{workdir}: preempted at step {result.step}; checkpoint saved; rerun to resume")
   model, variables, _ = load_reward_model_variables(workdir)
   return model, variables
 

@@ -1,7 +1,8 @@
 """Plumbing shared by the PRO stages: a stage = a model, a loss, a pipeline, frozen inputs -> a
 `pro_jax.train.trainer.Task` run by the engine's one train step.
 
-    task = make_task(model, loss_fn, pipeline, init=lambda rng: graft(model, backbone, rng),
+    task = make_task(model, loss_fn, pipeline, init=lambda rng: init_variables(model, rng),
+                     backbone_params=backbone.params,
                      frozen={"ref": (ref_model, ref_variables)}, name="policy")
     result = train(cfg, workdir, task)
 """
@@ -12,20 +13,47 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from pro_jax.data.pipeline import Pipeline
 from pro_jax.models import Transformer, abstract_variables, logical_axes
-from pro_jax.train import logging as tlog
-from pro_jax.train.trainer import Task, jit_init
+from pro_jax.train.trainer import Task
 
 
 def _place(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
 
 
+def _init_with_backbone(init: Callable[[jax.Array], Any], backbone_params: Any) -> Callable[..., Any]:
+  """`init(rng, shardings=...)`: the random init compiled with its output shardings, then every
+  backbone parameter placed onto the sharding of the leaf it replaces, one array at a time.
+
+  The backbone weights stay arguments of nothing compiled (baking them into the jitted init would
+  embed them as constants: fine for a toy model, gigabytes of HLO at 7B)."""
+
+  def run(rng: jax.Array, *, shardings: Any) -> Any:
+    variables = dict(jax.jit(init, out_shardings=shardings)(rng))
+    if backbone_params is None:
+      return variables
+    params = dict(variables["params"])
+    for name, value in backbone_params.items():
+      if name not in params:
+        continue  # e.g. a causal LM's lm_head under a score-head model
+      mine = params[name]
+      if jax.tree.structure(mine) != jax.tree.structure(value) or any(
+          a.shape != np.shape(b) for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(value))):
+        raise ValueError(f"backbone parameter {name!r} does not fit the stage's model (different shapes)")
+      params[name] = jax.tree.map(lambda a, b: jax.device_put(jnp.asarray(b, a.dtype), a.sharding), mine, value)
+    variables["params"] = params
+    return variables
+
+  return run
+
+
 def make_task(model: Transformer | None, loss_fn: Callable, pipeline: Pipeline, *,
-              init: Callable[[jax.Array], Any], abstract: Any = None, axes: Any = None,
+              init: Callable[[jax.Array], Any], backbone_params: Any = None, abstract: Any = None,
+              axes: Any = None,
               frozen: Mapping[str, tuple[Any, Any]] | None = None, name: str = "train",
               tokens_per_example: int | None = None, forward_passes: float = 3.0,
               extra: dict | None = None, model_config: Any = None) -> Task:
@@ -33,7 +61,8 @@ def make_task(model: Transformer | None, loss_fn: Callable, pipeline: Pipeline, 
 
   model: the trained Transformer (None for a non-transformer model such as the adapter MLP, then
     `abstract` and `axes` are required).
-  init: rng -> the trained model's variables (host or device arrays); placed with the shardings.
+  init: rng -> the trained model's fresh variables (jitted with the shardings);
+  backbone_params: pretrained "params" subtrees copied over the fresh ones (see `_init_with_backbone`).
   frozen: name -> (Transformer or None, variables, [logical axes]); variables without gradients.
   forward_passes: model FLOPs per token in units of one forward (3 = train; DPO with a reference
     counts its frozen forward separately through `frozen`).
@@ -69,7 +98,8 @@ def make_task(model: Transformer | None, loss_fn: Callable, pipeline: Pipeline, 
       if item[0] is not None and key != "base":
         flops += item[0].config.flops_per_token(L) * B * tokens
   return Task(
-      loss_fn=loss_fn, abstract_variables=abstract, logical_axes=axes, init_variables=jit_init(init),
+      loss_fn=loss_fn, abstract_variables=abstract, logical_axes=axes,
+      init_variables=_init_with_backbone(init, backbone_params),
       batch_spec=spec, make_data=lambda rows: pipeline.with_rows(rows).iterator(),
       frozen_abstract=frozen_abstract, frozen_logical_axes=frozen_axes,
       init_frozen=(lambda shardings: {k: _place(frozen_vars[k], shardings[k]) for k in frozen_vars}) if frozen else None,
@@ -110,4 +140,4 @@ def engine_config(base: Any = None, **updates) -> Any:
   return cfg
 
 
-__all__ = ["make_task", "batched_apply", "engine_config", "tlog"]
+__all__ = ["make_task", "batched_apply", "engine_config"]
