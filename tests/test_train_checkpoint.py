@@ -18,14 +18,24 @@ from pro_jax.train.checkpoint import Checkpointer, restore_base
 from pro_jax.train.state import abstract_state, init_state, state_shardings
 
 MCFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, mlp_dim=48)
+OPT = optax.adamw(1e-3)
+
+
+def jit_init(model):
+  """`init_variables` compiled (eager Flax init dispatches op by op: seconds on a busy CPU)."""
+  return jax.jit(lambda key: init_variables(model, key))
+
+
+_INIT = jit_init(Transformer(MCFG))
+_INIT_STATE = jax.jit(lambda v: init_state(v, OPT, jax.random.PRNGKey(7)))
 
 
 def _state(mesh, seed=0):
   """A TrainState with non-trivial values everywhere (moments included), sharded on `mesh`."""
   model = Transformer(MCFG)
-  variables = jax.device_get(init_variables(model, jax.random.PRNGKey(seed)))
-  opt = optax.adamw(1e-3)
-  state = jax.device_get(init_state(variables, opt, jax.random.PRNGKey(7)))
+  variables = jax.device_get(_INIT(jax.random.PRNGKey(seed)))
+  opt = OPT
+  state = jax.device_get(_INIT_STATE(variables))
   rng = np.random.default_rng(seed)
   state = jax.tree.map(lambda x: (x + rng.normal(size=x.shape)).astype(x.dtype)
                        if np.issubdtype(x.dtype, np.floating) else x, state)
@@ -143,6 +153,6 @@ print(json.dumps({{"step": ck.step, "collections": sorted(v), "trainable": ck.co
   abs_sum = lambda tree: float(sum(np.abs(np.asarray(x, np.float64)).sum() for x in jax.tree.leaves(tree)))
   assert got["base_sum"] == pytest.approx(abs_sum(saved_base["params"]), rel=1e-12)
   # the base is the untouched initial model (initialized sharded, hence not bit-equal to this init)
-  fresh = jax.device_get(init_variables(Transformer(task.model_config), jax.random.PRNGKey(cfg.seed)))
+  fresh = jax.device_get(jit_init(Transformer(task.model_config))(jax.random.PRNGKey(cfg.seed)))
   assert got["base_sum"] == pytest.approx(abs_sum(fresh["params"]), rel=1e-6)
   assert got["logits_finite"] and got["logits_shape"] == [1, 8, 128]

@@ -12,6 +12,11 @@ from pro_jax.models import ModelConfig, Transformer, init_variables
 from pro_jax.train.data import SyntheticPairs
 from pro_jax.train.losses import lm_loss, sequence_logprob, token_logprobs, toy_dpo_loss
 
+
+def jit_init(model):
+  """`init_variables` compiled (eager Flax init dispatches op by op: seconds on a busy CPU)."""
+  return jax.jit(lambda key: init_variables(model, key))
+
 MCFG = ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, mlp_dim=48)
 
 
@@ -22,7 +27,7 @@ def log_softmax(x):
 
 def test_token_logprobs_and_lm_loss_match_hand_computation():
   model = Transformer(MCFG)
-  v = init_variables(model, jax.random.PRNGKey(0))
+  v = jit_init(model)(jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, 40, size=(3, 7)).astype(np.int32)
   mask = np.array([[1] * 7, [1] * 4 + [0] * 3, [1] * 6 + [0]], np.int32)
@@ -45,8 +50,8 @@ def test_token_logprobs_and_lm_loss_match_hand_computation():
 
 def test_toy_dpo_loss_matches_the_sigmoid_dpo_formula():
   model = Transformer(MCFG)
-  policy = init_variables(model, jax.random.PRNGKey(0))
-  ref = init_variables(model, jax.random.PRNGKey(1))
+  policy = jit_init(model)(jax.random.PRNGKey(0))
+  ref = jit_init(model)(jax.random.PRNGKey(1))
   batch = next(SyntheticPairs(0, 4, 12, 40, prompt_len=4))
   beta = 0.3
   apply = jax.jit(model.apply)

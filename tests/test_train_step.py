@@ -15,6 +15,11 @@ from pro_jax.train.optimizer import make_optimizer
 from pro_jax.train.state import init_state, split_variables, state_shardings
 from pro_jax.train.step import build_train_step, split_microbatches
 
+
+def jit_init(model):
+  """`init_variables` compiled (eager Flax init dispatches op by op: seconds on a busy CPU)."""
+  return jax.jit(lambda key: init_variables(model, key))
+
 B, L, V = 8, 16, 96
 MCFG = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=48, max_seq_len=L)
 
@@ -48,7 +53,7 @@ def make_step(mesh, optimizer, variables, *, loss_fn=None, n_micro=1, trainable=
 
 @pytest.fixture(scope="module")
 def variables():
-  return jax.device_get(init_variables(Transformer(MCFG), jax.random.PRNGKey(0)))
+  return jax.device_get(jit_init(Transformer(MCFG))(jax.random.PRNGKey(0)))
 
 
 def run(mesh, optimizer, variables, data, **kw):
@@ -133,7 +138,7 @@ def _count_dots_with_shape(jaxpr, shapes):
 def test_lora_only_trains_lora_and_takes_no_base_weight_gradients():
   mcfg = MCFG.replace(lora=LoRAConfig(rank=4, targets=("q_proj", "v_proj", "gate_proj")))
   model = Transformer(mcfg)
-  variables = jax.device_get(init_variables(model, jax.random.PRNGKey(0)))
+  variables = jax.device_get(jit_init(model)(jax.random.PRNGKey(0)))
   # B starts at 0 in PEFT's init; make it non-zero so the LoRA path carries a gradient to A too
   variables["lora"] = jax.tree.map(lambda x: x + 0.01, variables["lora"])
   opt = optax.adam(1e-2)
