@@ -219,12 +219,9 @@ def test_load_reward_model_round_trip_gives_identical_scores(task, trained_rm, t
     R.load_reward_model(str(tmp_path))
 
 
-def test_lora_reward_model_trains_the_head_and_adapters_only(task, tmp_path):
+def test_lora_reward_model_trains_the_head_and_adapters_only(task, trained_rm, tmp_path):
   cfg, data, tok, _ = task
-  base_dir = tmp_path / "base"
-  # a "pretrained" backbone: a full run saved by the engine, loaded as checkpoint:DIR
-  R.train_reward_model(_cfg(1), str(base_dir), data["train"][:64], tok, backbone_source="scratch",
-                       objectives=cfg.objectives, model_config=_tiny(tok), max_prompt_len=16, max_response_len=48)
+  base_dir = trained_rm[0]  # a "pretrained" backbone: a finished engine run, loaded as checkpoint:DIR
   from pro_jax.pro.backbone import load_source
   bb = load_source(f"checkpoint:{base_dir}")
   ecfg = _cfg(10, trainable="lora", **{"model.lora.rank": 4, "model.lora.targets": ("q_proj", "v_proj")})
