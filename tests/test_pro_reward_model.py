@@ -240,6 +240,12 @@ def test_lora_reward_model_trains_the_head_and_adapters_only(task, trained_rm, t
   assert not np.array_equal(np.asarray(p["layers"]["attn"]["q_proj"]["kernel"]),
                             np.asarray(bb.params["layers"]["attn"]["q_proj"]["kernel"]))
   assert not np.allclose(np.asarray(p["score"]["kernel"]), np.asarray(bb.params["score"]["kernel"]))
+  # the LoRA RM run as a backbone source (checkpoint:DIR): merged weights with its trained head
+  as_backbone = load_source(f"checkpoint:{tmp_path / 'lora'}")
+  assert as_backbone.config.lora is None
+  for a, b in zip(jax.tree.leaves(as_backbone.params), jax.tree.leaves(p)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  assert jax.tree.structure(as_backbone.params) == jax.tree.structure(p)
   loaded = R.load_reward_model(str(tmp_path / "lora"))
   ex = data["eval"][:8]
   direct = RewardModelScorer(model, variables, tok, cfg.objectives, max_prompt_len=16, max_len=64)
