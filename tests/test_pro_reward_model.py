@@ -287,3 +287,24 @@ def test_fit_responses_cuts_only_over_long_responses_to_prefixes(task):
         assert len(r[0]) >= 56, "cut much shorter than needed"
       else:
         assert b[f] == a[f]
+
+
+def test_tokenizer_saved_with_the_run_is_guarded(task, tmp_path):
+  _, _, tok, _ = task
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  from transformers import PreTrainedTokenizerFast
+  from pro_jax.models.tokenizer import load_tokenizer
+  other = Tokenizer(models.WordLevel({"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "hello": 4}, unk_token="<unk>"))
+  other.pre_tokenizer = pre_tokenizers.Whitespace()
+  other = PreTrainedTokenizerFast(tokenizer_object=other, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>")
+  path = R._save_tokenizer(tok, str(tmp_path))
+  assert path == str(tmp_path / "tokenizer")
+  probe = "what color is the zorb ?"
+  assert load_tokenizer(path)(probe)["input_ids"] == tok(probe)["input_ids"]
+  assert R._save_tokenizer(tok, str(tmp_path)) == path  # the same tokenizer again: fine
+  with pytest.raises(ValueError, match="holds another tokenizer"):
+    R._save_tokenizer(other, str(tmp_path))
+  assert len(load_tokenizer(path)) == len(tok)  # untouched
+  R._save_tokenizer(other, str(tmp_path), replace=True)  # existing="overwrite"
+  assert len(load_tokenizer(path)) == 5 and not (tmp_path / "tokenizer.tmp").exists()

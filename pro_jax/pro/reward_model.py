@@ -187,16 +187,19 @@ def _lora_config(engine_cfg: Any):
   return LoRAConfig(rank=int(lc.rank), alpha=float(lc.alpha), dropout=float(lc.dropout), targets=tuple(lc.targets))
 
 
-def _save_tokenizer(tokenizer: Any, workdir: str) -> str:
-  """Save `tokenizer` as WORKDIR/tokenizer (atomically; an existing one must tokenize the same)."""
+def _save_tokenizer(tokenizer: Any, workdir: str, replace: bool = False) -> str:
+  """Save `tokenizer` as WORKDIR/tokenizer (atomically). An existing one must tokenize the same,
+  unless `replace` (the run was started with existing="overwrite")."""
   from pro_jax.models.tokenizer import load_tokenizer
   target = pathlib.Path(workdir).absolute() / TOKENIZER_DIR
   probe = "Hello, world!\n\nHuman: what is 2 + 2? \u00e9\u4e2d"
   if target.exists():
     old = load_tokenizer(target)
-    if old(probe)["input_ids"] != tokenizer(probe)["input_ids"] or len(old) != len(tokenizer):
-      raise ValueError(f"{target} holds another tokenizer than this run's; use another workdir")
-    return str(target)
+    if old(probe)["input_ids"] == tokenizer(probe)["input_ids"] and len(old) == len(tokenizer):
+      return str(target)
+    if not replace:
+      raise ValueError(f"{target} holds another tokenizer than this run's; use another workdir or "
+                       "existing='overwrite'")
   if jax.process_index() == 0:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / (TOKENIZER_DIR + ".tmp")
@@ -206,6 +209,9 @@ def _save_tokenizer(tokenizer: Any, workdir: str) -> str:
     tokenizer.save_pretrained(str(tmp))
     if load_tokenizer(tmp)(probe)["input_ids"] != tokenizer(probe)["input_ids"]:
       raise ValueError(f"the tokenizer does not round-trip through save_pretrained ({tmp}); pass tokenizer_path")
+    if target.exists():
+      import shutil
+      shutil.rmtree(target)
     os.replace(tmp, target)
   return str(target)
 
@@ -260,7 +266,7 @@ def train_reward_model(engine_cfg: Any, workdir: str, train_examples: Sequence[d
   if width != K:
     raise ValueError(f"{name}: pair_objectives have {width} entries, objectives are {objectives} ({K})")
   if tokenizer_path is None:
-    tokenizer_path = _save_tokenizer(tokenizer, workdir)
+    tokenizer_path = _save_tokenizer(tokenizer, workdir, replace=existing == "overwrite")
 
   def init(rng):
     variables = graft(model, bb.params, rng)
