@@ -51,6 +51,23 @@ _API = {
     "fit_norm_stats": "pro_jax.pro.normalize",
     "parse_weights_source": "pro_jax.pro.weights",
     "simplex_grid": "pro_jax.pro.weights",
+    # PRO stages
+    "train_reward_model": "pro_jax.pro.reward_model",
+    "load_reward_model": "pro_jax.pro.reward_model",
+    "hf_reward_scorer": "pro_jax.pro.scoring",
+    "RewardModelScorer": "pro_jax.pro.scoring",
+    "StackedScorer": "pro_jax.pro.scoring",
+    "CachedScorer": "pro_jax.pro.scoring",
+    "train_adapter": "pro_jax.pro.adapter",
+    "load_adapter": "pro_jax.pro.adapter",
+    "PreferenceAdapter": "pro_jax.pro.adapter",
+    "policy_loss": "pro_jax.pro.policy",
+    "run_ppo": "pro_jax.pro.ppo_trainer",
+    "PPOConfig": "pro_jax.pro.ppo_trainer",
+    "run_pipeline": "pro_jax.pro.pipeline",
+    "run_stage": "pro_jax.pro.pipeline",
+    "run_demo": "pro_jax.pro.demo",
+    "load_config": "pro_jax.configs",
 }
 
 

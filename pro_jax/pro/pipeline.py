@@ -51,7 +51,7 @@ from pro_jax.pro.backbone import Backbone, load_source
 from pro_jax.pro.normalize import NormStats, fit_norm_stats
 from pro_jax.pro.policy import (DPO_TYPE, best_of_examples, policy_loss, precompute_reference_logps,
                                 resolve_example_weights, ric_examples)
-from pro_jax.pro.scoring import CachedScorer, StackedScorer
+from pro_jax.pro.scoring import CachedScorer, StackedScorer, scorer_key
 from pro_jax.pro.stage import make_task
 from pro_jax.pro.weights import simplex_grid
 from pro_jax.train.config import model_config_from
@@ -224,12 +224,15 @@ def build_scorer(ctx: Context) -> Any:
     raise ValueError(f"no scorer gives objective(s) {missing} (scorers {list(ctx.cfg.scorers)} give {have})")
   if have != ctx.objectives:
     stacked = _Reordered(stacked, [have.index(o) for o in ctx.objectives], ctx.objectives)
-  return CachedScorer(stacked, ctx.path("scores.sqlite"), key=json.dumps(list(ctx.cfg.scorers) + ctx.objectives))
+  # the cache key identifies what is computed (each scorer's config / weight fingerprint, the order),
+  # so a retrained reward model or another task seed never reads stale scores
+  return CachedScorer(stacked, ctx.path("scores.sqlite"))
 
 
 class _Reordered:
   def __init__(self, scorer, index, objectives):
     self.scorer, self.index, self.objectives = scorer, list(index), tuple(objectives)
+    self.key = json.dumps([scorer_key(scorer), self.index])
 
   def score(self, prompts, responses):
     return np.asarray(self.scorer.score(prompts, responses), np.float32)[:, self.index]
