@@ -53,3 +53,10 @@ def test_aot_command_exits_nonzero_when_the_step_does_not_fit(tmp_path, capsys):
 def test_unknown_topology_is_a_clear_error(capsys):
   assert cli.main(["aot", "--config", "tiny_dpo", "--topology", "v9x:2x2"]) == 1
   assert "unknown TPU generation 'v9x'" in capsys.readouterr().err
+
+
+def test_v4_topologies_count_tensorcores_with_half_a_chip_each():
+  r = aot_compile(load_config("tiny_lm", ["--config.mesh.fsdp=-1"]), "v4:2x2x1", cost_variant=False)
+  assert r.n_chips == 8 and "4 chips x 2 TensorCores" in r.device_kind
+  assert r.hbm_bytes == 16 * GIB and r.fits
+  assert r.mfu == pytest.approx(r.model_flops / (r.optimal_seconds * 8 * 275e12 / 2))

@@ -77,10 +77,10 @@ def topology_devices(topology: str) -> list[Any]:
 @dataclasses.dataclass
 class AotReport:
   topology: str
-  n_chips: int
+  n_chips: int  # JAX devices (= chips, except v4 topologies, which list each TensorCore)
   device_kind: str
   mesh_shape: dict
-  hbm_bytes: int
+  hbm_bytes: int  # per device (a v4 TensorCore device gets half its chip's 32 GiB)
   # per-chip memory of the step AS CONFIGURED
   argument_bytes: int
   output_bytes: int
@@ -106,16 +106,16 @@ class AotReport:
 
   def table(self) -> str:
     g = lambda b: f"{b / GIB:8.2f} GiB" if b >= GIB / 10 else f"{b / 2 ** 20:8.2f} MiB"
-    head = f"topology            {self.topology} ({self.n_chips} chips, {self.device_kind}), mesh {self.mesh_shape}"
+    head = f"topology            {self.topology} ({self.n_chips} devices: {self.device_kind}), mesh {self.mesh_shape}"
     if self.compile_error is not None:
       return "\n".join([
-          head, f"per-chip HBM        needs {g(self.total_bytes)} of {self.hbm_bytes / GIB:.0f} GiB -> DOES NOT FIT",
+          head, f"per-device HBM      needs {g(self.total_bytes)} of {self.hbm_bytes / GIB:.0f} GiB -> DOES NOT FIT",
           f"  the TPU compiler: {self.compile_error}",
           f"model FLOPs / step  {self.model_flops:.4g}" if self.model_flops else "model FLOPs / step  n/a",
           f"compile time        {self.compile_seconds:.1f} s"])
     lines = [
         head,
-        "per-chip HBM (memory_analysis of the step as configured)",
+        "per-device HBM (memory_analysis of the step as configured)",
         f"  arguments         {g(self.argument_bytes)}",
         f"  outputs           {g(self.output_bytes)}",
         f"  aliased (donated) {g(self.alias_bytes)}",
@@ -123,7 +123,7 @@ class AotReport:
         f"  generated code    {g(self.code_bytes)}",
         f"  total             {g(self.total_bytes)} of {self.hbm_bytes / GIB:.0f} GiB "
         f"({100 * self.total_bytes / self.hbm_bytes:.1f}%) -> {'FITS' if self.fits else 'DOES NOT FIT'}",
-        f"XLA cost model (cost_analysis per chip, {self.cost_program})",
+        f"XLA cost model (cost_analysis per device, {self.cost_program})",
     ]
     if self.optimal_seconds is None:
       lines.append("  optimal_seconds   n/a")
@@ -140,7 +140,7 @@ class AotReport:
       lines.append(f"  NOTE: the costed program still has {self.cost_while_loops} while loop(s); the cost model "
                    "counts a loop body once, so optimal_seconds and MFU are NOT meaningful")
     if self.cost_program_total_bytes is not None:
-      lines.append(f"  (the loop-free variant itself needs {g(self.cost_program_total_bytes).strip()} per chip)")
+      lines.append(f"  (the loop-free variant itself needs {g(self.cost_program_total_bytes).strip()} per device)")
     lines.append(f"compile time        {self.compile_seconds:.1f} s")
     return "\n".join(lines)
 
@@ -254,11 +254,16 @@ def aot_compile(cfg: Any, topology: str, task_fn: Any = None, *, cost_variant: b
     from pro_jax.train.tasks import build_task as task_fn
   gen = chip_generation(topology)
   devices = topology_devices(topology)
+  # v4 topologies list one device per TensorCore (2 per chip): each has half the chip's HBM and peak.
+  chips = len({tuple(getattr(d, "coords", (i,))) for i, d in enumerate(devices)})
+  per_chip = max(len(devices) // max(chips, 1), 1)
+  hbm, peak = HBM_BYTES[gen] // per_chip, PEAK_BF16[gen] / per_chip
   validate_config(cfg, num_devices=len(devices))
   task = task_fn(cfg)
   main = _compile(cfg, task, devices, None)
-  common = dict(topology=topology, n_chips=len(devices), device_kind=devices[0].device_kind,
-                mesh_shape=main["mesh_shape"], hbm_bytes=HBM_BYTES[gen], model_flops=task.flops_per_step)
+  kind = devices[0].device_kind + (f", {chips} chips x {per_chip} TensorCores" if per_chip > 1 else "")
+  common = dict(topology=topology, n_chips=len(devices), device_kind=kind,
+                mesh_shape=main["mesh_shape"], hbm_bytes=hbm, model_flops=task.flops_per_step)
   if "error" in main:
     return AotReport(argument_bytes=0, output_bytes=0, alias_bytes=0, temp_bytes=0, code_bytes=0,
                      total_bytes=main["total"], fits=False, while_loops=0, cost_program="n/a",
@@ -273,10 +278,10 @@ def aot_compile(cfg: Any, topology: str, task_fn: Any = None, *, cost_variant: b
     cost = {"raw": None, "unknown": 0, "loops": 0, "flops": None, "bytes": None}
   opt_s = cost["raw"] + cost["unknown"] if cost["raw"] is not None else None
   flops = task.flops_per_step
-  mfu = flops / (opt_s * len(devices) * PEAK_BF16[gen]) if flops and opt_s and opt_s > 0 else None
+  mfu = flops / (opt_s * len(devices) * peak) if flops and opt_s and opt_s > 0 else None
   return AotReport(argument_bytes=main["arg"], output_bytes=main["out"], alias_bytes=main["alias"],
                    temp_bytes=main["temp"], code_bytes=main["code"], total_bytes=main["total"],
-                   fits=main["total"] <= HBM_BYTES[gen], while_loops=main["loops"], cost_program=program,
+                   fits=main["total"] <= hbm, while_loops=main["loops"], cost_program=program,
                    optimal_seconds=opt_s, optimal_seconds_raw=cost["raw"], unknown_cost_ops=cost["unknown"],
                    cost_while_loops=cost["loops"], xla_flops=cost["flops"], bytes_accessed=cost["bytes"], mfu=mfu,
                    compile_seconds=seconds, cost_program_total_bytes=variant_total, **common)

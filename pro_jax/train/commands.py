@@ -116,7 +116,7 @@ def _aot_run(args: argparse.Namespace) -> int:
     with open(args.json, "w") as f:
       f.write(report.to_json() + "\n")
   if not report.fits:
-    print(f"pro-jax aot: the step needs {report.total_bytes / 2**30:.2f} GiB per chip, more than the "
+    print(f"pro-jax aot: the step needs {report.total_bytes / 2**30:.2f} GiB per device, more than the "
           f"{report.hbm_bytes / 2**30:.0f} GiB of HBM of {args.topology}", file=sys.stderr)
     return EXIT_FAIL
   return EXIT_OK
