@@ -26,6 +26,6 @@ def get_config():
   # on a policy that never learned what they ask for; "best_of" serves every weight vector equally.
   c.policy.update(total_steps=250, batch_size=64)
   c.policy.pro.update(loss="ric", conditioning="best_of", max_prompt_len=32)
-  c.eval.update(grid_step=0.25, max_new_tokens=48, batch_size=256)
+  c.eval.update(grid_step=0.1, max_new_tokens=48, batch_size=256)  # 66 fixed weight vectors
   c.lock()
   return c

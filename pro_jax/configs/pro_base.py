@@ -26,6 +26,7 @@ def stage(total_steps: int, batch_size: int, lr: float, warmup: int = 20, **pro)
 def pro_config() -> mc.ConfigDict:
   c = mc.ConfigDict()
   c.seed = 0
+  c.distributed = base_config().distributed  # jax.distributed.initialize() for multi-host runs
   c.objectives = ("concise", "informative", "harmless")
   c.data = mc.ConfigDict(dict(
       sources=("synthetic",),  # "synthetic" or "BUILDER/CONFIG:SPLIT", e.g. "hh_rlhf/helpful-base:train"
