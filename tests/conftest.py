@@ -4,6 +4,10 @@ import os
 import pathlib
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The tests run on the CPU. With `jax[tpu]` installed (the AOT tests need it) this keeps JAX from
+# probing for a TPU at start-up; compiling for TPU topologies (jax.experimental.topologies) still works.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -20,7 +20,7 @@ HELP = {
 
 
 PIPELINE_HELP = """\
-The PRO pipeline: one config, five stages, one workdir W (see docs/pipeline_stages.md):
+The PRO pipeline: one config, five stages, one workdir W (see docs/stages.md):
   pro-jax sft     --config CFG --workdir W   reference policy                -> W/sft
   pro-jax rm      --config CFG --workdir W   multi-head reward model         -> W/rm
   pro-jax adapter --config CFG --workdir W   targets + preference adapter    -> W/adapter, W/norm.json
