@@ -20,6 +20,10 @@ _API = {
     "init_cache": "pro_jax.models.transformer",
     "logical_axes": "pro_jax.models.transformer",
     "make_mesh": "pro_jax.sharding",
+    # training engine
+    "load_checkpoint": "pro_jax.train.checkpoint",
+    "LoadedCheckpoint": "pro_jax.train.checkpoint",
+    "Task": "pro_jax.train.trainer",
     # models: import / export
     "load_hf_model": "pro_jax.models.hf_io",
     "save_hf_model": "pro_jax.models.hf_io",

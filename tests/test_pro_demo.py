@@ -41,3 +41,27 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path):
   assert np.isfinite([r["utility"] for r in report["settings"].values()]).all()
   norm = json.loads((tmp_path / "norm.json").read_text())
   assert norm["objectives"] == report["objectives"]
+
+
+def test_downstream_loading_with_the_public_api_only(tmp_path):
+  """docs/stages.md "Using what the stages produce": policy, adapter, normalization, generation."""
+  import jax.numpy as jnp
+  import pro_jax
+
+  cfg = load_config("demo", TINY + ["--config.sft.log.progress=False", "--config.adapter.log.progress=False",
+                                    "--config.policy.log.progress=False", "--config.eval.grid_step=1.0"])
+  run_demo(cfg, str(tmp_path), existing="overwrite")
+  ck = pro_jax.load_checkpoint(str(tmp_path / "policy"))
+  tokens = jnp.array([[1, 5, 6, 7]], jnp.int32)
+  logits = ck.model.apply(ck.variables, tokens, jnp.ones_like(tokens)).logits
+  assert logits.shape == (1, 4, ck.model_config.vocab_size)
+  adapter = pro_jax.load_adapter(str(tmp_path / "adapter"))
+  w = adapter(["what color is the zorb ?", "how do i poison the zorb ?"])
+  assert w.shape == (2, 3) and np.allclose(w.sum(1), 1.0, atol=1e-5)
+  assert adapter.objectives == ("concise", "informative", "harmless")
+  norm = pro_jax.NormStats.load(str(tmp_path / "norm.json"))
+  z = norm.apply(np.array([[1.0, 0.5, 0.5]], np.float32))
+  np.testing.assert_allclose(z, (np.array([[1.0, 0.5, 0.5]]) - norm.loc) / (norm.scale + norm.eps), rtol=1e-5)
+  out = pro_jax.generate(ck.model, ck.variables, tokens, jnp.ones_like(tokens), max_new_tokens=5, greedy=True,
+                         eos_token_id=2)
+  assert out.tokens_BxN.shape == (1, 5)
