@@ -180,13 +180,15 @@ def load_adapter(directory: str, step: int | None = None, *, batch_size: int = 6
 def train_adapter(engine_cfg: Any, workdir: str, examples: Sequence[dict], targets_NxK: np.ndarray,
                   tokenizer: Any, *, backbone_source: str, tokenizer_path: str, objectives: Sequence[str],
                   hidden: int = 256, layers: int = 2, max_prompt_len: int = 256, template: str = "auto",
-                  bucket_multiple: int = 8, existing: str = "auto", name: str = "train") -> PreferenceAdapter:
+                  bucket_multiple: int = 8, existing: str = "auto", name: str = "train",
+                  norm: NormStats | None = None) -> PreferenceAdapter:
   """Stage 4 end to end: train f_psi on (prompt, w*) with the engine, return the deployable adapter.
 
   engine_cfg: the engine config of the run (batch_size, total_steps, optim, mesh, checkpoint, ...).
   backbone_source: the frozen feature backbone (`pro_jax.pro.backbone` source string; default use:
     the reference policy's checkpoint). tokenizer_path: saved in the checkpoint for `load_adapter`
-    ("builtin" = the tokenizer that comes with a llama2.c source).
+    ("builtin" = the tokenizer that comes with a llama2.c source). norm: the normalization
+    statistics the targets were computed with, saved with the checkpoint (`extra["norm"]`).
   """
   from pro_jax.data.pipeline import PipelineConfig
   from pro_jax.pro.backbone import load_source
@@ -214,9 +216,10 @@ def train_adapter(engine_cfg: Any, workdir: str, examples: Sequence[dict], targe
                    init=lambda rng: adapter_variables(adapter, d_model, rng),
                    abstract=jax.eval_shape(lambda: example_vars), axes=adapter_axes(example_vars),
                    frozen={"backbone": (backbone, {"params": bb.params})}, name="adapter",
-                   extra=adapter_metadata(backbone_source=backbone_source, tokenizer_path=tokenizer_path,
-                                          objectives=objectives, hidden=hidden, layers=layers,
-                                          max_prompt_len=max_prompt_len, template=template, d_model=d_model))
+                   extra=dict(adapter_metadata(backbone_source=backbone_source, tokenizer_path=tokenizer_path,
+                                               objectives=objectives, hidden=hidden, layers=layers,
+                                               max_prompt_len=max_prompt_len, template=template, d_model=d_model),
+                              **({"norm": norm.to_dict()} if norm is not None else {})))
   result = train(engine_cfg, workdir, task, existing=existing)
   if result.status == "preempted":
     from pro_jax.pro.pipeline import Preempted

@@ -366,7 +366,8 @@ def run_adapter(ctx: Context, existing: str = "auto") -> dict[str, float]:
                          ctx.tokenizer, backbone_source=backbone, tokenizer_path=ctx.tokenizer_path,
                          objectives=ctx.objectives, hidden=acfg.pro.hidden, layers=acfg.pro.layers,
                          max_prompt_len=ctx.cfg.data.max_prompt_len, template=ctx.cfg.data.template,
-                         bucket_multiple=ctx.cfg.data.bucket_multiple, existing=existing, name="train")
+                         bucket_multiple=ctx.cfg.data.bucket_multiple, existing=existing, name="train",
+                         norm=ctx.norm)
   w = pref([ex["prompt"] for ex in ctx.eval])
   metrics = A.evaluate_adapter(w, targets_for(ctx, ctx.eval, acfg.pro.tau))
   true_w = _true_weights(ctx.eval)
@@ -395,6 +396,8 @@ def run_policy(ctx: Context, existing: str = "auto") -> str:
   extra = {"tokenizer": ctx.tokenizer_path, "objectives": ctx.objectives, "loss": kind,
            "weights_source": pro.weights_source, "conditioning": "text" if kind == "ric" else "none",
            "decimals": pro.decimals}
+  if kind in ("ric", "ppo") + DPO_TYPE:  # these use the normalized rewards: keep the statistics with the run
+    extra["norm"] = ctx.norm.to_dict()
   if kind == "ppo":
     return _run_ppo(ctx, model, init, extra, existing)
   if kind == "ric":
