@@ -49,3 +49,20 @@ def test_stages_from_the_command_line(tmp_path, capsys):
              "--config.policy.pro.name=bad") == EXIT_USAGE
   assert not (tmp_path / "w" / "bad").exists()
   assert run("eval", "--config", "demo", "--workdir", w, "--config.eval.grid_stepp=0.1") == EXIT_USAGE
+
+
+def test_weight_conditioned_policy_with_soft_tokens(tmp_path):
+  """policy.pro.loss=ric with conditioning_mode=soft: weights enter as learned token embeddings."""
+  w = str(tmp_path / "w")
+  soft = ["--config.scorers=synthetic", "--config.policy.pro.loss=ric", "--config.policy.pro.conditioning_mode=soft",
+          "--config.policy.pro.soft_tokens=2", "--config.eval.grid_step=0.5"]
+  for stage in ("sft", "adapter", "policy", "eval"):
+    assert run(stage, "--config", "demo", "--workdir", w, *soft) == EXIT_OK, stage
+  import pro_jax
+  ck = pro_jax.load_checkpoint(str(tmp_path / "w" / "policy"))
+  assert ck.model_config.weight_tokens == 2 and ck.model_config.num_weights == 3
+  assert ck.params["weight_embed"].shape == (3, 2, ck.model_config.d_model)
+  assert ck.extra["conditioning"] == "soft" and ck.extra["soft_placeholder"] == "<unk>"
+  report = json.loads((tmp_path / "w" / "report" / "report.json").read_text())
+  assert len(report["fixed_settings"]) == 6 and "PRO" in report["settings"]
+  assert report["settings"]["PRO"]["samples"][0]["prompt"].endswith("<unk> <unk>")

@@ -55,6 +55,7 @@ def pro_config() -> mc.ConfigDict:
       beta=0.1,
       tau=1.0, precompute_reference=False,
       conditioning="best_of", samples=6, concentration=0.5, decimals=1, max_prompt_len=288,
+      conditioning_mode="text", soft_tokens=4,  # ric: weights as text, or as soft tokens (learned embeddings)
       # MORLHF-PPO (loss "ppo"): pro_jax.pro.ppo_trainer.PPOConfig; the policy's engine optim holds
       # lr / clip_norm (the paper: 1e-5, 0.5); reward_clip <= 0 = off.
       ppo=mc.ConfigDict(dict(iterations=100, rollout_batch=64, minibatch=16, ppo_epochs=4, max_new_tokens=128,

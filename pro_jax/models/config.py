@@ -86,6 +86,12 @@ class ModelConfig:
   bos_token_id: int | None = None
   eos_token_id: int | None = None
   lora: LoRAConfig | None = None
+  # Soft weight tokens (weight-conditioned policies, "soft" conditioning): each of the first
+  # `weight_tokens` occurrences of `weight_token_id` in a row gets w . weight_embed[:, j] added to its
+  # embedding, for the row's objective weights w [num_weights] (`Transformer(weights_BxK=...)`).
+  weight_tokens: int = 0
+  num_weights: int = 0
+  weight_token_id: int = 0
 
   def __post_init__(self):
     for f in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_dim", "max_seq_len"):
@@ -103,6 +109,11 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.sliding_window must be positive or None, got {self.sliding_window}")
     if self.arch == "gpt2" and (self.o_bias or self.mlp_bias):
       raise ValueError("o_bias / mlp_bias are Llama-family options (GPT-2 always has biases)")
+    if self.weight_tokens < 0 or (self.weight_tokens > 0 and self.num_weights <= 0):
+      raise ValueError(f"soft weight tokens need weight_tokens >= 0 and num_weights > 0, got weight_tokens="
+                       f"{self.weight_tokens}, num_weights={self.num_weights}")
+    if self.weight_tokens and not 0 <= self.weight_token_id < self.vocab_size:
+      raise ValueError(f"weight_token_id {self.weight_token_id} is outside the vocabulary [0, {self.vocab_size})")
     if self.remat not in ("none", "full", "dots", "dots_no_batch"):
       raise ValueError(f"ModelConfig.remat: unknown policy {self.remat!r}")
     if self.arch == "gpt2" and self.kv_heads != self.n_heads:

@@ -135,7 +135,7 @@ def _as_variables(variables: Any) -> dict:
 @functools.partial(jax.jit, static_argnames=("config", "settings"))
 def _generate_jit(config: ModelConfig, settings: SamplingSettings, variables: dict, prompt_BxP: Array,
                   prompt_mask_BxP: Array, rng: Array, temperature: Array, top_p: Array, eos_E: Array,
-                  pad_id: Array) -> GenerateOutput:
+                  pad_id: Array, weights_BxK: Array | None = None) -> GenerateOutput:
   s = settings
   model = Transformer(config)
   B, P = prompt_BxP.shape
@@ -155,7 +155,7 @@ def _generate_jit(config: ModelConfig, settings: SamplingSettings, variables: di
   # Prefill: the whole prompt at slots [0, P).
   cache = init_cache(config, B, T)
   out = model.apply(variables, prompt_BxP, prompt_mask_BxP, positions_from_mask(prompt_mask_BxP),
-                    cache=cache, cache_index=0, cache_mask_BxT=cache_mask_BxT)
+                    cache=cache, cache_index=0, cache_mask_BxT=cache_mask_BxT, weights_BxK=weights_BxK)
   tok_B, lp_B = sample(out.logits[:, -1], 0)
   tokens_BxN = jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(tok_B)
   logprobs_BxN = jnp.zeros((B, N), jnp.float32).at[:, 0].set(lp_B)
@@ -211,7 +211,8 @@ def _check_prompt_mask(mask: np.ndarray) -> None:
 def generate(model: Transformer, variables: Any, prompt_tokens_BxP: Any, prompt_mask_BxP: Any = None, *,
              max_new_tokens: int, rng: Array | None = None, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, greedy: bool = False, eos_token_id: int | Sequence[int] | None = None,
-             pad_token_id: int = 0, return_logprobs: bool = True) -> GenerateOutput:
+             pad_token_id: int = 0, return_logprobs: bool = True,
+             weights_BxK: Any = None) -> GenerateOutput:
   """Generate up to ``max_new_tokens`` tokens after each (left-padded) prompt.
 
   Args:
@@ -229,6 +230,8 @@ def generate(model: Transformer, variables: Any, prompt_tokens_BxP: Any, prompt_
       model config's ``eos_token_id`` (no stop if that is None too); ``[]`` = never stop.
     pad_token_id: written after a row's EOS.
     return_logprobs: whether to return ``logprobs_BxN``.
+    weights_BxK: objective weights for a model with soft weight tokens (``config.weight_tokens``);
+      they condition the prompt's weight-token slots (prefill).
 
   Returns:
     A `GenerateOutput`.
@@ -269,6 +272,10 @@ def generate(model: Transformer, variables: Any, prompt_tokens_BxP: Any, prompt_
     raise ValueError(f"prompt length {P} + max_new_tokens {max_new_tokens} exceeds the model's "
                      f"max_seq_len {config.max_seq_len} (GPT-2 learned positions)")
 
+  if config.weight_tokens and weights_BxK is None:
+    raise ValueError("this model has soft weight tokens: pass weights_BxK=[B, K] objective weights")
+  if weights_BxK is not None and tuple(np.shape(weights_BxK)) != (B, config.num_weights):
+    raise ValueError(f"weights_BxK has shape {tuple(np.shape(weights_BxK))}, expected {(B, config.num_weights)}")
   greedy = bool(greedy or temperature == 0)
   settings = SamplingSettings(
       max_new_tokens=int(max_new_tokens), greedy=greedy, top_k=int(top_k), use_top_p=top_p < 1.0,
@@ -277,4 +284,5 @@ def generate(model: Transformer, variables: Any, prompt_tokens_BxP: Any, prompt_
     rng = jax.random.key(0)  # unused by greedy decoding
   return _generate_jit(config, settings, variables, jnp.asarray(prompt_tokens_BxP, jnp.int32),
                        jnp.asarray(prompt_mask_BxP, jnp.int32), rng, jnp.float32(temperature),
-                       jnp.float32(top_p), jnp.asarray(eos or (-1,), jnp.int32), jnp.int32(pad_token_id))
+                       jnp.float32(top_p), jnp.asarray(eos or (-1,), jnp.int32), jnp.int32(pad_token_id),
+                       None if weights_BxK is None else jnp.asarray(weights_BxK, jnp.float32))

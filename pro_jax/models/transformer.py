@@ -293,6 +293,20 @@ def last_token_index(attention_mask_BxL: Array | None, length: int, batch: int) 
   return jnp.max(jnp.where(attention_mask_BxL.astype(bool), idx, 0), axis=-1)
 
 
+def soft_weight_delta(cfg: ModelConfig, tokens_BxL: Array, mask_BxL: Array | None, weights_BxK: Array,
+                      w_embed_KxNxD: Array) -> Array:
+  """[B, L, D] additions: the j-th real `weight_token_id` of a row (j < weight_tokens) gets
+  sum_k w_k * w_embed[k, j]; every other position gets 0."""
+  hit_BxL = tokens_BxL == cfg.weight_token_id
+  if mask_BxL is not None:
+    hit_BxL = hit_BxL & (mask_BxL > 0)
+  j_BxL = jnp.cumsum(hit_BxL.astype(jnp.int32), axis=1) - 1
+  hit_BxL = hit_BxL & (j_BxL < cfg.weight_tokens)
+  per_slot_BxNxD = jnp.einsum("bk,knd->bnd", weights_BxK.astype(jnp.float32), w_embed_KxNxD.astype(jnp.float32))
+  picked_BxLxD = jnp.take_along_axis(per_slot_BxNxD, jnp.clip(j_BxL, 0, cfg.weight_tokens - 1)[..., None], axis=1)
+  return jnp.where(hit_BxL[..., None], picked_BxLxD, 0.0).astype(cfg.jnp_dtype)
+
+
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> dict[str, Array]:
   """Zeroed KV cache {"k", "v"}: [n_layers, B, max_len, n_kv_heads, head_dim]."""
   dtype = dtype or cfg.jnp_dtype
@@ -309,7 +323,8 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens_BxL: Array, attention_mask_BxL: Array | None = None,
                positions_BxL: Array | None = None, *, cache: dict | None = None,
-               cache_index: Array | int = 0, cache_mask_BxT: Array | None = None) -> ModelOutput:
+               cache_index: Array | int = 0, cache_mask_BxT: Array | None = None,
+               weights_BxK: Array | None = None) -> ModelOutput:
     """Forward pass.
 
     Args:
@@ -320,6 +335,9 @@ class Transformer(nn.Module):
         at slots [cache_index, cache_index + L).
       cache_mask_BxT: with a cache, 1 for the cache slots holding real tokens (including the ones
         being written now); required with a cache.
+      weights_BxK: objective weights for a model with soft weight tokens (`config.weight_tokens`):
+        the j-th real occurrence of `config.weight_token_id` in a row gets w . weight_embed[:, j]
+        added to its embedding. None: no addition (decode steps after the prompt).
     """
     cfg = self.config
     B, L = tokens_BxL.shape
@@ -333,6 +351,12 @@ class Transformer(nn.Module):
     embedding = self.param("embed", nn.with_logical_partitioning(_init_normal(0.02), (VOCAB, EMBED)),
                            (cfg.vocab_size, cfg.d_model), cfg.jnp_param_dtype)
     x_BxLxD = jnp.take(embedding, tokens_BxL, axis=0).astype(dtype)
+    if cfg.weight_tokens:
+      w_embed_KxNxD = self.param(
+          "weight_embed", nn.with_logical_partitioning(_init_normal(0.02), (None, None, EMBED)),
+          (cfg.num_weights, cfg.weight_tokens, cfg.d_model), cfg.jnp_param_dtype)
+      if weights_BxK is not None:
+        x_BxLxD = x_BxLxD + soft_weight_delta(cfg, tokens_BxL, attention_mask_BxL, weights_BxK, w_embed_KxNxD)
     if cfg.arch == "gpt2":
       wpe = self.param("wpe", nn.with_logical_partitioning(_init_normal(0.01), (None, EMBED)),
                        (cfg.max_seq_len, cfg.d_model), cfg.jnp_param_dtype)

@@ -41,12 +41,22 @@ from pro_jax.pro.policy import condition_prompt
 
 @dataclasses.dataclass
 class Policy:
-  """A policy to evaluate. `conditioned`: the prompt carries the weights as text (RiC-style)."""
+  """A policy to evaluate. `conditioned`: a weight-conditioned policy (RiC-style): its prompt carries
+  the weights as text, or, with `soft_tokens` > 0, as `soft_tokens` placeholders whose embeddings the
+  model shifts by the weights (`weights_BxK`)."""
 
   name: str
   model: Transformer
   variables: Any
   conditioned: bool = False
+  soft_placeholder: str = ""
+  soft_tokens: int = 0
+
+  def condition(self, prompt: Any, weights: Any, objectives: Sequence[str]) -> Any:
+    if not self.conditioned:
+      return prompt
+    return condition_prompt(prompt, weights, objectives, soft_placeholder=self.soft_placeholder,
+                            soft_tokens=self.soft_tokens)
 
 
 @dataclasses.dataclass
@@ -70,8 +80,9 @@ def _prompt_arrays(tokenizer: Any, prompts: Sequence[Any], max_prompt_len: int, 
 
 
 def generate_texts(model: Transformer, variables: Any, tokenizer: Any, prompts: Sequence[Any],
-                   gen: GenerationConfig) -> tuple[list[str], np.ndarray, np.ndarray]:
-  """Responses (decoded text without EOS), their token ids [N, T] and masks [N, T]."""
+                   gen: GenerationConfig, weights_NxK: np.ndarray | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
+  """Responses (decoded text without EOS), their token ids [N, T] and masks [N, T].
+  `weights_NxK`: per-prompt weights for a model with soft weight tokens."""
   tokens, mask = _prompt_arrays(tokenizer, prompts, gen.max_prompt_len, gen.template)
   n, B = len(tokens), gen.batch_size
   eos, pad = eos_id(tokenizer), pad_id(tokenizer)
@@ -80,13 +91,15 @@ def generate_texts(model: Transformer, variables: Any, tokenizer: Any, prompts: 
   rng = jax.random.PRNGKey(gen.seed)
   for s in range(0, n, B):
     t, m = tokens[s:s + B], mask[s:s + B]
+    w = None if weights_NxK is None else np.asarray(weights_NxK[s:s + B], np.float32)
     k = len(t)
     if k < B:
       t = np.concatenate([t, np.repeat(t[-1:], B - k, 0)])
       m = np.concatenate([m, np.repeat(m[-1:], B - k, 0)])
+      w = None if w is None else np.concatenate([w, np.repeat(w[-1:], B - k, 0)])
     res = generate(model, variables, t, m, max_new_tokens=gen.max_new_tokens, rng=jax.random.fold_in(rng, s),
                    temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p, greedy=gen.greedy,
-                   eos_token_id=eos, pad_token_id=pad, return_logprobs=False)
+                   eos_token_id=eos, pad_token_id=pad, return_logprobs=False, weights_BxK=w)
     out_tok[s:s + k] = np.asarray(res.tokens_BxN)[:k]
     out_mask[s:s + k] = np.asarray(res.response_mask_BxN)[:k]
   texts = []
@@ -97,7 +110,8 @@ def generate_texts(model: Transformer, variables: Any, tokenizer: Any, prompts: 
 
 
 def response_logps(model: Transformer, variables: Any, tokenizer: Any, prompts: Sequence[Any],
-                   responses_NxT: np.ndarray, response_mask_NxT: np.ndarray, gen: GenerationConfig) -> np.ndarray:
+                   responses_NxT: np.ndarray, response_mask_NxT: np.ndarray, gen: GenerationConfig,
+                   weights_NxK: np.ndarray | None = None) -> np.ndarray:
   """Summed log p(response | prompt) [N] under `model` (teacher forcing on the given token ids)."""
   p_tok, p_mask = _prompt_arrays(tokenizer, prompts, gen.max_prompt_len, gen.template)
   rows, lmask = [], []
@@ -109,16 +123,18 @@ def response_logps(model: Transformer, variables: Any, tokenizer: Any, prompts: 
   L = round_up(gen.max_prompt_len, 8) + responses_NxT.shape[1]
   tokens, mask = pad_right(rows, L, pad_id(tokenizer))
   loss_mask, _ = pad_right(lmask, L, 0)
-  fn = jax.jit(lambda t, m, lm: ops.sequence_logprob(model.apply(variables, t, m).logits, t, lm))
+  fn = jax.jit(lambda t, m, lm, w: ops.sequence_logprob(model.apply(variables, t, m, weights_BxK=w).logits, t, lm))
   out = np.zeros(len(rows), np.float32)
   B = gen.batch_size
   for s in range(0, len(rows), B):
     t, m, lm = tokens[s:s + B], mask[s:s + B], loss_mask[s:s + B]
+    w = None if weights_NxK is None else np.asarray(weights_NxK[s:s + B], np.float32)
     k = len(t)
     if k < B:
       pad_rows = lambda x: np.concatenate([x, np.repeat(x[-1:], B - k, 0)])
       t, m, lm = pad_rows(t), pad_rows(m), pad_rows(lm)
-    out[s:s + k] = np.asarray(fn(t, m, lm))[:k]
+      w = None if w is None else pad_rows(w)
+    out[s:s + k] = np.asarray(fn(t, m, lm, w))[:k]
   return out
 
 
@@ -152,8 +168,9 @@ def evaluate_settings(policy: Policy | dict[str, Policy], settings: dict[str, np
     if progress:
       progress(name)
     pol = policies[name]
-    cond = [condition_prompt(p, w, objectives) for p, w in zip(prompts, w_NxK)] if pol.conditioned else list(prompts)
-    texts, tok, msk = generate_texts(pol.model, pol.variables, tokenizer, cond, gen)
+    cond = [pol.condition(p, w, objectives) for p, w in zip(prompts, w_NxK)]
+    soft_w = w_NxK if pol.soft_tokens else None
+    texts, tok, msk = generate_texts(pol.model, pol.variables, tokenizer, cond, gen, soft_w)
     raw = np.asarray(scorer.score(list(prompts), texts), np.float32)
     r_norm = np.asarray(norm.apply(raw), np.float32)
     U = pm.utility(uw, r_norm)
@@ -165,7 +182,7 @@ def evaluate_settings(policy: Policy | dict[str, Policy], settings: dict[str, np
            "samples": [{"prompt": normalize_messages(cond[i])[-1]["content"], "response": texts[i]}
                        for i in range(min(keep_samples, N))]}
     if reference is not None:
-      lp = response_logps(pol.model, pol.variables, tokenizer, cond, tok, msk, gen)
+      lp = response_logps(pol.model, pol.variables, tokenizer, cond, tok, msk, gen, soft_w)
       lr = response_logps(reference[0], reference[1], tokenizer, list(prompts), tok, msk, gen)
       row["kl_to_reference"] = float(np.mean(lp - lr))
     row["policy"] = pol.name

@@ -391,18 +391,22 @@ def run_policy(ctx: Context, existing: str = "auto") -> str:
   pro = pcfg.pro
   kind = pro.loss
   init = load_source(ctx.source(pro.init))
-  mcfg = stage_model_config(ctx, pcfg, init, head="lm", value_head=kind == "ppo")
+  placeholder, soft_id, n_soft = _soft(ctx) if kind == "ric" else ("", 0, 0)
+  soft = dict(weight_tokens=n_soft, num_weights=ctx.K, weight_token_id=soft_id) if n_soft else {}
+  mcfg = stage_model_config(ctx, pcfg, init, head="lm", value_head=kind == "ppo", **soft)
   model = Transformer(mcfg)
   extra = {"tokenizer": ctx.tokenizer_path, "objectives": ctx.objectives, "loss": kind,
-           "weights_source": pro.weights_source, "conditioning": "text" if kind == "ric" else "none",
-           "decimals": pro.decimals}
+           "weights_source": pro.weights_source,
+           "conditioning": ("soft" if n_soft else "text") if kind == "ric" else "none",
+           "soft_placeholder": placeholder, "decimals": pro.decimals}
   if kind in ("ric", "ppo") + DPO_TYPE:  # these use the normalized rewards: keep the statistics with the run
     extra["norm"] = ctx.norm.to_dict()
   if kind == "ppo":
     return _run_ppo(ctx, model, init, extra, existing)
   if kind == "ric":
     rows = _ric_rows(ctx)
-    pipe = _pipeline(ctx, rows, pcfg, "sequence", name="train-conditioned", max_prompt_len=pro.max_prompt_len)
+    pipe = _pipeline(ctx, rows, pcfg, "sequence", name="train-conditioned", max_prompt_len=pro.max_prompt_len,
+                     extra_fields=("weights",) if n_soft else ())
     loss, frozen = policy_loss("sft", model), None
   elif kind == "sft":
     pipe = _pipeline(ctx, ctx.train, pcfg, "sequence", name="train")
@@ -463,8 +467,33 @@ def _dpo_rows(ctx: Context, pro: Any) -> tuple[list[dict], tuple[str, ...]]:
   return rows, ("weights", "reward_chosen", "reward_rejected")
 
 
+def soft_placeholder(tokenizer: Any) -> tuple[str, int]:
+  """(string, id) of the token that carries soft weight embeddings: the tokenizer's unk (else pad)
+  token, checked to encode as exactly that one id inside text."""
+  for name in ("unk_token", "pad_token"):
+    tok = getattr(tokenizer, name, None)
+    if tok:
+      tid = tokenizer.convert_tokens_to_ids(tok)
+      if tokenizer(f"a {tok} {tok}", add_special_tokens=False)["input_ids"][-2:] == [tid, tid]:
+        return tok, int(tid)
+  raise ValueError("soft weight tokens need a tokenizer whose unk or pad token encodes as one id in text")
+
+
+def _soft(ctx: Context) -> tuple[str, int, int]:
+  """(placeholder, id, n) for policy.pro.conditioning_mode='soft', else ("", 0, 0)."""
+  pro = ctx.cfg.policy.pro
+  if pro.conditioning_mode == "text":
+    return "", 0, 0
+  if pro.conditioning_mode != "soft":
+    raise ValueError(f"policy.pro.conditioning_mode must be 'text' or 'soft', got {pro.conditioning_mode!r}")
+  placeholder, tid = soft_placeholder(ctx.tokenizer)
+  return placeholder, tid, int(pro.soft_tokens)
+
+
 def _ric_rows(ctx: Context) -> list[dict]:
   pro = ctx.cfg.policy.pro
+  placeholder, _, n_soft = _soft(ctx)
+  soft = dict(soft_placeholder=placeholder, soft_tokens=n_soft)
   rows = [ex for ex in ctx.train if len(_responses(ex)) >= 1]
   scored = []
   for ex in rows:
@@ -480,10 +509,10 @@ def _ric_rows(ctx: Context) -> list[dict]:
   if pro.conditioning == "own":
     from pro_jax.pro.weights import target_weights
     w = [np.asarray(target_weights(zi, pro.tau)) for zi in z]
-    return ric_examples(scored, w, ctx.objectives, pro.decimals)
+    return ric_examples(scored, w, ctx.objectives, pro.decimals, **soft)
   if pro.conditioning == "best_of":
     return best_of_examples(scored, z, ctx.objectives, pro.samples, seed=int(ctx.cfg.seed), decimals=pro.decimals,
-                            concentration=pro.concentration)
+                            concentration=pro.concentration, **soft)
   raise ValueError(f"policy.pro.conditioning must be 'own' or 'best_of', got {pro.conditioning!r}")
 
 
@@ -548,7 +577,10 @@ def run_eval(ctx: Context) -> dict[str, Any]:
     meta = load_checkpoint(ctx.path(run)).extra or {}
     src = load_source(f"checkpoint:{ctx.path(run)}")
     model = Transformer(src.config.replace(value_head=False))
-    return E.Policy(run, model, {"params": src.params}, conditioned=meta.get("conditioning") == "text"), meta
+    mode = meta.get("conditioning")
+    return E.Policy(run, model, {"params": src.params}, conditioned=mode in ("text", "soft"),
+                    soft_placeholder=meta.get("soft_placeholder", ""),
+                    soft_tokens=src.config.weight_tokens if mode == "soft" else 0), meta
 
   settings: dict[str, np.ndarray] = {}
   policies: dict[str, E.Policy] = {}

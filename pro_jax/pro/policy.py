@@ -65,11 +65,12 @@ def policy_loss(kind: str, model: Transformer, *, ref_model: Transformer | None 
 
   if kind in ("sft", "ric"):
 
+    soft = bool(model.config.weight_tokens)
+
     def sft_fn(params, frozen, batch, rng):
       del frozen
-      variables = params
       deterministic = model.deterministic
-      out = model.apply(variables, batch["tokens"], batch["mask"],
+      out = model.apply(params, batch["tokens"], batch["mask"], weights_BxK=batch["weights"] if soft else None,
                         rngs={"dropout": rng} if not deterministic else None)
       loss, metrics = L.sft(out.logits, batch["tokens"], batch["loss_mask"])
       metrics = dict(metrics)
@@ -149,11 +150,23 @@ def resolve_example_weights(source: str | WeightsSource, num_examples: int, num_
   return w
 
 
-def condition_prompt(prompt: Any, weights: Sequence[float], objectives: Sequence[str], decimals: int = 1) -> list[dict]:
-  """RiC-style conditioning: the weight text appended to the last user turn (a new message list)."""
+def condition_prompt(prompt: Any, weights: Sequence[float], objectives: Sequence[str], decimals: int = 1, *,
+                     soft_placeholder: str = "", soft_tokens: int = 0) -> list[dict]:
+  """RiC-style conditioning of the last user turn (a new message list is returned).
+
+  Text conditioning (default): the weight text "<w> concise 0.7 ... </w>" is appended. Soft
+  conditioning (`soft_tokens` > 0): `soft_tokens` copies of `soft_placeholder` (a single-token
+  string of the tokenizer) are appended instead; the model adds w . weight_embed[:, j] to the j-th
+  (ModelConfig.weight_tokens), so the weights themselves go to the model as `weights_BxK`.
+  """
   from pro_jax.data.tokenize import normalize_messages
   msgs = [dict(m) for m in normalize_messages(prompt)]
-  text = format_weights_text(weights, objectives, decimals)
+  if soft_tokens:
+    if not soft_placeholder:
+      raise ValueError("soft conditioning needs the tokenizer's placeholder token string")
+    text = " ".join([soft_placeholder] * soft_tokens)
+  else:
+    text = format_weights_text(weights, objectives, decimals)
   for m in reversed(msgs):
     if m["role"] == "user":
       m["content"] = f"{m['content']} {text}"
@@ -164,22 +177,23 @@ def condition_prompt(prompt: Any, weights: Sequence[float], objectives: Sequence
 
 
 def ric_examples(examples: Sequence[dict], response_weights: Sequence[np.ndarray], objectives: Sequence[str],
-                 decimals: int = 1) -> list[dict]:
+                 decimals: int = 1, *, soft_placeholder: str = "", soft_tokens: int = 0) -> list[dict]:
   """Weight-conditioned SFT data: one row per (example, response) with the prompt conditioned on that
   response's own w*(x, y) (`response_weights[i]` is [N_i, K] for example i's `responses`)."""
   out = []
   for ex, w_NxK in zip(examples, response_weights):
     for j, (resp, w) in enumerate(zip(ex["responses"], w_NxK)):
       out.append({"id": f"{ex['id']}#{j}", "source": ex["source"], "objectives": list(objectives),
-                  "prompt": condition_prompt(ex["prompt"], w, objectives, decimals), "chosen": resp,
-                  "rejected": "", "pair_objectives": [0.0] * len(objectives), "responses": [],
-                  "scores": [], "score_mask": []})
+                  "prompt": condition_prompt(ex["prompt"], w, objectives, decimals,
+                                             soft_placeholder=soft_placeholder, soft_tokens=soft_tokens),
+                  "chosen": resp, "rejected": "", "pair_objectives": [0.0] * len(objectives), "responses": [],
+                  "scores": [], "score_mask": [], "weights": np.asarray(w, np.float32).tolist()})
   return out
 
 
 def best_of_examples(examples: Sequence[dict], normalized_scores: Sequence[np.ndarray], objectives: Sequence[str],
                      samples_per_example: int, seed: int = 0, decimals: int = 1,
-                     concentration: float = 0.5) -> list[dict]:
+                     concentration: float = 0.5, *, soft_placeholder: str = "", soft_tokens: int = 0) -> list[dict]:
   """Weight-conditioned SFT data covering the whole simplex ("best_of" conditioning).
 
   For each example, draw `samples_per_example` weight vectors w ~ Dirichlet(concentration) (< 1 puts
@@ -197,11 +211,12 @@ def best_of_examples(examples: Sequence[dict], normalized_scores: Sequence[np.nd
     z_NxK = np.asarray(z_NxK, np.float64)
     for j in range(samples_per_example):
       w = rng.dirichlet(np.full(K, concentration))
-      text = format_weights_text(w, objectives, decimals)
-      w_shown = parse_weights_text(text, objectives)
+      # text conditioning shows rounded weights: pick the best response for what the policy will see
+      w_shown = w if soft_tokens else parse_weights_text(format_weights_text(w, objectives, decimals), objectives)
       best = int(np.argmax(z_NxK @ w_shown))
       out.append({"id": f"{ex['id']}#w{j}", "source": ex["source"], "objectives": list(objectives),
-                  "prompt": condition_prompt(ex["prompt"], w_shown, objectives, decimals),
+                  "prompt": condition_prompt(ex["prompt"], w_shown, objectives, decimals,
+                                             soft_placeholder=soft_placeholder, soft_tokens=soft_tokens),
                   "chosen": ex["responses"][best], "rejected": "", "pair_objectives": [0.0] * K,
-                  "responses": [], "scores": [], "score_mask": []})
+                  "responses": [], "scores": [], "score_mask": [], "weights": np.asarray(w_shown, np.float32).tolist()})
   return out
