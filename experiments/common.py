@@ -9,7 +9,8 @@ Each setting file defines `get_config(arg="")` through `make_config` here. The a
   and the policy's run name ``policy_<loss>`` (so several losses share one workdir);
 
 as ``STAGE``, ``LOSS`` or ``STAGE,LOSS`` (a loss alone means stage policy; no argument = stage policy with
-the setting's default loss). Examples:
+the setting's default loss), optionally followed by ``,OPTION``s, named variants a setting defines (e.g.
+helpful_assistant's ``no_humor``). Examples:
 
     pro-jax aot    --config experiments/helpful_assistant.py:policy --topology v5e:4x4
     pro-jax aot    --config experiments/helpful_assistant.py:modpo --topology v5e:4x4
@@ -64,18 +65,22 @@ def hf_scorer(directory: str, objective: str) -> str:
   return f"hf:{model_path(directory)}={objective}"
 
 
-def parse_arg(arg: str, default_loss: str) -> tuple[str, str]:
-  """(stage, loss) from "", "STAGE", "LOSS" or "STAGE,LOSS"."""
-  stage, loss = "", ""
+def parse_arg(arg: str, default_loss: str, options: Sequence[str] = ()) -> tuple[str, str, tuple[str, ...]]:
+  """(stage, loss, options) from "", "STAGE", "LOSS", "STAGE,LOSS", each optionally followed by ",OPTION"s
+  (the setting's named variants)."""
+  stage, loss, opts = "", "", []
   for tok in [t.strip() for t in str(arg or "").replace(":", ",").split(",") if t.strip()]:
     if tok in STAGES and not stage:
       stage = tok
     elif tok in LOSSES and not loss:
       loss = tok
+    elif tok in options and tok not in opts:
+      opts.append(tok)
     else:
-      raise ConfigError(f"config argument {arg!r}: {tok!r} is not a stage {STAGES} or a policy loss {LOSSES} "
-                        "(expected STAGE, LOSS or STAGE,LOSS)")
-  return stage or "policy", loss or default_loss
+      raise ConfigError(f"config argument {arg!r}: {tok!r} is not a stage {STAGES}, a policy loss {LOSSES}"
+                        + (f" or an option of this setting {tuple(options)}" if options else "")
+                        + " (expected STAGE, LOSS or STAGE,LOSS[,OPTION...])")
+  return stage or "policy", loss or default_loss, tuple(opts)
 
 
 def tpu_stage(section: mc.ConfigDict, *, total_steps: int, batch_size: int, lr: float, warmup: int,
@@ -121,13 +126,17 @@ def apply_loss(c: mc.ConfigDict, loss: str, *, max_new_tokens: int, dpo_steps: i
 def make_config(*, setting: str, arg: str, default_loss: str, objectives: Sequence[str], sources: Sequence[str],
                 eval_sources: Sequence[str], manual_dir: str, scorers: Sequence[str], max_prompt_len: int,
                 max_response_len: int, max_new_tokens: int, sft_steps: int, dpo_steps: int, ppo_iterations: int,
-                customize: Callable[[mc.ConfigDict, str, str], None] | None = None) -> mc.ConfigDict:
-  """A paper-setting config on `pro_config()` (see the module doc); `customize(c, stage, loss)` last."""
-  stage, loss = parse_arg(arg, default_loss)
+                customize: Callable[[mc.ConfigDict, str, str], None] | None = None,
+                options: dict[str, Callable[[mc.ConfigDict], None]] | None = None) -> mc.ConfigDict:
+  """A paper-setting config on `pro_config()` (see the module doc); `customize(c, stage, loss)`, then the
+  selected `options` (name -> function editing the config), last."""
+  options = dict(options or {})
+  stage, loss, chosen = parse_arg(arg, default_loss, tuple(options))
   c = pro_config()
   with c.unlocked():
     c.stage = stage
     c.setting = setting
+    c.options = chosen
   c.seed = 0
   c.objectives = tuple(objectives)
   c.data.update(sources=tuple(sources), eval_sources=tuple(eval_sources), manual_dir=manual_dir, data_dir="",
@@ -152,6 +161,8 @@ def make_config(*, setting: str, arg: str, default_loss: str, objectives: Sequen
                 policies=())
   if customize is not None:
     customize(c, stage, loss)
+  for name in chosen:
+    options[name](c)
   c.lock()
   return c
 

@@ -17,16 +17,17 @@ LOSSES=(ppo ric modpo wdpo dpo)
 STAGES_ARG=""
 LOSS=""
 LOCAL=0
+OPTIONS=()
 
 setting_usage() {
   printf '%s' "usage: $SCRIPT_NAME --name NAME --zone ZONE --workdir DIR [--stages LIST] [--loss LOSS]
-                 [--run-name NAME] [--env KEY=VALUE ...] [--local] [--project ID] [--dry-run]
+                 [--option NAME ...] [--run-name NAME] [--env KEY=VALUE ...] [--local] [--project ID] [--dry-run]
                  [-- CONFIG_OVERRIDES ...]
 
 The PRO pipeline of the paper setting '$SETTING' (experiments/$SETTING.py, docs/experiments.md), stage
 after stage in one background chain on every worker (gcloud compute tpus tpu-vm ssh NAME --worker=all):
-  python experiments/preflight.py --config experiments/$SETTING.py:policy,LOSS --stages LIST  (checks files)
-  pro-jax STAGE --config experiments/$SETTING.py:STAGE,LOSS --workdir DIR [overrides]     (each STAGE)
+  python experiments/preflight.py --config experiments/$SETTING.py:policy,LOSS[,OPTION] --stages LIST
+  pro-jax STAGE --config experiments/$SETTING.py:STAGE,LOSS[,OPTION] --workdir DIR [overrides]  (each STAGE)
 logged to ~/pro_jax_logs/RUN.log (pid in RUN.pid; a second launch while it runs is refused). The chain
 stops at the first failing stage; a preempted stage exits 75: launch again with the same --workdir (the
 interrupted stage resumes from its last checkpoint; finished ones load their inputs, find their final
@@ -35,6 +36,7 @@ checkpoint and return; --stages skips them altogether). See docs/experiments.md.
   --workdir    gs://BUCKET/PATH (shared by all workers) or a local path (single host)
   --stages     comma-separated, in pipeline order (default: $DEFAULT_STAGES)
   --loss       policy loss: ppo, ric, modpo, wdpo or dpo (default: $DEFAULT_LOSS)
+  --option     a named variant of the setting's config (repeatable), e.g. no_humor (helpful_assistant)
   --run-name   log / pid file name on the workers (default: $SETTING)
   --env        extra environment variable for the run (repeatable), e.g. PRO_JAX_MODELS=/mnt/models
   --local      run the stages here, in the foreground (e.g. on a single-host TPU VM); needs no --name/--zone
@@ -47,6 +49,7 @@ flags_setting() {
     --workdir) _set WORKDIR value ;;
     --stages) _set STAGES_ARG value ;;
     --loss) _set LOSS value ;;
+    --option) _set OPTIONS array ;;
     --run-name) _set RUN_NAME value ;;
     --env) _set ENV_VARS array ;;
     --local) _set LOCAL bool ;;
@@ -85,6 +88,10 @@ validate_setting() {
     ((i > last)) || usage_error "--stages '$STAGES_ARG': give each stage once, in pipeline order (${PIPELINE_STAGES[*]})"
     last=$i
   done
+  local o
+  for o in "${OPTIONS[@]}"; do
+    [[ $o =~ ^[a-z][a-z0-9_]*$ ]] || usage_error "--option '$o': lowercase letters, digits and _ only"
+  done
   [[ -z $RUN_NAME ]] && RUN_NAME=$SETTING
   [[ $RUN_NAME =~ ^[A-Za-z0-9._-]+$ ]] || usage_error "--run-name '$RUN_NAME': letters, digits, . _ - only"
   local e
@@ -100,16 +107,24 @@ validate_setting() {
 
 CONFIG_FILE() { printf 'experiments/%s.py' "$SETTING"; }
 
+# config_spec STAGE: experiments/SETTING.py:STAGE,LOSS[,OPTION...]
+config_spec() {
+  local spec o
+  spec="$(CONFIG_FILE):$1,$LOSS"
+  for o in "${OPTIONS[@]}"; do spec+=",$o"; done
+  printf '%s' "$spec"
+}
+
 # preflight_argv / stage_argv STAGE: the argument vectors (without the program).
 preflight_argv() {
-  ARGV=(experiments/preflight.py --config "$(CONFIG_FILE):policy,$LOSS" --stages "$(
+  ARGV=(experiments/preflight.py --config "$(config_spec policy)" --stages "$(
     IFS=,
     echo "${STAGES[*]}"
   )" "${PASSTHROUGH[@]}")
 }
 
 setting_stage_argv() {
-  ARGV=("$1" --config "$(CONFIG_FILE):$1,$LOSS" --workdir "$WORKDIR" "${PASSTHROUGH[@]}")
+  ARGV=("$1" --config "$(config_spec "$1")" --workdir "$WORKDIR" "${PASSTHROUGH[@]}")
 }
 
 # The chain run by `bash -c` on each worker: preflight && stage && stage ... ($HOME expanded there).

@@ -16,6 +16,7 @@ Never compiles 7B (docs/experiments.md has those figures).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import pathlib
 import shlex
@@ -107,10 +108,20 @@ def test_paths_come_from_the_environment(monkeypatch):
   assert cfg.scorers[1] == "hf:/mnt/models/gpt2-large-helpful-reward_model=helpful"
 
 
-@pytest.mark.parametrize("arg", ["policy,sft,rm", "ppo,ric", "train", "policy:modpo:x"])
+@pytest.mark.parametrize("arg", ["policy,sft,rm", "ppo,ric", "train", "policy:modpo:x", "ppo,no_humor,no_humor"])
 def test_a_bad_argument_is_a_clear_error(arg):
   with pytest.raises(ConfigError, match="is not a stage"):
     exp_config("helpful_assistant", arg)
+  with pytest.raises(ConfigError, match="is not a stage"):
+    exp_config("reddit_summary", "no_humor")  # an option of another setting
+
+
+def test_the_no_humor_option_keeps_the_two_supported_reward_models():
+  cfg = exp_config("helpful_assistant", "sft,modpo,no_humor")
+  assert (cfg.stage, cfg.policy.pro.loss, cfg.options) == ("sft", "modpo", ("no_humor",))
+  assert list(cfg.objectives) == ["harmless", "helpful"]
+  assert [s.rsplit("=", 1)[1] for s in cfg.scorers] == ["harmless", "helpful"]
+  assert exp_config("helpful_assistant").options == ()
 
 
 def test_aot_target_picks_the_config_stage_and_plain_engine_configs_still_work():
@@ -256,15 +267,18 @@ def loss_value(task, vocab: int, batch: dict):
 
 
 ENGINE_KEYS = ("trainable", "batch_size", "total_steps", "n_micro", "seed")
-IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
+IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "weight_token_id")  # tokenizer-given ids: no shapes
 
 
-@pytest.mark.parametrize("stage,loss", [("sft", "ppo"), ("rm", "ppo"), ("adapter", "ppo"), ("policy", "modpo"),
-                                        ("policy", "wdpo"), ("policy", "ric"), ("policy", "ppo")])
-def test_abstract_task_equals_what_the_pipeline_builds(stage, loss, sft_workdir, monkeypatch):
+@pytest.mark.parametrize("stage,loss,overrides", [
+    ("sft", "ppo", ()), ("rm", "ppo", ()), ("adapter", "ppo", ()), ("policy", "modpo", ()), ("policy", "wdpo", ()),
+    ("policy", "ric", ("--config.policy.pro.conditioning_mode=soft",)), ("policy", "ppo", ())])
+def test_abstract_task_equals_what_the_pipeline_builds(stage, loss, overrides, sft_workdir, monkeypatch):
   workdir, hf_dir, vocab = sft_workdir
-  cfg = tiny(exp_config("helpful_assistant", f"{stage},{loss}"), hf_dir, vocab)
+  cfg = tiny(exp_config("helpful_assistant", f"{stage},{loss}", overrides), hf_dir, vocab)
   their_cfg, theirs = capture(stage, cfg, workdir, monkeypatch)
+  if theirs.model_config is not None and theirs.model_config.weight_tokens:  # the tokenizer's placeholder id
+    monkeypatch.setattr(T, "SOFT_TOKEN_ID", theirs.model_config.weight_token_id)
   my_cfg = T.stage_engine_config(cfg, stage)
   mine = T.stage_task(cfg, stage, my_cfg)
   assert _abstract(mine.batch_spec) == _abstract(theirs.batch_spec)
@@ -273,7 +287,8 @@ def test_abstract_task_equals_what_the_pipeline_builds(stage, loss, sft_workdir,
   assert _abstract(mine.frozen_abstract) == _abstract(theirs.frozen_abstract)
   assert mine.frozen_logical_axes == theirs.frozen_logical_axes
   if theirs.model_config is not None:
-    assert mine.model_config.replace(**{k: None for k in IDS}) == theirs.model_config.replace(**{k: None for k in IDS})
+    strip = lambda m: {k: v for k, v in dataclasses.asdict(m).items() if k not in IDS}
+    assert strip(mine.model_config) == strip(theirs.model_config)
   for k in ENGINE_KEYS:
     assert my_cfg[k] == their_cfg[k], k
   for section in ("optim", "mesh", "sharding", "guards"):
@@ -400,9 +415,13 @@ def test_dry_run_options_stages_loss_and_local(tmp_path):
   assert [x[:2] for x in lines] == [["python", "experiments/preflight.py"], ["pro-jax", "sft"], ["pro-jax", "rm"],
                                     ["pro-jax", "adapter"], ["pro-jax", "policy"], ["pro-jax", "eval"]]
   assert lines[2][3] == "experiments/ultrafeedback_aspects.py:rm,wdpo"
-  proc = run_launcher("launch_reddit_summary.sh", [*BASE, "--local", "--stages", "adapter", "--dry-run"], tmp_path)
-  assert [shlex.split(x[2:])[:2] for x in proc.stdout.splitlines()] == [
-      ["python", "experiments/preflight.py"], ["pro-jax", "adapter"]]
+  proc = run_launcher("launch_helpful_assistant.sh", [*BASE, "--local", "--stages", "adapter", "--option",
+                                                      "no_humor", "--dry-run"], tmp_path)
+  assert [shlex.split(x[2:]) for x in proc.stdout.splitlines()] == [
+      ["python", "experiments/preflight.py", "--config", "experiments/helpful_assistant.py:policy,ppo,no_humor",
+       "--stages", "adapter"],
+      ["pro-jax", "adapter", "--config", "experiments/helpful_assistant.py:adapter,ppo,no_humor", "--workdir",
+       "gs://bucket/hh"]]
 
 
 @pytest.mark.parametrize("args,message", [
@@ -411,6 +430,7 @@ def test_dry_run_options_stages_loss_and_local(tmp_path):
     ([*BASE, "--stages", "sft,train"], "unknown stage 'train'"),
     ([*BASE, "--stages", "policy,sft"], "in pipeline order"),
     ([*BASE, "--loss", "ppoo"], "--loss 'ppoo'"),
+    ([*BASE, "--option", "No-Humor"], "--option 'No-Humor'"),
     ([*BASE, "--frobnicate"], "unknown option"),
 ])
 def test_launch_usage_errors_exit_2(args, message, tmp_path):

@@ -102,7 +102,8 @@ def stage_model_config(cfg: Any, stage: str) -> ModelConfig:
     value_head = stage == "policy" and section.pro.loss == "ppo"
     if value_head and section.trainable != "lora":  # run_ppo attaches LoRA only under trainable="lora"
       lora = None
-    return arch.replace(**_runtime(section), lora=lora, head="lm", value_head=value_head)
+    return arch.replace(**_runtime(section), lora=lora, head="lm", value_head=value_head,
+                        **(_soft_fields(cfg) if stage == "policy" else {}))
   if stage == "rm":
     K = len(tuple(section.pro.objectives) or tuple(cfg.objectives))
     return arch.replace(**source_runtime(cfg, section.pro.source, section), head="score", num_labels=K,
@@ -111,6 +112,17 @@ def stage_model_config(cfg: Any, stage: str) -> ModelConfig:
     return arch.replace(**source_runtime(cfg, section.pro.backbone, section), head="none", value_head=False,
                         lora=None)
   raise ConfigError(f"stage {stage!r} has no train step; stages with one: {TRAIN_STAGES}")
+
+
+SOFT_TOKEN_ID = 0  # the id of the soft-weight placeholder token (Llama's <unk>); it changes no shape
+
+
+def _soft_fields(cfg: Any) -> dict:
+  """ModelConfig fields of a RiC policy with soft weight tokens (`policy.pro.conditioning_mode="soft"`)."""
+  pro = cfg.policy.pro
+  if pro.loss != "ric" or pro.get("conditioning_mode", "text") != "soft":
+    return {}
+  return dict(weight_tokens=int(pro.soft_tokens), num_weights=len(cfg.objectives), weight_token_id=SOFT_TOKEN_ID)
 
 
 def stage_engine_config(cfg: Any, stage: str) -> Any:
@@ -272,7 +284,12 @@ def policy_task(cfg: Any, ecfg: Any) -> Task:
   passes = _trained_passes(mcfg, ecfg.trainable)
   if kind in ("sft", "ric"):
     prompt_len = pro.max_prompt_len if kind == "ric" else d.max_prompt_len
-    spec = batch_spec("sequence", ecfg.batch_size, prompt_len, d.max_response_len, d.bucket_multiple)
+    soft = _soft_fields(cfg)
+    if soft:  # the weights enter as learned token embeddings: the model has them, the batch carries w
+      mcfg = mcfg.replace(**soft)
+      model = Transformer(mcfg)
+    spec = batch_spec("sequence", ecfg.batch_size, prompt_len, d.max_response_len, d.bucket_multiple,
+                      extra={"weights": (K,)} if soft else None)
     B, L = spec["tokens"].shape
     return _task(policy_loss("sft", model), abstract_variables(model), logical_axes(model), spec,
                  name=f"policy/{kind}", mcfg=mcfg, tokens_per_step=B * L,
