@@ -183,3 +183,24 @@ def test_best_of_examples_pick_the_best_response_for_the_shown_weights():
     w = parse_weights_text(r["prompt"][-1]["content"], ["c", "i", "h"])
     assert r["chosen"] == ex["responses"][int(np.argmax(z @ w))]
   assert {r["chosen"] for r in rows} == {"brief", "long", "safe"}  # the simplex is covered
+
+
+def test_stage_init_copies_backbone_so_donation_keeps_the_reference():
+  """On a one-device mesh the backbone's arrays already sit where the stage's params go; the stage
+  init must still copy them, since the engine donates (deletes) the initialized params while a frozen
+  reference built from the same backbone keeps using them (the DPO full-fine-tuning case)."""
+  from pro_jax.pro.stage import _init_with_backbone
+
+  model = Transformer(CFG)
+  mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1], axis_types=(jax.sharding.AxisType.Auto,))
+  one = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  backbone = jax.device_put(init_variables(model, jax.random.PRNGKey(3))["params"], one)
+  # copies: a live numpy view of a CPU buffer would itself keep XLA from donating it
+  expected = jax.tree.map(lambda x: np.array(x, copy=True), backbone)
+  shardings = jax.tree.map(lambda _: one, jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(0))))
+  variables = _init_with_backbone(lambda rng: init_variables(model, rng), backbone)(jax.random.PRNGKey(0),
+                                                                                     shardings=shardings)
+  jax.tree.map(lambda x, e: np.testing.assert_array_equal(np.array(x, copy=True), e), variables["params"], expected)
+  jax.jit(lambda v: jax.tree.map(lambda x: x * 2, v), donate_argnums=(0,))(variables)  # as init_state does
+  assert not any(x.is_deleted() for x in jax.tree.leaves(backbone))
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, backbone), expected)

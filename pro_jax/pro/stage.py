@@ -44,7 +44,11 @@ def _init_with_backbone(init: Callable[[jax.Array], Any], backbone_params: Any) 
       if jax.tree.structure(mine) != jax.tree.structure(value) or any(
           a.shape != np.shape(b) for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(value))):
         raise ValueError(f"backbone parameter {name!r} does not fit the stage's model (different shapes)")
-      params[name] = jax.tree.map(lambda a, b: jax.device_put(jnp.asarray(b, a.dtype), a.sharding), mine, value)
+      # may_alias=False: always a fresh buffer. On a one-device mesh the placement would otherwise hand
+      # back the backbone's own arrays, which the engine's state init then donates (deletes) while a
+      # frozen reference built from the same backbone still holds them.
+      params[name] = jax.tree.map(
+          lambda a, b: jax.device_put(jnp.asarray(b, a.dtype), a.sharding, may_alias=False), mine, value)
     variables["params"] = params
     return variables
 
