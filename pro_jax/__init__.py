@@ -5,7 +5,7 @@ The public API is re-exported here and imported lazily, so ``import pro_jax`` is
 
 from __future__ import annotations
 
-import importlib
+from pro_jax._lazy import lazy_api
 
 __version__ = "0.1.0"
 
@@ -75,17 +75,6 @@ _API = {
 }
 
 
-def __getattr__(name: str):
-  module = _API.get(name)
-  if module is None:
-    raise AttributeError(f"module 'pro_jax' has no attribute {name!r}")
-  value = getattr(importlib.import_module(module), name)
-  globals()[name] = value
-  return value
-
-
-def __dir__():
-  return sorted(list(globals()) + list(_API))
-
+__getattr__, __dir__ = lazy_api(__name__, globals(), _API)
 
 __all__ = sorted(_API)

@@ -20,7 +20,7 @@ everything else.
 
 from __future__ import annotations
 
-import importlib
+from pro_jax._lazy import lazy_api
 
 _API = {
     "build_train_step": "pro_jax.train.step",
@@ -44,17 +44,6 @@ _API = {
 }
 
 
-def __getattr__(name: str):
-  module = _API.get(name)
-  if module is None:
-    raise AttributeError(f"module 'pro_jax.train' has no attribute {name!r}")
-  value = getattr(importlib.import_module(module), name)
-  globals()[name] = value
-  return value
-
-
-def __dir__():
-  return sorted(list(globals()) + list(_API))
-
+__getattr__, __dir__ = lazy_api(__name__, globals(), _API)
 
 __all__ = sorted(_API)

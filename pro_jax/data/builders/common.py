@@ -191,15 +191,11 @@ def common_prefix_len(a: str, b: str) -> int:
 # the row loop
 
 
-def convert_rows(paths: Sequence[str], parse_row: Callable[..., dict | None], policy: RowPolicy,
-                 *, keep_row: Callable[[Any], bool] | None = None) -> Iterator[dict]:
-  """Reads every row of ``paths``, converts it with ``parse_row(obj, file=, row=)`` into a schema
-  dict, validates it, and yields it; bad rows go to ``policy`` (raise or drop and count).
-
-  ``keep_row(obj)`` (optional) skips rows silently (e.g. rows of another split). ``parse_row``
-  may return None to skip a row silently too. Ids must be unique within the split.
-  """
-  seen_ids: set[str] = set()
+def _kept_records(paths: Sequence[str], policy: RowPolicy,
+                  keep_row: Callable[..., bool] | None) -> Iterator[tuple[str, int, Any]]:
+  """(path, row, obj) for every record of ``paths`` that ``keep_row`` keeps (all without it), each
+  counted as read; a DataError raised by ``keep_row`` rejects its row. ``obj`` may be a DataError
+  (an unreadable record), for the caller to reject."""
   for path in paths:
     for row, obj in iter_records(path):
       if keep_row is not None and not isinstance(obj, DataError):
@@ -211,23 +207,36 @@ def convert_rows(paths: Sequence[str], parse_row: Callable[..., dict | None], po
           policy.reject(err)
           continue
       policy.read()
-      try:
-        if isinstance(obj, DataError):
-          raise obj
-        example = parse_row(obj, file=path, row=row)
-        if example is None:
-          continue
-        policy.check(example, file=path, row=row)
-        if example["id"] in seen_ids:
-          raise DataError(f"id {example['id']!r} already used in this split", file=path, row=row,
-                          field="id", reason="duplicate_id")
-      except DataError as err:
-        policy.reject(err.located(file=path, row=row))
+      yield path, row, obj
+
+
+def convert_rows(paths: Sequence[str], parse_row: Callable[..., dict | None], policy: RowPolicy,
+                 *, keep_row: Callable[[Any], bool] | None = None) -> Iterator[dict]:
+  """Reads every row of ``paths``, converts it with ``parse_row(obj, file=, row=)`` into a schema
+  dict, validates it, and yields it; bad rows go to ``policy`` (raise or drop and count).
+
+  ``keep_row(obj)`` (optional) skips rows silently (e.g. rows of another split). ``parse_row``
+  may return None to skip a row silently too. Ids must be unique within the split.
+  """
+  seen_ids: set[str] = set()
+  for path, row, obj in _kept_records(paths, policy, keep_row):
+    try:
+      if isinstance(obj, DataError):
+        raise obj
+      example = parse_row(obj, file=path, row=row)
+      if example is None:
         continue
-      seen_ids.add(example["id"])
-      policy.kept()
-      policy.emitted()
-      yield example
+      policy.check(example, file=path, row=row)
+      if example["id"] in seen_ids:
+        raise DataError(f"id {example['id']!r} already used in this split", file=path, row=row,
+                        field="id", reason="duplicate_id")
+    except DataError as err:
+      policy.reject(err.located(file=path, row=row))
+      continue
+    seen_ids.add(example["id"])
+    policy.kept()
+    policy.emitted()
+    yield example
 
 
 @dataclasses.dataclass
@@ -255,36 +264,26 @@ def group_scored(paths: Sequence[str], parse_row: Callable[..., Scored | None], 
   """
   groups: dict[str, list[Scored]] = {}
   k = len(objectives)
-  for path in paths:
-    for row, obj in iter_records(path):
-      if keep_row is not None and not isinstance(obj, DataError):
-        try:
-          if not keep_row(obj, file=path, row=row):
-            continue
-        except DataError as err:
-          policy.read()
-          policy.reject(err)
-          continue
-      policy.read()
-      try:
-        if isinstance(obj, DataError):
-          raise obj
-        item = parse_row(obj, file=path, row=row)
-        if item is None:
-          continue
-        if len(item.scores) != k:
-          raise DataError(f"{len(item.scores)} scores for {k} objectives", field="scores",
-                          reason="wrong_num_objectives")
-        single = schema.make_example(
-            id=f"{os.path.basename(path)}:{row}", source=source, objectives=objectives,
-            prompt=item.prompt, responses=[item.response], scores=[item.scores],
-            score_mask=[item.mask])
-        policy.check(single, file=path, row=row)
-      except DataError as err:
-        policy.reject(err.located(file=path, row=row))
+  for path, row, obj in _kept_records(paths, policy, keep_row):
+    try:
+      if isinstance(obj, DataError):
+        raise obj
+      item = parse_row(obj, file=path, row=row)
+      if item is None:
         continue
-      policy.kept()
-      groups.setdefault(item.key, []).append(item)
+      if len(item.scores) != k:
+        raise DataError(f"{len(item.scores)} scores for {k} objectives", field="scores",
+                        reason="wrong_num_objectives")
+      single = schema.make_example(
+          id=f"{os.path.basename(path)}:{row}", source=source, objectives=objectives,
+          prompt=item.prompt, responses=[item.response], scores=[item.scores],
+          score_mask=[item.mask])
+      policy.check(single, file=path, row=row)
+    except DataError as err:
+      policy.reject(err.located(file=path, row=row))
+      continue
+    policy.kept()
+    groups.setdefault(item.key, []).append(item)
   for items in groups.values():
     first = items[0]
     chosen = rejected = ""
