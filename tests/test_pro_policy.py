@@ -204,3 +204,44 @@ def test_stage_init_copies_backbone_so_donation_keeps_the_reference():
   jax.jit(lambda v: jax.tree.map(lambda x: x * 2, v), donate_argnums=(0,))(variables)  # as init_state does
   assert not any(x.is_deleted() for x in jax.tree.leaves(backbone))
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, backbone), expected)
+
+
+def test_response_window_logps_equal_the_hand_computed_ones(models):
+  """The LM head on each row's response window only (pair_logps(response_window=R)) gives the same
+  summed log-probs as the direct forward over every position; R is the longest response (6 here:
+  4 prompt tokens, rows of 6-10 tokens)."""
+  model, pol, _ = models
+  batch = _batch(5)
+  want_c, want_r = _side_logps(model, pol, batch)
+  for window in (6, 7, 9, 50):  # exactly the longest response, wider, wider than L - 1
+    got_c, got_r = pair_logps(model, pol, batch, response_window=window)
+    np.testing.assert_allclose(np.asarray(got_c), want_c, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(got_r), want_r, rtol=2e-5, atol=2e-5)
+  # the model's logit_positions_BxR picks exactly those rows of the full logits
+  tokens, mask = jnp.asarray(batch["chosen_tokens"]), jnp.asarray(batch["chosen_mask"])
+  pos = jnp.asarray(np.random.default_rng(0).integers(0, tokens.shape[1], size=(tokens.shape[0], 3)), jnp.int32)
+  full = np.asarray(model.apply(pol, tokens, mask).logits)
+  picked = np.asarray(model.apply(pol, tokens, mask, logit_positions_BxR=pos).logits)
+  np.testing.assert_allclose(picked, np.take_along_axis(full, np.asarray(pos)[..., None], axis=1), atol=1e-5)
+
+
+def test_response_window_too_short_gives_nan_not_a_truncated_sum(models):
+  model, pol, _ = models
+  batch = _batch(5)
+  lengths = batch["chosen_loss_mask"].sum(1)
+  got_c, _ = pair_logps(model, pol, batch, response_window=5)
+  got_c = np.asarray(got_c)
+  assert np.all(np.isnan(got_c[lengths > 5])) and np.all(np.isfinite(got_c[lengths <= 5]))
+  assert (lengths > 5).any() and (lengths <= 5).any()
+
+
+def test_dpo_plugin_with_response_window_equals_the_full_lm_head(models):
+  model, pol, ref = models
+  batch = _batch(6)
+  full = policy_loss("wdpo", model, beta=0.2)(pol, {"ref": ref}, batch, None)
+  win = policy_loss("wdpo", model, beta=0.2, response_window=6)(pol, {"ref": ref}, batch, None)
+  np.testing.assert_allclose(float(win[0]), float(full[0]), rtol=1e-5)
+  g_full = jax.grad(lambda p: policy_loss("dpo", model)(p, {"ref": ref}, batch, None)[0])(pol)
+  g_win = jax.grad(lambda p: policy_loss("dpo", model, response_window=6)(p, {"ref": ref}, batch, None)[0])(pol)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6),
+               g_win, g_full)

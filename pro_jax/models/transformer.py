@@ -324,7 +324,7 @@ class Transformer(nn.Module):
   def __call__(self, tokens_BxL: Array, attention_mask_BxL: Array | None = None,
                positions_BxL: Array | None = None, *, cache: dict | None = None,
                cache_index: Array | int = 0, cache_mask_BxT: Array | None = None,
-               weights_BxK: Array | None = None) -> ModelOutput:
+               weights_BxK: Array | None = None, logit_positions_BxR: Array | None = None) -> ModelOutput:
     """Forward pass.
 
     Args:
@@ -338,6 +338,9 @@ class Transformer(nn.Module):
       weights_BxK: objective weights for a model with soft weight tokens (`config.weight_tokens`):
         the j-th real occurrence of `config.weight_token_id` in a row gets w . weight_embed[:, j]
         added to its embedding. None: no addition (decode steps after the prompt).
+      logit_positions_BxR: LM head only at these positions of each row: `logits` is [B, R, V]
+        (`hidden` stays [B, L, D]). Saves the vocab projection where no logit is needed (a DPO loss
+        reads only the response's).
     """
     cfg = self.config
     B, L = tokens_BxL.shape
@@ -394,10 +397,13 @@ class Transformer(nn.Module):
 
     out = {"hidden": hidden, "cache": new_cache}
     if cfg.head == "lm":
+      h = hidden
+      if logit_positions_BxR is not None:
+        h = jnp.take_along_axis(hidden, logit_positions_BxR.astype(jnp.int32)[..., None], axis=1)
       if cfg.tie_embeddings:
-        logits = jnp.dot(hidden, embedding.astype(dtype).T)
+        logits = jnp.dot(h, embedding.astype(dtype).T)
       else:
-        logits = Linear(cfg.vocab_size, (EMBED, VOCAB), cfg, name="lm_head")(hidden)
+        logits = Linear(cfg.vocab_size, (EMBED, VOCAB), cfg, name="lm_head")(h)
       out["logits"] = nn.with_logical_constraint(logits.astype(jnp.float32), (BATCH, LENGTH, VOCAB))
     elif cfg.head == "score":
       idx = last_token_index(attention_mask_BxL, L, B)

@@ -316,7 +316,8 @@ def policy_task(cfg: Any, ecfg: Any) -> Task:
   B, L = spec["chosen_tokens"].shape
   fwd = mcfg.flops_per_token(L)
   flops = passes * fwd * 2 * B * L + (0.0 if ref_key == "batch" else fwd * 2 * B * L)
-  return _task(policy_loss(kind, model, beta=pro.beta, ref_key=ref_key), abstract_variables(model),
+  loss = policy_loss(kind, model, beta=pro.beta, ref_key=ref_key, response_window=d.max_response_len)
+  return _task(loss, abstract_variables(model),
                logical_axes(model), spec, name=f"policy/{kind}", mcfg=mcfg, tokens_per_step=2 * B * L,
                flops=flops, frozen_abstract=frozen, frozen_axes=frozen_axes)
 

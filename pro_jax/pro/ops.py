@@ -49,6 +49,37 @@ def token_logprobs(logits_BxLxV: Array, tokens_BxL: Array) -> Array:
   return _shift_right(logp_next_BxL)
 
 
+def response_window(tokens_BxL: Array, loss_mask_BxL: Array, window: int) -> tuple[Array, Array, Array]:
+  """The `window` token slots of each row starting at its first loss-mask position.
+
+  Returns (logit_positions_BxR, targets_BxR, mask_BxR), R = min(window, L - 1): the logits that
+  predict those tokens sit one position earlier; slots past the row's end are masked out. The
+  loss mask must lie inside the window (a response of at most `window` tokens); use
+  `window_sequence_logprob`, which turns a row whose loss mask does not fit into NaN.
+  """
+  B, L = tokens_BxL.shape
+  R = min(int(window), L - 1)
+  first_B = jnp.argmax(loss_mask_BxL > 0, axis=1).astype(jnp.int32)
+  first_B = jnp.maximum(first_B, 1)  # position 0 has no logit predicting it
+  token_pos_BxR = first_B[:, None] + jnp.arange(R, dtype=jnp.int32)[None]
+  inside_BxR = token_pos_BxR < L
+  token_pos_BxR = jnp.minimum(token_pos_BxR, L - 1)
+  targets_BxR = jnp.take_along_axis(tokens_BxL, token_pos_BxR, axis=1)
+  mask_BxR = jnp.take_along_axis(loss_mask_BxL, token_pos_BxR, axis=1).astype(jnp.float32) * inside_BxR
+  return token_pos_BxR - 1, targets_BxR, mask_BxR
+
+
+def window_sequence_logprob(logits_BxRxV: Array, targets_BxR: Array, mask_BxR: Array,
+                            loss_mask_BxL: Array) -> Array:
+  """`sequence_logprob` from windowed logits (`response_window`): sum of the targets' log-probs.
+  NaN for a row whose loss mask has tokens outside the window (never silently dropped)."""
+  logits = logits_BxRxV.astype(jnp.float32)
+  logp_BxR = _pick(logits, targets_BxR) - jax.nn.logsumexp(logits, axis=-1)
+  total_B = masked_sum(logp_BxR, mask_BxR, axis=-1)
+  covered_B = jnp.sum(mask_BxR, axis=-1) == jnp.sum(loss_mask_BxL.astype(jnp.float32), axis=-1)
+  return jnp.where(covered_B, total_B, jnp.nan)
+
+
 def masked_sum(x: Array, mask: Array, axis=None) -> Array:
   """sum(x * mask) over `axis`; entries where mask == 0 are ignored even if x is inf / nan there."""
   mask = mask.astype(jnp.float32)

@@ -426,13 +426,14 @@ def run_policy(ctx: Context, existing: str = "auto") -> str:
       ref_model = Transformer(mcfg.replace(lora=None, value_head=False))
       ref_vars = {"params": (init if ref_key == "base" else load_source(ref_source)).params}
       pass_pipe = _pipeline(ctx, rows, pcfg, "pair", name="train", epochs=1, shuffle=False)
-      logps = precompute_reference_logps(ref_model, ref_vars, pass_pipe)
+      logps = precompute_reference_logps(ref_model, ref_vars, pass_pipe, ctx.cfg.data.max_response_len)
       for i, r in enumerate(rows):
         r["ref_chosen_logp"], r["ref_rejected_logp"] = logps[i]
       fields += ("ref_chosen_logp", "ref_rejected_logp")
       ref_key, frozen = "batch", None
     pipe = _pipeline(ctx, rows, pcfg, "pair", name="train", extra_fields=fields)
-    loss = policy_loss(kind, model, beta=pro.beta, ref_key=ref_key)
+    # the pair pipeline keeps responses within max_response_len: the LM head runs on those slots only
+    loss = policy_loss(kind, model, beta=pro.beta, ref_key=ref_key, response_window=ctx.cfg.data.max_response_len)
   else:
     raise ValueError(f"policy.pro.loss must be one of sft, ric, dpo, wdpo, modpo, ppo; got {kind!r}")
   task = make_task(model, loss, pipe, init=lambda rng: init_variables(model, rng), backbone_params=init.params,

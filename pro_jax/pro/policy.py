@@ -44,21 +44,36 @@ def _cat(batch: dict, a: str, b: str) -> jax.Array:
   return jnp.concatenate([batch[a], batch[b]], axis=0)
 
 
-def pair_logps(model: Transformer, variables: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
-  """Summed response log-probs (chosen_B, rejected_B), one forward over [chosen; rejected]."""
+def pair_logps(model: Transformer, variables: Any, batch: dict,
+               response_window: int | None = None) -> tuple[jax.Array, jax.Array]:
+  """Summed response log-probs (chosen_B, rejected_B), one forward over [chosen; rejected].
+
+  response_window: the longest response (tokens, EOS included; the pipeline's max_response_len).
+  Given, the LM head runs only on each row's response window instead of all L positions (the
+  prompt's logits are never used); a row whose response does not fit gives NaN. None: every position.
+  """
   tokens = _cat(batch, "chosen_tokens", "rejected_tokens")
-  logits = model.apply(variables, tokens, _cat(batch, "chosen_mask", "rejected_mask")).logits
-  logp_2B = ops.sequence_logprob(logits, tokens, _cat(batch, "chosen_loss_mask", "rejected_loss_mask"))
+  mask = _cat(batch, "chosen_mask", "rejected_mask")
+  loss_mask = _cat(batch, "chosen_loss_mask", "rejected_loss_mask")
+  if response_window is None or response_window >= tokens.shape[1] - 1:
+    logits = model.apply(variables, tokens, mask).logits
+    logp_2B = ops.sequence_logprob(logits, tokens, loss_mask)
+  else:
+    positions, targets, window_mask = ops.response_window(tokens, loss_mask, response_window)
+    logits = model.apply(variables, tokens, mask, logit_positions_BxR=positions).logits
+    logp_2B = ops.window_sequence_logprob(logits, targets, window_mask, loss_mask)
   return jnp.split(logp_2B, 2)
 
 
 def policy_loss(kind: str, model: Transformer, *, ref_model: Transformer | None = None, beta: float = 0.1,
                 ref_key: str = "ref", label_smoothing: float = 0.0, dpo_loss_type: str = "sigmoid",
-                modpo_w0_min: float = 1e-2) -> Callable:
+                modpo_w0_min: float = 1e-2, response_window: int | None = None) -> Callable:
   """The loss plug-in `(params, frozen, batch, rng) -> (loss, metrics)` for `kind` (see module doc).
 
   ref_key: where the reference variables are: "ref" (frozen["ref"]), "base" (the policy's own base
     params, for LoRA policies) or "batch" (precomputed `ref_chosen_logp` / `ref_rejected_logp`).
+    response_window: DPO-type losses: the longest response in tokens (see `pair_logps`); the LM
+      head then runs on the responses only.
   """
   if kind not in POLICY_LOSSES:
     raise ValueError(f"policy loss must be one of {POLICY_LOSSES}, got {kind!r}")
@@ -86,12 +101,12 @@ def policy_loss(kind: str, model: Transformer, *, ref_model: Transformer | None 
 
   def dpo_fn(params, frozen, batch, rng):
     del rng
-    pc, pr = pair_logps(model, params, batch)
+    pc, pr = pair_logps(model, params, batch, response_window)
     if ref_key == "batch":
       rc, rr = batch["ref_chosen_logp"], batch["ref_rejected_logp"]
     else:
       ref_vars = frozen["ref"] if ref_key == "ref" else {"params": params["params"]}
-      rc, rr = pair_logps(ref_model, ref_vars, batch)
+      rc, rr = pair_logps(ref_model, ref_vars, batch, response_window)
     rc, rr = jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)
     real_B = (batch["example_id"] >= 0).astype(jnp.float32)
     if kind == "dpo":
@@ -111,9 +126,10 @@ def policy_loss(kind: str, model: Transformer, *, ref_model: Transformer | None 
   return dpo_fn
 
 
-def precompute_reference_logps(ref_model: Transformer, ref_variables: Any, pipeline: Any) -> dict[int, tuple]:
+def precompute_reference_logps(ref_model: Transformer, ref_variables: Any, pipeline: Any,
+                               response_window: int | None = None) -> dict[int, tuple]:
   """example_id -> (ref log p(chosen), ref log p(rejected)) over one pass of a pair pipeline."""
-  fn = jax.jit(lambda b: pair_logps(ref_model, ref_variables, b))
+  fn = jax.jit(lambda b: pair_logps(ref_model, ref_variables, b, response_window))
   out = {}
   for batch in pipeline.iterator():
     rc, rr = jax.device_get(fn(batch))
