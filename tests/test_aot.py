@@ -17,7 +17,9 @@ pytestmark = pytest.mark.skipif(
     reason="libtpu is not installed: `pip install 'jax[tpu]==0.10.2'` to compile for TPU topologies on CPU")
 
 
-def test_tiny_dpo_step_compiles_for_v5e_and_reports_memory_cost_and_mfu():
+def test_tiny_dpo_step_compiles_for_v5e_and_reports_memory_cost_and_mfu(monkeypatch):
+  from pro_jax.models import transformer
+  monkeypatch.setattr(transformer, "UNROLL_MAX_LAYERS", 0)  # scan even this shallow stack, as at 7B
   cfg = load_config("tiny_dpo")  # scanned layers: a loop, so the loop-free variant gives the cost figures
   r = aot_compile(cfg, "v5e:2x2")
   assert r.n_chips == 4 and r.mesh_shape == {"data": 1, "fsdp": 4, "tensor": 1}

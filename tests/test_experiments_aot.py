@@ -327,8 +327,10 @@ TINY_OVERRIDES = ["--config.model.d_model=64", "--config.model.n_layers=2", "--c
                   "--config.data.bucket_multiple=8", "--config.policy.batch_size=16"]
 
 
-def test_pro_jax_aot_compiles_a_tiny_experiment_step_for_v5e(tmp_path, capsys):
+def test_pro_jax_aot_compiles_a_tiny_experiment_step_for_v5e(tmp_path, capsys, monkeypatch):
   from pro_jax import cli
+  from pro_jax.models import transformer
+  monkeypatch.setattr(transformer, "UNROLL_MAX_LAYERS", 0)  # scan even this shallow stack, as at 7B
   from pro_jax.train.aot import libtpu_available
   if not libtpu_available():
     pytest.skip("libtpu is not installed: `pip install 'jax[tpu]==0.10.2'` to compile for TPU topologies on CPU")

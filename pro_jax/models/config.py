@@ -80,7 +80,7 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
   remat: Remat = "none"
-  scan_layers: bool = True  # False unrolls the layer loop (same parameter layout)
+  scan_layers: bool = True  # scan over layers when deeper than transformer.UNROLL_MAX_LAYERS; False unrolls
   attention_impl: str | None = None  # passed to jax.nn.dot_product_attention ("xla", "cudnn")
   pad_token_id: int | None = None
   bos_token_id: int | None = None

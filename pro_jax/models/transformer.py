@@ -41,6 +41,17 @@ class ModelOutput:
   cache: Any = None  # updated KV cache when one was passed
 
 
+# Stacks of at most this many layers run unrolled even with `scan_layers=True`: the scan only saves
+# compile time at depth, and unrolled layers run faster (7% on a 4-layer DPO step on CPU). The
+# parameter layout is the same either way.
+UNROLL_MAX_LAYERS = 8
+
+
+def scans_layers(cfg: ModelConfig) -> bool:
+  """Whether the layer loop is a scan (True) or unrolled."""
+  return bool(cfg.scan_layers) and cfg.n_layers > UNROLL_MAX_LAYERS
+
+
 def _remat_policy(name: str):
   return {
       "full": None,
@@ -388,7 +399,7 @@ class Transformer(nn.Module):
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast, 0),
         length=cfg.n_layers,
-        unroll=1 if cfg.scan_layers else cfg.n_layers,
+        unroll=1 if scans_layers(cfg) else cfg.n_layers,
         metadata_params={nn.PARTITION_NAME: LAYERS},
     )
     x_BxLxD, new_cache = stack(cfg, self.deterministic, name="layers")(
