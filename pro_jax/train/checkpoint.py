@@ -41,6 +41,21 @@ from pro_jax.train.state import TrainState, merge_variables
 
 log = logging.getLogger("pro_jax")
 
+# Orbax warns on every read-only CheckpointManager (how load_checkpoint and the stages read a finished
+# run) and on its own type-handler registration: expected, not actionable, and they bury the
+# progress lines. Other absl warnings pass.
+_ORBAX_NOISE = ("CheckpointManagerOptions.read_only=True", "Given directory is read only",
+                'Type handler registry type "<class \'jax.')
+
+
+class _OrbaxNoiseFilter(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not any(m in message for m in _ORBAX_NOISE)
+
+
+logging.getLogger("absl").addFilter(_OrbaxNoiseFilter())
+
 CHECKPOINTS_DIR = "checkpoints"
 BASE_DIR = "base"
 FORMAT = 1
