@@ -140,18 +140,7 @@ chain_command() {
 }
 
 remote_launch_command() {
-  # shellcheck disable=SC2088  # '~' is expanded by the remote shell
-  local logs="~/$LOG_DIR" pid log
-  pid="$logs/$RUN_NAME.pid"
-  log="$logs/$RUN_NAME.log"
-  local envs=(PYTHONUNBUFFERED=1 "${ENV_VARS[@]}")
-  printf '%s' "set -euo pipefail; mkdir -p $logs; cd ~/$REMOTE_DIR; " \
-    "if [ -f $pid ] && kill -0 \"\$(cat $pid)\" 2>/dev/null; then " \
-    "echo \"$RUN_NAME is already running on \$(hostname) (pid \$(cat $pid)); not launching\" >&2; exit 3; fi; " \
-    "echo \"=== launch \$(date -u +%FT%TZ) stages ${STAGES[*]} ===\" >> $log; " \
-    "nohup env $(format_cmd "${envs[@]}") bash -c $(quote "$(chain_command)")" \
-    " >> $log 2>&1 < /dev/null & echo \$! > $pid; " \
-    "echo \"launched $RUN_NAME on \$(hostname): pid \$(cat $pid), log $log\""
+  background_launch_command " stages ${STAGES[*]}" "bash -c $(quote "$(chain_command)")"
 }
 
 run_local() {

@@ -494,8 +494,11 @@ stage_argv() {
   STAGE_ARGV+=(--workdir "$WORKDIR" "${PASSTHROUGH[@]}")
 }
 
-launch_command() {
-  stage_argv
+# The remote shell line that starts COMMAND (already quoted for the remote shell) in the background on
+# a worker: refuses while RUN_NAME's pid is alive, appends a "=== launch DATE<LABEL> ===" header and
+# COMMAND's output to ~/LOG_DIR/RUN_NAME.log, records the pid. Usage: background_launch_command LABEL COMMAND
+background_launch_command() {
+  local label=$1 command=$2
   # shellcheck disable=SC2088  # '~' is expanded by the remote shell
   local logs="~/$LOG_DIR" pid log
   pid="$logs/$RUN_NAME.pid"
@@ -504,10 +507,16 @@ launch_command() {
   printf '%s' "set -euo pipefail; mkdir -p $logs; cd ~/$REMOTE_DIR; " \
     "if [ -f $pid ] && kill -0 \"\$(cat $pid)\" 2>/dev/null; then " \
     "echo \"$RUN_NAME is already running on \$(hostname) (pid \$(cat $pid)); not launching\" >&2; exit 3; fi; " \
-    "echo \"=== launch \$(date -u +%FT%TZ) ===\" >> $log; " \
-    "nohup env $(format_cmd "${envs[@]}") ~/$VENV_DIR/bin/pro-jax $(format_cmd "${STAGE_ARGV[@]}")" \
+    "echo \"=== launch \$(date -u +%FT%TZ)$label ===\" >> $log; " \
+    "nohup env $(format_cmd "${envs[@]}") $command" \
     " >> $log 2>&1 < /dev/null & echo \$! > $pid; " \
     "echo \"launched $RUN_NAME on \$(hostname): pid \$(cat $pid), log $log\""
+}
+
+launch_command() {
+  stage_argv
+  # shellcheck disable=SC2088  # '~' is expanded by the remote shell
+  background_launch_command "" "~/$VENV_DIR/bin/pro-jax $(format_cmd "${STAGE_ARGV[@]}")"
 }
 
 do_launch() {

@@ -56,7 +56,7 @@ from pro_jax.pro import ppo as ppo_math
 from pro_jax.pro.backbone import Backbone, derive_config, load_source
 from pro_jax.pro.normalize import NormStats
 from pro_jax.train import logging as tlog
-from pro_jax.train.checkpoint import CHECKPOINTS_DIR, Checkpointer, as_path, restore_base, save_base
+from pro_jax.train.checkpoint import CHECKPOINTS_DIR, Checkpointer, as_path, base_for_fresh_run, restore_base
 from pro_jax.train.config import config_to_dict, model_config_from, validate_config
 from pro_jax.train.state import TrainState, init_state, merge_variables, split_variables
 from pro_jax.train.trainer import NonFiniteError, Task, _Preemption, prepare_workdir, setup
@@ -681,12 +681,7 @@ def run_ppo(engine_cfg: Any, workdir: str | os.PathLike, *, policy: str | tuple,
     resumed_from = start
     log.info("ppo: resumed from iteration %d (%s)", start, ckpt.directory)
   else:
-    if jax.tree.leaves(base):
-      saved = restore_base(workdir, su.base_abstract)
-      if saved is not None:  # a previous attempt got this far: use exactly what it saved
-        base = saved
-      else:
-        save_base(workdir, base)
+    base = base_for_fresh_run(workdir, base, su.base_abstract)
     state = fns.init_state(trainable0, jax.random.fold_in(jax.random.PRNGKey(seed), 1))
     kl_state = controller.init()
     start = consumed = 0

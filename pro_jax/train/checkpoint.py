@@ -232,6 +232,18 @@ def restore_base(workdir: str | os.PathLike, abstract_base: Any = None) -> Any |
   return out
 
 
+def base_for_fresh_run(workdir: str | os.PathLike, base: Any, abstract_base: Any = None) -> Any:
+  """The non-trainable variables of a run starting at step 0: exactly what a previous attempt
+  saved, if one got that far; else `base`, saved now (so a restart never re-derives them)."""
+  if not jax.tree.leaves(base):
+    return base
+  saved = restore_base(workdir, abstract_base)
+  if saved is not None:
+    return saved
+  save_base(workdir, base)
+  return base
+
+
 def config_from_json(obj: Any) -> mc.ConfigDict:
   if isinstance(obj, str):
     obj = json.loads(obj)

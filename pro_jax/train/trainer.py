@@ -39,7 +39,7 @@ from jax.sharding import Mesh
 from pro_jax import sharding as shd
 from pro_jax.configs import ConfigError
 from pro_jax.train import logging as tlog
-from pro_jax.train.checkpoint import CHECKPOINTS_DIR, Checkpointer, as_path, restore_base, save_base
+from pro_jax.train.checkpoint import CHECKPOINTS_DIR, Checkpointer, as_path, base_for_fresh_run, restore_base
 from pro_jax.train.config import config_diff, config_to_dict, validate_config
 from pro_jax.train.optimizer import make_optimizer
 from pro_jax.train.state import (TrainState, abstract_state, init_state, split_variables, state_shardings,
@@ -285,12 +285,7 @@ def train(cfg: Any, workdir: str | os.PathLike, task: Task, *, existing: str = "
     var_sh = shd.param_shardings(task.logical_axes, task.abstract_variables, mesh, su.rules)
     variables = task.init_variables(jax.random.PRNGKey(cfg.seed), shardings=var_sh)
     trainable, base = split_variables(variables, cfg.trainable)
-    if jax.tree.leaves(base):
-      saved = restore_base(workdir, su.base_abstract)
-      if saved is not None:  # a previous attempt got this far: use exactly what it saved
-        base = saved
-      else:
-        save_base(workdir, base)
+    base = base_for_fresh_run(workdir, base, su.base_abstract)
     rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1)
     state = jax.jit(lambda p, r: init_state(p, su.optimizer, r), out_shardings=su.state_shardings,
                     donate_argnums=(0,))(trainable, rng)
