@@ -20,16 +20,13 @@ option `no_humor` (K = 2).
   0.7, max_new_tokens 128. RiC-style offline (`:ric`): lr 1.414e-4, 20k steps.
 """
 
-import importlib.util
 import pathlib
+
+from pro_jax.configs import load_module_file
 
 
 def _common():
-  spec = importlib.util.spec_from_file_location("_pro_jax_experiments_common",
-                                                pathlib.Path(__file__).with_name("common.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_module_file(pathlib.Path(__file__).with_name("common.py"), "_pro_jax_experiments_common")
 
 
 SETTING = "helpful_assistant"

@@ -16,16 +16,13 @@ Argument: STAGE, LOSS or STAGE,LOSS (experiments/common.py); default stage polic
   model (LoRA), and the pipeline scores with it ("rm").
 """
 
-import importlib.util
 import pathlib
+
+from pro_jax.configs import load_module_file
 
 
 def _common():
-  spec = importlib.util.spec_from_file_location("_pro_jax_experiments_common",
-                                                pathlib.Path(__file__).with_name("common.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_module_file(pathlib.Path(__file__).with_name("common.py"), "_pro_jax_experiments_common")
 
 
 SETTING = "ultrafeedback_aspects"

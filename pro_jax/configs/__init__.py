@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import difflib
+import os
 import importlib
 import importlib.util
 import pathlib
@@ -37,6 +38,15 @@ def list_configs() -> list[str]:
   return sorted(m.name for m in pkgutil.iter_modules([str(here)]) if m.name != "base")
 
 
+def load_module_file(path: str | os.PathLike, module_name: str) -> Any:
+  """Execute the Python file at `path` as a fresh module named `module_name` (config files, and the
+  helper modules that config files outside the package share, e.g. experiments/common.py)."""
+  module_spec = importlib.util.spec_from_file_location(module_name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)  # type: ignore[union-attr]
+  return module
+
+
 def load_config(spec: str, overrides: Sequence[str] = ()) -> mc.ConfigDict:
   """Config from a name or path (`NAME[:ARG]`), with `--config.KEY=VALUE` overrides applied."""
   name, _, arg = spec.partition(":")
@@ -44,9 +54,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> mc.ConfigDict:
   if name.endswith(".py") or path.exists():
     if not path.is_file():
       raise ConfigError(f"config file {name} does not exist")
-    module_spec = importlib.util.spec_from_file_location(f"_pro_jax_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)  # type: ignore[union-attr]
+    module = load_module_file(path, f"_pro_jax_config_{path.stem}")
   else:
     if name not in list_configs():
       close = difflib.get_close_matches(name, list_configs(), n=1)
