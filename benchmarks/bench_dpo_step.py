@@ -222,9 +222,9 @@ def build_pro_jax_step(spec: dict):
   from pro_jax import sharding as shd
   from pro_jax.configs.pro_base import pro_config
   from pro_jax.models import Transformer, init_variables
-  from pro_jax.pro.backbone import load_source
-  from pro_jax.pro.policy import policy_loss
-  from pro_jax.pro.stage import make_task
+  from pro_jax.models.sources import load_source
+  from pro_jax.stages.policy import policy_loss
+  from pro_jax.stages.stage import make_task
   from pro_jax.train.config import model_config_from
   from pro_jax.train.state import init_state, split_variables
   from pro_jax.train.trainer import setup

@@ -36,12 +36,12 @@ class Command:
 
 # name -> "module:attribute" of a Command. Later stages add theirs here.
 COMMANDS: dict[str, str] = {
-    "demo": "pro_jax.pro.commands:DEMO",
-    "sft": "pro_jax.pro.commands:SFT",
-    "rm": "pro_jax.pro.commands:RM",
-    "adapter": "pro_jax.pro.commands:ADAPTER",
-    "policy": "pro_jax.pro.commands:POLICY",
-    "eval": "pro_jax.pro.commands:EVAL",
+    "demo": "pro_jax.stages.commands:DEMO",
+    "sft": "pro_jax.stages.commands:SFT",
+    "rm": "pro_jax.stages.commands:RM",
+    "adapter": "pro_jax.stages.commands:ADAPTER",
+    "policy": "pro_jax.stages.commands:POLICY",
+    "eval": "pro_jax.stages.commands:EVAL",
     "train": "pro_jax.train.commands:TRAIN",
     "aot": "pro_jax.train.commands:AOT",
 }

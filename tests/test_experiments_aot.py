@@ -1,5 +1,5 @@
 """The paper-setting experiments (experiments/*.py), the abstract stage tasks of `pro-jax aot`
-(pro_jax/pro/aot_tasks.py) and the per-setting launch scripts.
+(pro_jax/stages/tasks.py) and the per-setting launch scripts.
 
 * every experiment config loads for every stage and loss, validates for the TPU topologies of
   docs/experiments.md, and carries the paper's settings;
@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 
 from pro_jax.configs import ConfigError, load_config
-from pro_jax.pro import aot_tasks as T
+from pro_jax.stages import tasks as T
 from pro_jax.train.config import validate_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -182,7 +182,7 @@ def sft_workdir(tmp_path_factory):
   """A workdir whose sft stage really ran (1 step) from a tiny HF checkpoint, as stage:sft sources expect."""
   from pro_jax.models import ModelConfig, Transformer, init_variables
   from pro_jax.models.hf_io import save_hf_model
-  from pro_jax.pro.pipeline import load_context, run_stage
+  from pro_jax.stages.pipeline import load_context, run_stage
   root = tmp_path_factory.mktemp("exp_aot")
   work = root / "work"
   probe = tiny(exp_config("helpful_assistant", "sft"), "unused", 1)
@@ -196,7 +196,8 @@ def sft_workdir(tmp_path_factory):
 
 def capture(stage: str, cfg, workdir: str, monkeypatch):
   """(engine config, Task) that the pipeline's `stage` builds, stopped before it compiles or trains."""
-  from pro_jax.pro import pipeline, ppo_trainer
+  from pro_jax.stages import pipeline
+  from pro_jax.stages import ppo as ppo_trainer
   from pro_jax.train import trainer
 
   def stop(c, workdir_, task, *args, **kwargs):

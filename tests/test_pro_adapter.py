@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from pro_jax.models import ModelConfig, Transformer, init_variables
-from pro_jax.pro import adapter as A
+from pro_jax.stages import adapter as A
 from pro_jax.pro.normalize import fit_norm_stats
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, mlp_dim=64, max_seq_len=32, head="none")
@@ -63,10 +63,10 @@ def test_train_adapter_learns_prompt_types_and_loads_back(tmp_path):
   from transformers import AutoTokenizer
 
   import pro_jax.data.synthetic as S
-  from pro_jax.pro.stage import engine_config
-  from pro_jax.pro.policy import policy_loss
-  from pro_jax.pro.stage import make_task
-  from pro_jax.pro.backbone import graft
+  from pro_jax.stages.stage import engine_config
+  from pro_jax.stages.policy import policy_loss
+  from pro_jax.stages.stage import make_task
+  from pro_jax.models.sources import graft
   from pro_jax.data.pipeline import Pipeline, PipelineConfig
   from pro_jax.train.trainer import train
 

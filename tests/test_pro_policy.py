@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from pro_jax.models import LoRAConfig, ModelConfig, Transformer, init_variables
-from pro_jax.pro.policy import (best_of_examples, condition_prompt, pair_logps, policy_loss,
+from pro_jax.stages.policy import (best_of_examples, condition_prompt, pair_logps, policy_loss,
                                 resolve_example_weights, ric_examples)
 from pro_jax.pro.weights import parse_weights_text
 
@@ -189,7 +189,7 @@ def test_stage_init_copies_backbone_so_donation_keeps_the_reference():
   """On a one-device mesh the backbone's arrays already sit where the stage's params go; the stage
   init must still copy them, since the engine donates (deletes) the initialized params while a frozen
   reference built from the same backbone keeps using them (the DPO full-fine-tuning case)."""
-  from pro_jax.pro.stage import _init_with_backbone
+  from pro_jax.stages.stage import _init_with_backbone
 
   model = Transformer(CFG)
   mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1], axis_types=(jax.sharding.AxisType.Auto,))

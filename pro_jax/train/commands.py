@@ -98,7 +98,7 @@ def _aot_args(p: argparse.ArgumentParser) -> None:
                  help="TPU topology, e.g. v5e:4x4, v5e:2x2, v5p:2x2x2, v4:2x2x2, v6e:4x4")
   p.add_argument("--stage", default="", choices=["", "sft", "rm", "adapter", "policy"],
                  help="PRO pipeline configs: the stage whose train step to compile (default: the config's "
-                      "`stage` field, else policy); see pro_jax/pro/aot_tasks.py")
+                      "`stage` field, else policy); see pro_jax/stages/tasks.py")
   p.add_argument("--json", default="", help="also write the report as JSON to this file")
   p.add_argument("--no-cost-variant", action="store_true",
                  help="skip the second, loop-free compile used for the cost-model figures when the configured "
@@ -107,7 +107,7 @@ def _aot_args(p: argparse.ArgumentParser) -> None:
 
 def _aot_run(args: argparse.Namespace) -> int:
   from pro_jax.configs import load_config
-  from pro_jax.pro.aot_tasks import aot_target
+  from pro_jax.stages.tasks import aot_target
   from pro_jax.train.aot import AotError, aot_compile
   cfg = load_config(args.config, args.overrides)
   target = aot_target(cfg, args.stage or None)  # a PRO pipeline config: the stage's engine config and Task

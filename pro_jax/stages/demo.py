@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pro_jax.pro import evaluate as E
-from pro_jax.pro.pipeline import run_pipeline, say
+from pro_jax.stages import evaluate as E
+from pro_jax.stages.pipeline import run_pipeline, say
 
 
 def _top(report: dict, n: int) -> dict:

@@ -1,4 +1,4 @@
-"""`pro-jax` subcommands of the PRO stages: sft, rm, adapter, policy, eval, demo (pro_jax.pro.pipeline)."""
+"""`pro-jax` subcommands of the PRO stages: sft, rm, adapter, policy, eval, demo (pro_jax.stages.pipeline)."""
 
 from __future__ import annotations
 
@@ -45,12 +45,12 @@ def _args(stage: str):
 def _run(stage: str):
   def run(args: argparse.Namespace) -> int:
     from pro_jax.configs import ConfigError
-    from pro_jax.pro.pipeline import Preempted, run_pipeline, run_stage
+    from pro_jax.stages.pipeline import Preempted, run_pipeline, run_stage
     from pro_jax.train.trainer import NonFiniteError, WorkdirError
     try:
       cfg = config_from_args(args)
       if stage == "demo":
-        from pro_jax.pro.demo import run_demo
+        from pro_jax.stages.demo import run_demo
         run_demo(cfg, args.workdir, existing=existing_mode(args))
         return EXIT_OK
       out = run_stage(stage, cfg, args.workdir, existing=existing_mode(args))

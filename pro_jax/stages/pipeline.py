@@ -45,14 +45,14 @@ import numpy as np
 from pro_jax.data import synthetic as S
 from pro_jax.data.pipeline import Pipeline, PipelineConfig
 from pro_jax.models import ModelConfig, Transformer, init_variables
-from pro_jax.pro import adapter as A
-from pro_jax.pro import evaluate as E
-from pro_jax.pro.backbone import Backbone, load_source
+from pro_jax.stages import adapter as A
+from pro_jax.stages import evaluate as E
+from pro_jax.models.sources import Backbone, load_source
 from pro_jax.pro.normalize import NormStats, fit_norm_stats
-from pro_jax.pro.policy import (DPO_TYPE, best_of_examples, policy_loss, precompute_reference_logps,
+from pro_jax.stages.policy import (DPO_TYPE, best_of_examples, policy_loss, precompute_reference_logps,
                                 resolve_example_weights, ric_examples)
-from pro_jax.pro.scoring import CachedScorer, StackedScorer, scorer_key
-from pro_jax.pro.stage import make_task
+from pro_jax.stages.scoring import CachedScorer, StackedScorer, scorer_key
+from pro_jax.stages.stage import make_task
 from pro_jax.pro.weights import simplex_grid
 from pro_jax.train.config import model_config_from
 from pro_jax.train.trainer import train
@@ -207,10 +207,10 @@ def build_scorer(ctx: Context) -> Any:
     if spec == "synthetic":
       parts.append(S.SyntheticRewards(ctx.task_config or _synthetic_config(ctx.cfg)))
     elif spec == "rm":
-      from pro_jax.pro.reward_model import load_reward_model
+      from pro_jax.stages.rm import load_reward_model
       parts.append(load_reward_model(ctx.path("rm")))
     elif spec.startswith("hf:"):
-      from pro_jax.pro.reward_model import hf_reward_scorer
+      from pro_jax.stages.rm import hf_reward_scorer
       path, _, name = spec[3:].rpartition("=")
       if not path or not name:
         raise ValueError(f"scorer {spec!r}: expected hf:DIR=OBJECTIVE")
@@ -337,7 +337,7 @@ def run_sft(ctx: Context, existing: str = "auto") -> str:
 
 def run_rm(ctx: Context, existing: str = "auto") -> dict[str, Any]:
   """The multi-head reward model (objectives `rm.pro.objectives`), with held-out pair accuracy."""
-  from pro_jax.pro.reward_model import pair_accuracy, train_reward_model
+  from pro_jax.stages.rm import pair_accuracy, train_reward_model
   rcfg = ctx.cfg.rm
   objectives = list(rcfg.pro.objectives) or ctx.objectives
   rows_tr = [_remap(ex, objectives) for ex in ctx.train if ex.get("chosen") and ex.get("rejected")]
@@ -518,8 +518,8 @@ def _ric_rows(ctx: Context) -> list[dict]:
 
 
 def _run_ppo(ctx: Context, model: Transformer, init: Backbone, extra: dict, existing: str) -> str:
-  """MORLHF-PPO (`pro_jax.pro.ppo_trainer.run_ppo`) with the prompts' weights from `weights_source`."""
-  from pro_jax.pro.ppo_trainer import PPOConfig, run_ppo
+  """MORLHF-PPO (`pro_jax.stages.ppo.run_ppo`) with the prompts' weights from `weights_source`."""
+  from pro_jax.stages.ppo import PPOConfig, run_ppo
   del model
   pcfg, pro = ctx.cfg.policy, ctx.cfg.policy.pro
   pp = pro.ppo

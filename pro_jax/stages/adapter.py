@@ -159,7 +159,7 @@ def load_adapter(directory: str, step: int | None = None, *, batch_size: int = 6
       adapter.objectives                              # the K names
   """
   from pro_jax.models.tokenizer import load_tokenizer
-  from pro_jax.pro.backbone import load_source
+  from pro_jax.models.sources import load_source
   from pro_jax.train.checkpoint import load_checkpoint
 
   ck = load_checkpoint(directory, step)
@@ -185,14 +185,14 @@ def train_adapter(engine_cfg: Any, workdir: str, examples: Sequence[dict], targe
   """Stage 4 end to end: train f_psi on (prompt, w*) with the engine, return the deployable adapter.
 
   engine_cfg: the engine config of the run (batch_size, total_steps, optim, mesh, checkpoint, ...).
-  backbone_source: the frozen feature backbone (`pro_jax.pro.backbone` source string; default use:
+  backbone_source: the frozen feature backbone (`pro_jax.models.sources` source string; default use:
     the reference policy's checkpoint). tokenizer_path: saved in the checkpoint for `load_adapter`
     ("builtin" = the tokenizer that comes with a llama2.c source). norm: the normalization
     statistics the targets were computed with, saved with the checkpoint (`extra["norm"]`).
   """
   from pro_jax.data.pipeline import PipelineConfig
-  from pro_jax.pro.backbone import load_source
-  from pro_jax.pro.stage import make_task
+  from pro_jax.models.sources import load_source
+  from pro_jax.stages.stage import make_task
   from pro_jax.train.trainer import train
 
   targets_NxK = np.asarray(targets_NxK, np.float32)
@@ -222,6 +222,6 @@ def train_adapter(engine_cfg: Any, workdir: str, examples: Sequence[dict], targe
                               **({"norm": norm.to_dict()} if norm is not None else {})))
   result = train(engine_cfg, workdir, task, existing=existing)
   if result.status == "preempted":
-    from pro_jax.pro.pipeline import Preempted
+    from pro_jax.stages.pipeline import Preempted
     raise Preempted(f"{workdir}: preempted at step {result.step}; checkpoint saved; rerun to resume")
   return load_adapter(workdir)

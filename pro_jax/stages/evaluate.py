@@ -36,7 +36,7 @@ from pro_jax.models.generate import generate
 from pro_jax.pro import metrics as pm
 from pro_jax.pro import ops
 from pro_jax.pro.normalize import NormStats
-from pro_jax.pro.policy import condition_prompt
+from pro_jax.stages.policy import condition_prompt
 
 
 @dataclasses.dataclass

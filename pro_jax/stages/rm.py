@@ -35,8 +35,8 @@ import numpy as np
 from pro_jax.data.pipeline import Pipeline, PipelineConfig
 from pro_jax.models import ModelConfig, Transformer
 from pro_jax.pro.losses import bradley_terry_multi
-from pro_jax.pro.scoring import hf_reward_scorer  # noqa: F401  (re-exported: imported RMs next to trained ones)
-from pro_jax.pro.stage import batched_apply
+from pro_jax.stages.scoring import hf_reward_scorer  # noqa: F401  (re-exported: imported RMs next to trained ones)
+from pro_jax.stages.stage import batched_apply
 
 META_KEY = "reward_model"
 TOKENIZER_DIR = "tokenizer"
@@ -234,16 +234,16 @@ def train_reward_model(engine_cfg: Any, workdir: str, train_examples: Sequence[d
   engine_cfg: the engine config of the run (batch_size, total_steps, optim, mesh, trainable
     "full" | "lora" with model.lora.*, checkpoint, ...).
   train_examples: schema examples with a pair and ``pair_objectives`` [K].
-  backbone_source: `pro_jax.pro.backbone` source ("scratch" needs `model_config`, whose head /
+  backbone_source: `pro_jax.models.sources` source ("scratch" needs `model_config`, whose head /
     num_labels are replaced). The backbone's LM head is dropped; K score heads are initialized fresh.
   tokenizer_path: recorded for `load_reward_model`; None = save `tokenizer` into WORKDIR/tokenizer.
   strict: over-long responses raise (True) or their pairs are dropped (see `fit_responses`).
   Returns (model, variables): the trained plain model (LoRA merged) with head="score", num_labels=K.
   An existing finished run in `workdir` with the same config is loaded, not retrained (`existing`);
-  a run stopped by SIGTERM raises `pro_jax.pro.pipeline.Preempted` (rerun to resume).
+  a run stopped by SIGTERM raises `pro_jax.stages.pipeline.Preempted` (rerun to resume).
   """
-  from pro_jax.pro.backbone import derive_config, graft, load_source
-  from pro_jax.pro.stage import make_task
+  from pro_jax.models.sources import derive_config, graft, load_source
+  from pro_jax.stages.stage import make_task
   from pro_jax.train.trainer import train
 
   objectives = list(objectives)
@@ -281,7 +281,7 @@ def train_reward_model(engine_cfg: Any, workdir: str, train_examples: Sequence[d
                                                backbone_source=backbone_source))
   result = train(engine_cfg, workdir, task, existing=existing, mesh=mesh)
   if result.status == "preempted":
-    from pro_jax.pro.pipeline import Preempted
+    from pro_jax.stages.pipeline import Preempted
     raise Preempted(f"{workdir}: preempted at step {result.step}; checkpoint saved; rerun to resume")
   model, variables, _ = load_reward_model_variables(workdir)
   return model, variables
@@ -332,7 +332,7 @@ def load_reward_model(directory: str, step: int | None = None, *, batch_size: in
   tokens (EOS kept), as in training.
   """
   from pro_jax.models.tokenizer import load_tokenizer
-  from pro_jax.pro.scoring import RewardModelScorer
+  from pro_jax.stages.scoring import RewardModelScorer
   model, variables, meta = load_reward_model_variables(directory, step)
   tok_path = meta["tokenizer"]
   if not pathlib.Path(tok_path).exists():

@@ -98,7 +98,7 @@ class RewardModelScorer:
   def __init__(self, model: Transformer, params: Any, tokenizer: Any, objectives: Sequence[str], *,
                heads: Sequence[int] | None = None, batch_size: int = 64, max_prompt_len: int = 256,
                max_len: int = 512, template: str = "auto", append_eos: bool = True, name: str = "rm"):
-    from pro_jax.pro.reward_model import rm_variables
+    from pro_jax.stages.rm import rm_variables
     cfg = model.config
     if cfg.head != "score":
       raise ValueError(f"RewardModelScorer needs a model with head='score', got head={cfg.head!r}")

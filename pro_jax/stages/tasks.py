@@ -3,7 +3,7 @@
     engine_cfg, task_fn, what = aot_target(cfg, "policy")   # cfg: a `pro_config()`-style config
     report = pro_jax.train.aot.aot_compile(engine_cfg, "v5e:4x4", task_fn)
 
-The pipeline (`pro_jax.pro.pipeline`) builds each stage's Task from loaded weights, tokenized data and
+The pipeline (`pro_jax.stages.pipeline`) builds each stage's Task from loaded weights, tokenized data and
 scores; here the same Task is built from abstract shapes, so the TPU compiler sees the real step:
 
 * the same loss plug-in (`policy.policy_loss`, `reward_model.rm_loss`, `adapter.adapter_loss`,
@@ -223,7 +223,7 @@ def _params_only(model: Transformer, dtype: str) -> tuple[dict, dict]:
 
 def sft_task(cfg: Any, ecfg: Any) -> Task:
   """Stage sft: next-token loss on sequence batches (responses "responses" adds the score fields)."""
-  from pro_jax.pro.policy import policy_loss
+  from pro_jax.stages.policy import policy_loss
   d = cfg.data
   mcfg = _model_from(ecfg, head="lm", value_head=False)
   model = Transformer(mcfg)
@@ -237,7 +237,7 @@ def sft_task(cfg: Any, ecfg: Any) -> Task:
 
 def rm_task(cfg: Any, ecfg: Any) -> Task:
   """Stage rm: K score heads, Bradley-Terry per objective on pair batches (`reward_model.rm_loss`)."""
-  from pro_jax.pro.reward_model import _to_training_layout, rm_loss
+  from pro_jax.stages.rm import _to_training_layout, rm_loss
   d = cfg.data
   objectives = list(ecfg.pro.objectives) or list(cfg.objectives)
   lora = model_config_from(ecfg.model).lora if ecfg.trainable == "lora" else None
@@ -254,7 +254,7 @@ def rm_task(cfg: Any, ecfg: Any) -> Task:
 
 def adapter_task(cfg: Any, ecfg: Any) -> Task:
   """Stage adapter: the MLP over mean-pooled prompt features of the frozen backbone (`adapter_loss`)."""
-  from pro_jax.pro.adapter import AdapterMLP, adapter_loss, adapter_variables
+  from pro_jax.stages.adapter import AdapterMLP, adapter_loss, adapter_variables
   d = cfg.data
   K = len(cfg.objectives)
   bcfg = _model_from(ecfg, head="none", value_head=False, lora=None)
@@ -273,7 +273,7 @@ def adapter_task(cfg: Any, ecfg: Any) -> Task:
 
 def policy_task(cfg: Any, ecfg: Any) -> Task:
   """Stage policy: loss `policy.pro.loss` (sft / ric sequences, dpo / wdpo / modpo pairs, ppo minibatches)."""
-  from pro_jax.pro.policy import DPO_TYPE, policy_loss
+  from pro_jax.stages.policy import DPO_TYPE, policy_loss
   d, pro = cfg.data, ecfg.pro
   kind = pro.loss
   K = len(cfg.objectives)
@@ -324,7 +324,7 @@ def policy_task(cfg: Any, ecfg: Any) -> Task:
 
 def ppo_task(cfg: Any, ecfg: Any) -> Task:
   """The PPO minibatch update (`ppo_trainer.ppo_loss`): policy + value head, PPO variables layout."""
-  from pro_jax.pro.ppo_trainer import ppo_loss, to_ppo_layout
+  from pro_jax.stages.ppo import ppo_loss, to_ppo_layout
   p = ecfg.pro.ppo
   lora = model_config_from(ecfg.model).lora if ecfg.trainable == "lora" else None
   mcfg = _model_from(ecfg, head="lm", value_head=True, lora=lora)

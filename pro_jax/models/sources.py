@@ -50,7 +50,7 @@ def load_source(source: str, *, dtype: str = "float32", param_dtype: str = "floa
     ck = load_checkpoint(path)
     if ck.model_config is None:
       raise ValueError(f"{path}: the checkpoint holds no transformer (model_config missing)")
-    from pro_jax.pro.reward_model import rm_variables
+    from pro_jax.stages.rm import rm_variables
     variables = rm_variables(ck.variables)  # a LoRA-trained RM keeps its score head in "lora" while training
     params = variables["params"]
     cfg = ck.model_config

@@ -53,7 +53,7 @@ from pro_jax.models import ModelConfig, Transformer, abstract_variables, init_va
 from pro_jax.models.generate import GenerateOutput, generate
 from pro_jax.pro import ops
 from pro_jax.pro import ppo as ppo_math
-from pro_jax.pro.backbone import Backbone, derive_config, load_source
+from pro_jax.models.sources import Backbone, derive_config, load_source
 from pro_jax.pro.normalize import NormStats
 from pro_jax.train import logging as tlog
 from pro_jax.train.checkpoint import CHECKPOINTS_DIR, Checkpointer, as_path, base_for_fresh_run, restore_base
