@@ -1,14 +1,22 @@
-"""Plumbing shared by the PRO stages: a stage = a model, a loss, a pipeline, frozen inputs -> a
+"""Plumbing shared by the PRO stages: a stage = a model, a loss, a batch spec, frozen inputs -> a
 `pro_jax.train.trainer.Task` run by the engine's one train step.
 
-    task = make_task(model, loss_fn, pipeline, init=lambda rng: init_variables(model, rng),
-                     backbone_params=backbone.params,
-                     frozen={"ref": (ref_model, ref_variables)}, name="policy")
-    result = train(cfg, workdir, task)
+Every stage has ONE task builder (`policy.sft_task`, `rm.rm_task`, `adapter.adapter_task`,
+`policy.policy_task`, `ppo.ppo_task`) that calls `make_task`. The pipeline calls it with
+`StageInputs` (backbone weights, frozen variables, the input pipeline); `pro-jax aot`
+(`pro_jax.stages.tasks`) calls the same builder with `inputs=None`, abstract shapes only, as
+MaxText's train_compile does with its real train step.
+
+    task = make_task("policy", loss_fn, abstract, axes, spec, init=lambda rng: init_variables(model, rng),
+                     frozen={"ref": (ref_model, "bfloat16")}, model_config=model.config, tokens_per_step=B * L,
+                     flops_per_step=flops, inputs=StageInputs(init=backbone.params, frozen={"ref": ref_vars},
+                                                              data=pipeline, extra={...}))
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -16,124 +24,120 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pro_jax.configs.base import base_config
 from pro_jax.data.pipeline import Pipeline
-from pro_jax.models import Transformer, abstract_variables, logical_axes
+from pro_jax.models import ModelConfig, Transformer, abstract_variables, logical_axes
+from pro_jax.models.sources import graft
 from pro_jax.train.trainer import Task
+
+
+@dataclasses.dataclass
+class StageInputs:
+  """What a stage trains from (the pipeline's side of a task builder; None in `pro-jax aot`).
+
+  init: pretrained "params" grafted into the trained model's fresh variables (`graft`), or None;
+  frozen: name -> variables of a frozen input (reference policy, feature backbone);
+  data: the input pipeline (its `batch_spec()` is the task's); extra: metadata saved with checkpoints.
+  """
+
+  init: Any = None
+  frozen: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  data: Pipeline | None = None
+  extra: dict | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How the trained variables differ from `Transformer.apply`'s: `to_model(trained)` and back."""
+
+  to_model: Callable[[Any], Any] = lambda v: v
+  to_trained: Callable[[Any], Any] = lambda v: v
 
 
 def _place(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
 
 
-def _init_with_backbone(init: Callable[[jax.Array], Any], backbone_params: Any) -> Callable[..., Any]:
-  """`init(rng, shardings=...)`: the random init compiled with its output shardings, then every
-  backbone parameter placed onto the sharding of the leaf it replaces, one array at a time.
-
-  The backbone weights stay arguments of nothing compiled (baking them into the jitted init would
-  embed them as constants: fine for a toy model, gigabytes of HLO at 7B)."""
-
-  def run(rng: jax.Array, *, shardings: Any) -> Any:
-    variables = dict(jax.jit(init, out_shardings=shardings)(rng))
-    if backbone_params is None:
-      return variables
-    params = dict(variables["params"])
-    for name, value in backbone_params.items():
-      if name not in params:
-        continue  # e.g. a causal LM's lm_head under a score-head model
-      mine = params[name]
-      if jax.tree.structure(mine) != jax.tree.structure(value) or any(
-          a.shape != np.shape(b) for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(value))):
-        raise ValueError(f"backbone parameter {name!r} does not fit the stage's model (different shapes)")
-      # may_alias=False: always a fresh buffer. On a one-device mesh the placement would otherwise hand
-      # back the backbone's own arrays, which the engine's state init then donates (deletes) while a
-      # frozen reference built from the same backbone still holds them.
-      params[name] = jax.tree.map(
-          lambda a, b: jax.device_put(jnp.asarray(b, a.dtype), a.sharding, may_alias=False), mine, value)
-    variables["params"] = params
-    return variables
-
-  return run
+def _abstract_params(model: Transformer, dtype: str) -> dict:
+  """Abstract {"params": ...} of a frozen model whose weights are loaded in `dtype`."""
+  return {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype)),
+                                 abstract_variables(model)["params"])}
 
 
-def make_task(model: Transformer | None, loss_fn: Callable, pipeline: Pipeline, *,
-              init: Callable[[jax.Array], Any], backbone_params: Any = None, abstract: Any = None,
-              axes: Any = None,
-              frozen: Mapping[str, tuple[Any, Any]] | None = None, name: str = "train",
-              tokens_per_example: int | None = None, forward_passes: float = 3.0,
-              extra: dict | None = None, model_config: Any = None) -> Task:
-  """A Task for the engine.
+def _frozen_inputs(frozen: Mapping[str, tuple[Transformer, str]], values: Mapping[str, Any] | None
+                   ) -> tuple[dict, dict, dict]:
+  """(abstract, logical axes, variables) of the frozen inputs: each model's "params" only (a
+  backbone's lm_head is dropped under head="none"); abstract from the variables when given."""
+  abstract, axes, variables = {}, {}, {}
+  for key, (model, dtype) in frozen.items():
+    model_axes = {"params": logical_axes(model)["params"]}
+    axes[key] = model_axes
+    if values is None:
+      abstract[key] = _abstract_params(model, dtype)
+      continue
+    params = values[key]["params"]
+    variables[key] = {"params": {k: params[k] for k in model_axes["params"]}}
+    abstract[key] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), variables[key])
+  return abstract, axes, variables
 
-  model: the trained Transformer (None for a non-transformer model such as the adapter MLP, then
-    `abstract` and `axes` are required).
-  init: rng -> the trained model's fresh variables (jitted with the shardings);
-  backbone_params: pretrained "params" subtrees copied over the fresh ones (see `_init_with_backbone`).
-  frozen: name -> (Transformer or None, variables, [logical axes]); variables without gradients.
-  forward_passes: model FLOPs per token in units of one forward (3 = train; DPO with a reference
-    counts its frozen forward separately through `frozen`).
+
+def make_task(name: str, loss_fn: Callable, abstract: Any, axes: Any, spec: dict, *,
+              init: Callable[[jax.Array], Any] | None, layout: Layout = Layout(),
+              frozen: Mapping[str, tuple[Transformer, str]] | None = None,
+              model_config: ModelConfig | None = None, tokens_per_step: int = 0,
+              flops_per_step: float | None = None, inputs: StageInputs | None = None) -> Task:
+  """The engine Task of a stage (see the module docstring).
+
+  abstract / axes: the trained variables (in the trained layout) and their logical axes;
+  init: rng -> fresh trained-layout variables (compiled with their shardings; the backbone is then
+    grafted into them one array at a time, never baked into the compiled init);
+  frozen: name -> (Transformer, param dtype of its loaded weights): inputs without gradients.
   """
-  abstract = abstract if abstract is not None else abstract_variables(model)
-  axes = axes if axes is not None else logical_axes(model)
   frozen = dict(frozen or {})
-  frozen_abstract, frozen_axes, frozen_vars = {}, {}, {}
-  for key, item in frozen.items():
-    fmodel, fvars = item[0], item[1]
-    fax = item[2] if len(item) > 2 else None
-    if fax is None:
-      if fmodel is None:
-        raise ValueError(f"frozen input {key!r}: give a model or logical axes")
-      full_axes = logical_axes(fmodel)
-      # keep only what the frozen model uses (e.g. drop a backbone's lm_head under head="none")
-      fvars = {c: {k: v for k, v in fvars[c].items() if k in full_axes[c]} for c in fvars if c in full_axes}
-      fax = {c: {k: full_axes[c][k] for k in fvars[c]} for c in fvars}
-    frozen_vars[key] = fvars
-    frozen_abstract[key] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), fvars)
-    frozen_axes[key] = fax
-  spec = pipeline.batch_spec()
-  B = pipeline.config.batch_size
-  L = max((v.shape[1] for k, v in spec.items() if k.endswith("tokens") and v.ndim == 2), default=0)
-  sides = 2 if "chosen_tokens" in spec else 1
-  tokens = tokens_per_example or sides * L
-  mcfg = model_config if model_config is not None else (model.config if model is not None else None)
-  flops = None
-  if mcfg is not None and L:
-    fwd = mcfg.flops_per_token(L)
-    flops = forward_passes * fwd * B * tokens
-    for key, item in frozen.items():
-      if item[0] is not None and key != "base":
-        flops += item[0].config.flops_per_token(L) * B * tokens
-  return Task(
-      loss_fn=loss_fn, abstract_variables=abstract, logical_axes=axes,
-      init_variables=_init_with_backbone(init, backbone_params),
-      batch_spec=spec, make_data=lambda rows: pipeline.with_rows(rows).iterator(),
-      frozen_abstract=frozen_abstract, frozen_logical_axes=frozen_axes,
-      init_frozen=(lambda shardings: {k: _place(frozen_vars[k], shardings[k]) for k in frozen_vars}) if frozen else None,
-      model_config=mcfg, tokens_per_step=B * tokens, flops_per_step=flops, extra=extra, name=name)
+  frozen_abstract, frozen_axes, frozen_vars = _frozen_inputs(frozen, None if inputs is None else inputs.frozen)
+
+  if inputs is None:
+    def init_variables(*args, **kwargs):
+      raise RuntimeError(f"the AOT task of stage {name!r} has abstract shapes only; train with the pipeline")
+    make_data, init_frozen, extra = None, None, None
+  else:
+    def init_variables(rng: jax.Array, *, shardings: Any) -> Any:
+      variables = jax.jit(init, out_shardings=shardings)(rng)
+      if inputs.init is None:
+        return variables
+      return layout.to_trained(graft(layout.to_model(variables), inputs.init))
+
+    pipeline = inputs.data
+    make_data = lambda rows: pipeline.with_rows(rows).iterator()
+    init_frozen = (lambda shardings: {k: _place(frozen_vars[k], shardings[k]) for k in frozen_vars}) \
+        if frozen_vars else None
+    extra = inputs.extra
+  return Task(loss_fn=loss_fn, abstract_variables=abstract, logical_axes=axes, init_variables=init_variables,
+              batch_spec=spec, make_data=make_data, frozen_abstract=frozen_abstract, frozen_logical_axes=frozen_axes,
+              init_frozen=init_frozen, model_config=model_config, tokens_per_step=tokens_per_step,
+              flops_per_step=flops_per_step, extra=extra, name=name)
 
 
-def batched_apply(fn: Callable[..., Any], arrays: Mapping[str, np.ndarray], batch_size: int) -> Any:
-  """Run a jitted `fn(**batch)` over the leading axis in fixed-size chunks (last one padded).
+def trained_passes(mcfg: ModelConfig, trainable: str) -> float:
+  """Model FLOPs of a trained token in forwards: 3 (forward + backward, PaLM), 2 for a LoRA-trained
+  model (forward + activation gradients; no weight gradients of the frozen base)."""
+  return 2.0 if trainable == "lora" and mcfg.lora is not None else 3.0
 
-  Returns the concatenated numpy outputs (a pytree), trimmed to the input length.
-  """
-  n = len(next(iter(arrays.values())))
-  outs = []
-  for start in range(0, n, batch_size):
-    stop = min(start + batch_size, n)
-    chunk = {}
-    for k, v in arrays.items():
-      x = v[start:stop]
-      if stop - start < batch_size:
-        x = np.concatenate([x, np.repeat(x[-1:], batch_size - (stop - start), 0)])
-      chunk[k] = x
-    out = jax.device_get(fn(**chunk))
-    outs.append(jax.tree.map(lambda y: np.asarray(y)[:stop - start], out))
-  return jax.tree.map(lambda *ys: np.concatenate(ys, 0), *outs)
+
+def stage_engine_config(stage_cfg: Any, seed: int, mcfg: ModelConfig | None) -> Any:
+  """A stage's engine config: a copy of its section with the pipeline's seed, its model section
+  showing `mcfg` (the transformer the stage really trains; None leaves the section as written)."""
+  c = copy.deepcopy(stage_cfg)
+  c.seed = int(seed)
+  if mcfg is not None:
+    for k, v in mcfg.to_dict().items():
+      if k in c.model and k not in ("lora", "rope_scaling"):
+        c.model[k] = v
+  return c
 
 
 def engine_config(base: Any = None, **updates) -> Any:
   """A copy of the engine's base config (or `base`) with dotted-key updates."""
-  from pro_jax.configs.base import base_config
-  import copy
   cfg = copy.deepcopy(base) if base is not None else base_config()
   for dotted, value in updates.items():
     node = cfg
@@ -144,4 +148,4 @@ def engine_config(base: Any = None, **updates) -> Any:
   return cfg
 
 
-__all__ = ["make_task", "batched_apply", "engine_config"]
+__all__ = ["StageInputs", "Layout", "make_task", "trained_passes", "stage_engine_config", "engine_config"]
