@@ -56,10 +56,12 @@ def _hf_weights(arch: str, tied: bool, seed: int = 0) -> dict[str, np.ndarray]:
   w = {"model.embed_tokens.weight": n(V, D, scale=1.0), "model.norm.weight": 1 + n(D, scale=0.1)}
   for i in range(NL):
     p = f"model.layers.{i}."
-    w.update({p + "input_layernorm.weight": 1 + n(D, scale=0.1), p + "post_attention_layernorm.weight": 1 + n(D, scale=0.1),
+    w.update({p + "input_layernorm.weight": 1 + n(D, scale=0.1),
+              p + "post_attention_layernorm.weight": 1 + n(D, scale=0.1),
               p + "self_attn.q_proj.weight": n(H * HD, D), p + "self_attn.k_proj.weight": n(KV * HD, D),
               p + "self_attn.v_proj.weight": n(KV * HD, D), p + "self_attn.o_proj.weight": n(D, H * HD),
-              p + "mlp.gate_proj.weight": n(F, D), p + "mlp.up_proj.weight": n(F, D), p + "mlp.down_proj.weight": n(D, F)})
+              p + "mlp.gate_proj.weight": n(F, D), p + "mlp.up_proj.weight": n(F, D),
+              p + "mlp.down_proj.weight": n(D, F)})
     if arch == "qwen2":
       w.update({p + "self_attn.q_proj.bias": n(H * HD), p + "self_attn.k_proj.bias": n(KV * HD),
                 p + "self_attn.v_proj.bias": n(KV * HD)})
@@ -127,13 +129,13 @@ def _write_gguf(path: pathlib.Path, arch: str, weights: dict[str, np.ndarray], q
   return expected
 
 
-def _hf_dir(path: pathlib.Path, arch: str, weights: dict[str, np.ndarray], tied: bool) -> pathlib.Path:
+def _hf_dir(path: pathlib.Path, arch: str, weights: dict[str, np.ndarray], tied: bool, **cfg_overrides) -> pathlib.Path:
   """The same weights as a transformers checkpoint, config.json written by hand."""
   path.mkdir()
   cfg = {"architectures": ["LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"], "model_type": arch,
          "vocab_size": V, "hidden_size": D, "intermediate_size": F, "num_hidden_layers": NL,
          "num_attention_heads": H, "num_key_value_heads": KV, "max_position_embeddings": CTX, "rms_norm_eps": EPS,
-         "rope_theta": THETA, "hidden_act": "silu", "tie_word_embeddings": tied}
+         "rope_theta": THETA, "hidden_act": "silu", "tie_word_embeddings": tied, **cfg_overrides}
   (path / "config.json").write_text(json.dumps(cfg))
   save_file(weights, str(path / "model.safetensors"))
   return path
@@ -167,7 +169,8 @@ def _our_layout(params: dict, hf_name: str) -> np.ndarray:
   layer = params["layers"]
   if mod[0] in ("input_layernorm", "post_attention_layernorm"):
     return np.asarray(layer["attn_norm" if mod[0] == "input_layernorm" else "mlp_norm"]["scale"][int(i)])
-  leaf = np.asarray(layer["attn" if mod[0] == "self_attn" else "mlp"][mod[1]]["kernel" if kind == "weight" else "bias"][int(i)])
+  block = layer["attn" if mod[0] == "self_attn" else "mlp"][mod[1]]
+  leaf = np.asarray(block["kernel" if kind == "weight" else "bias"][int(i)])
   return leaf.T if kind == "weight" else leaf
 
 
@@ -204,6 +207,61 @@ def test_logits_match_the_same_weights_from_a_transformers_checkpoint(tmp_path, 
   np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
 
 
+def _llama_cpp_rope_freqs(theta, dim, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, old_context_len=8192):
+  """llama.cpp convert_hf_to_gguf's loop for Llama 3.1 (`LlamaModel.generate_extra_tensors`)."""
+  import math
+  freqs = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+  low_freq_wavelen, high_freq_wavelen = old_context_len / low_freq_factor, old_context_len / high_freq_factor
+  rope_factors = []
+  for freq in freqs:
+    wavelen = 2 * math.pi / freq
+    if wavelen < high_freq_wavelen:
+      rope_factors.append(1)
+    elif wavelen > low_freq_wavelen:
+      rope_factors.append(factor)
+    else:
+      smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+      rope_factors.append(1 / ((1 - smooth) / factor + smooth))
+  return np.asarray(rope_factors, np.float32)
+
+
+def test_rope_freqs_tensor_is_llama3_scaling(tmp_path):
+  theta = 500000.0  # head_dim 8: wavelengths 6, 167, 4440, 118000 cover all three regimes of 8192 / [1, 4]
+  factors = _llama_cpp_rope_freqs(theta, HD)
+  assert len(set(np.round(factors, 4))) == 3
+  weights = _hf_weights("llama", tied=True)
+  md = {**_metadata("llama"), "llama.rope.freq_base": ("f32", theta), "llama.context_length": ("u32", 16384)}
+  _write_gguf(tmp_path / "m.gguf", "llama", weights, metadata=md, extra_tensors={"rope_freqs.weight": (factors, None)})
+  model, params, _ = pro_jax.load_gguf(tmp_path / "m.gguf", tokenizer=False)
+  rs = model.config.rope_scaling
+  assert (rs.type, rs.factor, rs.low_freq_factor, rs.high_freq_factor, rs.original_max_position_embeddings) == (
+      "llama3", 8.0, 1.0, 4.0, 8192)
+  ref_model, ref_params = pro_jax.load_hf_model(_hf_dir(
+      tmp_path / "hf", "llama", weights, True, rope_theta=theta, max_position_embeddings=16384,
+      rms_norm_eps=float(np.float32(EPS)),  # GGUF stores float32
+      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192}))
+  assert ref_model.config == model.config.replace(eos_token_id=None, bos_token_id=None)
+  tokens = np.tile(TOKENS, (1, 4))
+  np.testing.assert_allclose(_logits(model, params, tokens), _logits(ref_model, ref_params, tokens), atol=1e-5, rtol=0)
+
+
+def test_mesh_places_params_sharded(tmp_path):
+  from pro_jax import sharding as sh
+  from pro_jax.models.transformer import abstract_variables, logical_axes
+  weights = _hf_weights("llama", tied=False)
+  expected = _write_gguf(tmp_path / "m.gguf", "llama", weights, QTYPES)
+  mesh = sh.make_mesh(data=1, fsdp=4, tensor=2)
+  model, params, _ = pro_jax.load_gguf(tmp_path / "m.gguf", tokenizer=False, mesh=mesh)
+  want = sh.param_shardings(logical_axes(model), abstract_variables(model), mesh)["params"]
+  for got, w in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
+    assert got.sharding.is_equivalent_to(w, got.ndim), (got.sharding, w)
+  k = params["layers"]["attn"]["k_proj"]["kernel"]
+  assert len({s.data.shape for s in k.addressable_shards}) == 1 and k.addressable_shards[0].data.shape == (2, 8, 8)
+  for name in ("model.layers.1.self_attn.k_proj.weight", "model.layers.0.self_attn.q_proj.weight", "lm_head.weight"):
+    np.testing.assert_array_equal(_our_layout(params, name), expected[name])
+
+
 def test_score_head_and_bfloat16_params(tmp_path):
   weights = _hf_weights("llama", tied=True)
   _write_gguf(tmp_path / "m.gguf", "llama", weights)
@@ -229,7 +287,7 @@ def _bad_file(tmp_path, *, arch="llama", drop=(), add=None, extra_tensors=None):
     (dict(add={"llama.expert_count": ("u32", 8)}), "llama.expert_count"),
     (dict(add={"llama.rope.scaling.type": ("str", "yarn")}), "llama.rope.scaling.type"),
     (dict(add={"llama.rope.dimension_count": ("u32", HD // 2)}), "llama.rope.dimension_count"),
-    (dict(extra_tensors={"rope_freqs.weight": (np.ones(HD // 2, np.float32), None)}), "rope_freqs.weight"),
+    (dict(extra_tensors={"rope_freqs.weight": (np.array([1, 2, 3, 4], np.float32), None)}), "rope_freqs.weight"),
     (dict(extra_tensors={"blk.0.attn_qkv.weight": (np.ones((3 * D, D), np.float32), None)}),
      "blk.0.attn_qkv.weight"),
     # Q8_1: a type the gguf package cannot dequantize (blocks of 32 values in 40 bytes)

@@ -18,10 +18,12 @@ What llama.cpp's converter changed is undone here, as transformers' own GGUF loa
   from the `{arch}.*` metadata; head_dim from `{arch}.attention.key_length` (else d / heads).
 
 Architectures: `llama` (Llama 1-3, SmolLM, TinyLlama, and Mistral-7B, which llama.cpp writes as
-`llama` and runs with full attention) and `qwen2`. Not supported (a `CheckpointError` naming the file
-and the field): other architectures, mixtures of experts, YaRN / LongRoPE scaling, a `rope_freqs`
-tensor (Llama 3.1-style frequency factors), partial rotary dimensions, and tensor types the `gguf`
-package cannot dequantize.
+`llama` and runs with full attention) and `qwen2`. A `rope_freqs` tensor (how llama.cpp stores
+Llama 3.1 / 3.2's llama3 RoPE scaling) becomes HF's llama3 rope_scaling when it matches that formula
+(llama.cpp applies it; transformers' own GGUF loader ignores the tensor). Not supported (a
+`CheckpointError` naming the file and the field): other architectures, mixtures of experts, YaRN /
+LongRoPE scaling, other `rope_freqs`, partial rotary dimensions, and tensor types the `gguf` package
+cannot dequantize.
 
 The tokenizer is built from the file's metadata by transformers' GGUF tokenizer builders
 (`transformers.integrations.gguf`: vocabulary, merges, pre-tokenizer regex, control tokens), with
@@ -168,14 +170,17 @@ def gguf_hf_config(f: GGUFFile) -> dict:
   rot = int(f.field(a + "rope.dimension_count", head_dim))
   if rot != head_dim:
     raise _unsupported(f, a + "rope.dimension_count", f"partial rotary embedding ({rot} of {head_dim} dims)")
-  if "rope_freqs.weight" in f.tensors:
-    raise _unsupported(f, "rope_freqs.weight", "RoPE frequency factors (Llama 3.1-style scaling)")
+  theta = float(f.field(a + "rope.freq_base", 10000.0))
   rope_type = str(f.field(a + "rope.scaling.type", "none"))
   rope_scaling = None
   if rope_type == "linear":
     rope_scaling = {"rope_type": "linear", "factor": float(f.field(a + "rope.scaling.factor"))}
   elif rope_type != "none":
     raise _unsupported(f, a + "rope.scaling.type", f"RoPE scaling {rope_type!r} (supported: none, linear)")
+  if "rope_freqs.weight" in f.tensors:
+    if rope_scaling is not None:
+      raise _unsupported(f, "rope_freqs.weight", f"RoPE frequency factors together with {rope_type} scaling")
+    rope_scaling = _llama3_rope_from_factors(f, theta, head_dim)
   vocab = f.field(a + "vocab_size", None)
   if vocab is None:
     tokens = f.field("tokenizer.ggml.tokens", None)
@@ -187,7 +192,7 @@ def gguf_hf_config(f: GGUFFile) -> dict:
       num_attention_heads=n_heads, num_key_value_heads=n_kv, head_dim=head_dim,
       max_position_embeddings=int(f.field(a + "context_length")),
       rms_norm_eps=float(f.field(a + "attention.layer_norm_rms_epsilon")),
-      rope_theta=float(f.field(a + "rope.freq_base", 10000.0)), rope_scaling=rope_scaling, hidden_act="silu",
+      rope_theta=theta, rope_scaling=rope_scaling, hidden_act="silu",
       tie_word_embeddings="output.weight" not in names,
       bos_token_id=f.field("tokenizer.ggml.bos_token_id", None),
       eos_token_id=f.field("tokenizer.ggml.eos_token_id", None),
@@ -197,6 +202,41 @@ def gguf_hf_config(f: GGUFFile) -> dict:
   else:
     hf.update(use_sliding_window=False)
   return hf
+
+
+# Llama 3.1 / 3.2's rope_scaling values besides `factor` (their config.json files all use these)
+_LLAMA3_ROPE_CANDIDATES = (
+    {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},)
+
+
+def llama3_rope_factors(theta: float, head_dim: int, factor: float, low_freq_factor: float,
+                        high_freq_factor: float, original_max_position_embeddings: int) -> np.ndarray:
+  """llama.cpp's `rope_freqs` [head_dim / 2] for HF's llama3 RoPE scaling: each base frequency is
+  divided by its entry (1 for short wavelengths, `factor` for long ones, interpolated between), as
+  llama.cpp's convert_hf_to_gguf computes it."""
+  freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+  wavelen = 2 * np.pi / freqs
+  low_wavelen = original_max_position_embeddings / low_freq_factor
+  high_wavelen = original_max_position_embeddings / high_freq_factor
+  smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+  mid = 1.0 / ((1 - smooth) / factor + smooth)
+  return np.where(wavelen < high_wavelen, 1.0, np.where(wavelen > low_wavelen, factor, mid))
+
+
+def _llama3_rope_from_factors(f: GGUFFile, theta: float, head_dim: int) -> dict:
+  """HF llama3 rope_scaling from a `rope_freqs` tensor, when it is one (llama.cpp writes Llama 3.1's
+  scaling only as these per-frequency factors; `factor` is their maximum, the rest is matched
+  against Llama 3.1 / 3.2's values)."""
+  t = f.tensors["rope_freqs.weight"]
+  got = np.asarray(_gguf_module().quants.dequantize(t.data, t.tensor_type), np.float64).reshape(-1)
+  if got.shape != (head_dim // 2,):
+    raise _unsupported(f, "rope_freqs.weight", f"shape {list(got.shape)} (expected [{head_dim // 2}])")
+  factor = float(got.max())
+  for cand in _LLAMA3_ROPE_CANDIDATES:
+    if np.allclose(got, llama3_rope_factors(theta, head_dim, factor, **cand), rtol=1e-5, atol=1e-6):
+      return {"rope_type": "llama3", "factor": factor, **cand}
+  raise _unsupported(f, "rope_freqs.weight", "RoPE frequency factors that are not Llama 3.1-style llama3 scaling "
+                     f"(factor {factor:g} with {_LLAMA3_ROPE_CANDIDATES})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,6 +271,8 @@ class _GGUFTensors:
     self.gguf_names: dict[str, str] = {}
     self.shapes: dict[str, tuple[int, ...]] = {}
     for name, t in f.tensors.items():
+      if name == "rope_freqs.weight":  # RoPE scaling, read into the config by gguf_hf_config
+        continue
       hf_name = hf_tensor_name(name)
       if hf_name is None:
         raise CheckpointError(f"{f.path}: unexpected tensor {name!r} (shape {list(_hf_shape(f, name))}) for "
@@ -291,7 +333,7 @@ def gguf_tokenizer(f: GGUFFile | PathLike) -> Any:
                                                                         convert_gguf_tokenizer)
     from transformers.tokenization_utils_tokenizers import TokenizersBackend
   except ImportError as e:
-    raise ImportError("building a tokenizer from a GGUF file needs transformers >= 5.25 "
+    raise ImportError("building a tokenizer from a GGUF file needs transformers 5.24 or newer "
                       "(transformers.integrations.gguf)") from e
   md = f.metadata
   if "tokenizer.ggml.tokens" not in md:
