@@ -102,7 +102,7 @@ def _write_gguf(path: pathlib.Path, arch: str, weights: dict[str, np.ndarray], q
   qtypes = qtypes or {}
   w = gguf.GGUFWriter(str(path), arch)
   for key, (kind, value) in (metadata if metadata is not None else _metadata(arch)).items():
-    {"u32": w.add_uint32, "f32": w.add_float32, "str": w.add_string}[kind](key, value)
+    {"u32": w.add_uint32, "f32": w.add_float32, "str": w.add_string, "arr": w.add_array}[kind](key, value)
   expected = {}
   for hf_name, arr in weights.items():
     name = _gguf_name(hf_name)
@@ -285,6 +285,7 @@ def _bad_file(tmp_path, *, arch="llama", drop=(), add=None, extra_tensors=None):
     (dict(drop=("llama.attention.layer_norm_rms_epsilon",)), "llama.attention.layer_norm_rms_epsilon"),
     (dict(drop=("llama.context_length",)), "llama.context_length"),
     (dict(add={"llama.expert_count": ("u32", 8)}), "llama.expert_count"),
+    (dict(add={"llama.feed_forward_length": ("arr", [F, F])}), "llama.feed_forward_length"),
     (dict(add={"llama.rope.scaling.type": ("str", "yarn")}), "llama.rope.scaling.type"),
     (dict(add={"llama.rope.dimension_count": ("u32", HD // 2)}), "llama.rope.dimension_count"),
     (dict(extra_tensors={"rope_freqs.weight": (np.array([1, 2, 3, 4], np.float32), None)}), "rope_freqs.weight"),

@@ -120,6 +120,16 @@ class GGUFFile:
       raise CheckpointError(f"{self.path}: missing metadata field {key!r}")
     return default
 
+  def number(self, key: str, kind: type = int, default: Any = dataclasses.MISSING) -> Any:
+    """`field(key)` as one int / float (per-layer arrays are refused, naming the field)."""
+    value = self.field(key, default)
+    if isinstance(value, (bool, str, list, tuple)) or value is None:
+      if value is None and default is None:
+        return None
+      raise CheckpointError(f"{self.path}: metadata field {key!r} is {value!r}, expected one number "
+                            "(per-layer values are not supported)")
+    return kind(value)
+
 
 def read_gguf(path: PathLike) -> GGUFFile:
   """Open a GGUF file (memory-mapped; no tensor data is read)."""
@@ -155,43 +165,44 @@ def gguf_hf_config(f: GGUFFile) -> dict:
                        f"{sorted(SUPPORTED_GGUF_ARCHITECTURES)})")
   a = arch + "."
   for key in (a + "expert_count", a + "expert_used_count"):
-    if int(f.field(key, 0) or 0) > 0:
+    if f.number(key, int, 0) > 0:
       raise _unsupported(f, key, f"mixture of experts ({key}={f.field(key)})")
-  n_heads = int(f.field(a + "attention.head_count"))
-  d = int(f.field(a + "embedding_length"))
-  n_kv = int(f.field(a + "attention.head_count_kv", n_heads))
-  head_dim = int(f.field(a + "attention.key_length", d // n_heads if n_heads and d % n_heads == 0 else 0))
+  n_heads = f.number(a + "attention.head_count")
+  d = f.number(a + "embedding_length")
+  n_kv = f.number(a + "attention.head_count_kv", int, n_heads)
+  head_dim = f.number(a + "attention.key_length", int, d // n_heads if n_heads and d % n_heads == 0 else 0)
   if head_dim <= 0:
     raise CheckpointError(f"{f.path}: missing metadata field {a + 'attention.key_length'!r} "
                           f"({a}embedding_length={d} is not a multiple of {a}attention.head_count={n_heads})")
-  value_dim = int(f.field(a + "attention.value_length", head_dim))
+  value_dim = f.number(a + "attention.value_length", int, head_dim)
   if value_dim != head_dim:
     raise _unsupported(f, a + "attention.value_length", f"value_length {value_dim} != key_length {head_dim}")
-  rot = int(f.field(a + "rope.dimension_count", head_dim))
+  rot = f.number(a + "rope.dimension_count", int, head_dim)
   if rot != head_dim:
     raise _unsupported(f, a + "rope.dimension_count", f"partial rotary embedding ({rot} of {head_dim} dims)")
-  theta = float(f.field(a + "rope.freq_base", 10000.0))
+  theta = f.number(a + "rope.freq_base", float, 10000.0)
   rope_type = str(f.field(a + "rope.scaling.type", "none"))
   rope_scaling = None
   if rope_type == "linear":
-    rope_scaling = {"rope_type": "linear", "factor": float(f.field(a + "rope.scaling.factor"))}
+    rope_scaling = {"rope_type": "linear", "factor": f.number(a + "rope.scaling.factor", float)}
   elif rope_type != "none":
     raise _unsupported(f, a + "rope.scaling.type", f"RoPE scaling {rope_type!r} (supported: none, linear)")
   if "rope_freqs.weight" in f.tensors:
     if rope_scaling is not None:
       raise _unsupported(f, "rope_freqs.weight", f"RoPE frequency factors together with {rope_type} scaling")
     rope_scaling = _llama3_rope_from_factors(f, theta, head_dim)
-  vocab = f.field(a + "vocab_size", None)
+  vocab = f.number(a + "vocab_size", int, None)
   if vocab is None:
-    tokens = f.field("tokenizer.ggml.tokens", None)
-    vocab = len(tokens) if tokens is not None else _hf_shape(f, "token_embd.weight")[0]
+    if "token_embd.weight" not in f.tensors:
+      raise CheckpointError(f"{f.path}: missing tensor 'token_embd.weight'")
+    vocab = _hf_shape(f, "token_embd.weight")[0]
   names = set(f.tensors)
   hf = dict(
       architectures=[SUPPORTED_GGUF_ARCHITECTURES[arch]], model_type=arch, vocab_size=int(vocab), hidden_size=d,
-      intermediate_size=int(f.field(a + "feed_forward_length")), num_hidden_layers=int(f.field(a + "block_count")),
+      intermediate_size=f.number(a + "feed_forward_length"), num_hidden_layers=f.number(a + "block_count"),
       num_attention_heads=n_heads, num_key_value_heads=n_kv, head_dim=head_dim,
-      max_position_embeddings=int(f.field(a + "context_length")),
-      rms_norm_eps=float(f.field(a + "attention.layer_norm_rms_epsilon")),
+      max_position_embeddings=f.number(a + "context_length"),
+      rms_norm_eps=f.number(a + "attention.layer_norm_rms_epsilon", float),
       rope_theta=theta, rope_scaling=rope_scaling, hidden_act="silu",
       tie_word_embeddings="output.weight" not in names,
       bos_token_id=f.field("tokenizer.ggml.bos_token_id", None),
