@@ -29,6 +29,7 @@ _API = {
     "save_hf_model": "pro_jax.models.hf_io",
     "CheckpointError": "pro_jax.models.hf_io",
     "load_llama2c": "pro_jax.models.llama2c",
+    "load_gguf": "pro_jax.models.gguf",
     "load_tokenizer": "pro_jax.models.tokenizer",
     "generate": "pro_jax.models.generate",
     "GenerateOutput": "pro_jax.models.generate",

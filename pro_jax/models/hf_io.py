@@ -644,6 +644,18 @@ def load_hf_model(path: PathLike, *, dtype: str = "float32", param_dtype: str = 
   abstract = abstract_variables(model)["params"]
   specs, tensors = _plan(path, config, arch, hf, abstract)
 
+  with _Reader(tensors) as reader:
+    params = _materialize(model, specs, reader, mesh=mesh, rules=rules, seed=seed, source=str(path))
+  return model, params
+
+
+def _materialize(model: Transformer, specs: list[_Spec], reader: Any, *, mesh: Any, rules: Any, seed: int,
+                 source: str) -> dict:
+  """The params tree: each spec read through `reader.read(name, index, transpose)` (HF layout) and
+  placed whole (no mesh) or shard by shard; specs without names get the model's own init.
+  `reader.release()`, when it exists, is called after each parameter (readers that cache decoded
+  tensors free them there)."""
+  abstract = abstract_variables(model)["params"]
   shardings = None
   if mesh is not None:
     all_shardings = sh.param_shardings(logical_axes(model), abstract_variables(model), mesh,
@@ -651,20 +663,56 @@ def load_hf_model(path: PathLike, *, dtype: str = "float32", param_dtype: str = 
     shardings = flax.traverse_util.flatten_dict(all_shardings["params"])
   flat_abstract = flax.traverse_util.flatten_dict(abstract)
   flat_params = {}
-  with _Reader(tensors) as reader:
-    for spec in specs:
-      leaf = flat_abstract[spec.path]
-      shape, leaf_dtype = tuple(leaf.shape), leaf.dtype
-      if spec.names:
-        read = _spec_reader(spec, reader, shape, leaf_dtype)
-      else:
-        log.info("%s: no tensor for %s in the checkpoint; initialised N(0, 0.02^2) / zeros", path,
-                 "/".join(spec.path))
-        full = _new_param(spec.path, shape, leaf_dtype, seed)
-        read = lambda idx, full=full: full[idx]  # noqa: E731
-      flat_params[spec.path] = _place(shape, leaf_dtype, None if shardings is None else shardings[spec.path], read)
-  params = flax.traverse_util.unflatten_dict(flat_params)
-  return model, params
+  for spec in specs:
+    leaf = flat_abstract[spec.path]
+    shape, leaf_dtype = tuple(leaf.shape), leaf.dtype
+    if spec.names:
+      read = _spec_reader(spec, reader, shape, leaf_dtype)
+    else:
+      log.info("%s: no tensor for %s in the checkpoint; initialised N(0, 0.02^2) / zeros", source,
+               "/".join(spec.path))
+      full = _new_param(spec.path, shape, leaf_dtype, seed)
+      read = lambda idx, full=full: full[idx]  # noqa: E731
+    flat_params[spec.path] = _place(shape, leaf_dtype, None if shardings is None else shardings[spec.path], read)
+    if hasattr(reader, "release"):
+      reader.release()
+  return flax.traverse_util.unflatten_dict(flat_params)
+
+
+def params_from_hf_tensors(model: Transformer, source: Any, *, where: str, mesh: Any = None, rules: Any = None,
+                           seed: int = 0, new_heads: bool = True,
+                           ignored: Sequence[str] = ()) -> dict:
+  """The params of `model` from HF-named tensors held by something other than safetensors files.
+
+  `source` has `shapes: Mapping[str, tuple[int, ...]]` (every tensor it holds, by transformers name,
+  in transformers' layout: nn.Linear weights [out, in]) and `read(name, index, transpose) ->
+  np.ndarray` (the tensor at `index`, slices into our layout; `transpose` for nn.Linear weights),
+  optionally `release()`. Llama-family names only (``model.layers.{i}....``, ``lm_head.weight``).
+  Checks presence and shape of every tensor the model needs and refuses unknown ones (names other
+  than `ignored`), naming `where`, before reading any data. With `new_heads`, a score head the
+  tensors lack is initialised (as `load_hf_model` does for a reward model made from a causal LM).
+  """
+  config = model.config
+  abstract = abstract_variables(model)["params"]
+  new_paths = [("score", "kernel")] if new_heads and config.head == "score" and "score.weight" not in source.shapes \
+      else []
+  specs = _specs(config, abstract, _BODY_PREFIX["gpt2" if config.arch == "gpt2" else "llama"], None, new_paths)
+  expected = set()
+  for spec in specs:
+    for name in spec.names:
+      expected.add(name)
+      if name not in source.shapes:
+        raise CheckpointError(f"{where}: missing tensor {name} (expected shape {list(spec.hf_shape)})")
+      if tuple(source.shapes[name]) != spec.hf_shape:
+        raise CheckpointError(f"{where}: tensor {name} has shape {list(source.shapes[name])}, expected "
+                              f"{list(spec.hf_shape)} from the model config")
+  skip = set(ignored)
+  if config.tie_embeddings or config.head != "lm":
+    skip.add("lm_head.weight")
+  for name, shape in source.shapes.items():
+    if name not in expected and name not in skip:
+      raise CheckpointError(f"{where}: unexpected tensor {name} (shape {list(shape)}) for this model config")
+  return _materialize(model, specs, source, mesh=mesh, rules=rules, seed=seed, source=where)
 
 
 # ----------------------------------------------------------------------------------------------

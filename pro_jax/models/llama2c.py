@@ -36,9 +36,13 @@ class Llama2cError(ValueError):
 
 
 def permute_rotary(w_OxI: np.ndarray, n_heads: int) -> np.ndarray:
-  """Interleaved-pair RoPE rows -> half-rotation rows (transformers' convert_llama_weights_to_hf)."""
-  out, inp = w_OxI.shape
-  return w_OxI.reshape(n_heads, out // n_heads // 2, 2, inp).transpose(0, 2, 1, 3).reshape(out, inp)
+  """Interleaved-pair RoPE rows -> half-rotation rows (transformers' convert_llama_weights_to_hf).
+
+  Works on the rows (axis 0) of a weight [out, in] or a bias [out]; llama.cpp's GGUF q/k tensors use
+  the same interleaved layout, so `pro_jax.models.gguf` undoes their permutation with this too.
+  """
+  out, rest = w_OxI.shape[0], w_OxI.shape[1:]
+  return w_OxI.reshape(n_heads, out // n_heads // 2, 2, *rest).swapaxes(1, 2).reshape(w_OxI.shape)
 
 
 def read_header(path: PathLike) -> dict[str, int]:
