@@ -405,6 +405,9 @@ def _check_exportable(config: ModelConfig, arch: str) -> None:
           problems.append(f"{name} (a Gemma option)")
     if model_type != "gemma3_text" and config.local_rope_theta is not None:
       problems.append("local_rope_theta (Gemma 3 only)")
+    qpas = config.query_pre_attn_scalar
+    if gemma and qpas is not None and float(qpas) != int(qpas):
+      problems.append(f"query_pre_attn_scalar={qpas} (transformers requires an integer)")
     if model_type == "gemma3_text" and config.attn_logit_softcap is not None:
       problems.append("attn_logit_softcap (transformers' Gemma 3 ignores attn_logit_softcapping)")
     if not gemma and config.mixed_layers:
@@ -471,7 +474,7 @@ def model_config_to_hf_config(config: ModelConfig, architecture: str | None = No
       del hf["hidden_act"]
       sliding = config.sliding_layers
       hf.update(hidden_activation="gelu_pytorch_tanh", attention_bias=config.o_bias,
-                query_pre_attn_scalar=config.query_pre_attn_scalar or config.hd,
+                query_pre_attn_scalar=int(config.query_pre_attn_scalar or config.hd),  # an int in transformers
                 final_logit_softcapping=config.final_logit_softcap,
                 sliding_window=config.sliding_window if any(sliding) else None,
                 layer_types=["sliding_attention" if s else "full_attention" for s in sliding],
