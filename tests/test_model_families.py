@@ -89,3 +89,34 @@ def test_sliding_layers_and_dict_round_trip():
   # 2 norms more per layer (sandwich) and the per-head q / k norm scales
   plain = cfg.replace(qk_norm=False, sandwich_norms=False)
   assert cfg.num_params() - plain.num_params() == 3 * (2 * 16 + 2 * 8)
+
+
+def test_mixed_layers_train_path_scan_remat_and_sharding(monkeypatch):
+  """The training path of a local / global model: gradients under a real scan with remat equal the
+  unrolled, non-remat ones; every parameter gets a sharding on an fsdp x tensor mesh (the per-head
+  q / k norm scales are replicated)."""
+  from pro_jax import sharding as sh
+  from pro_jax.models import transformer
+  g = np.load(FIXTURES / "gemma3_pattern_untied" / "golden.npz")
+  tokens, mask = jnp.asarray(g["tokens"]), jnp.asarray(g["mask"])
+
+  def grads(model, params):
+    loss = lambda p: jnp.sum(jax.nn.log_softmax(model.apply({"params": p}, tokens, mask).logits)[..., 5] * mask)
+    return jax.jit(jax.grad(loss))(params)
+
+  model, params = load_hf_model(FIXTURES / "gemma3_pattern_untied")
+  ref = grads(model, params)
+  monkeypatch.setattr(transformer, "UNROLL_MAX_LAYERS", 0)
+  scanned = transformer.Transformer(model.config.replace(remat="full"))
+  assert transformer.scans_layers(scanned.config)
+  got = grads(scanned, params)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4)  # fp32 reassociation
+  assert float(np.abs(np.asarray(ref["layers"]["attn"]["q_norm"]["scale"])).max()) > 0
+
+  mesh = sh.make_mesh(data=1, fsdp=4, tensor=2)
+  shardings = sh.param_shardings(transformer.logical_axes(model), transformer.abstract_variables(model), mesh)
+  q_norm = shardings["params"]["layers"]["attn"]["q_norm"]["scale"]
+  assert q_norm.spec == jax.sharding.PartitionSpec(None, None)
+  post = shardings["params"]["layers"]["post_mlp_norm"]["scale"]
+  assert post.spec == jax.sharding.PartitionSpec(None, "fsdp")
