@@ -27,7 +27,9 @@ from pro_jax.models.transformer import Transformer, abstract_variables, logical_
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "golden" / "fixtures"
 NAMES = ["llama_gqa_untied", "llama_tied_sharded", "llama_rope_llama3", "llama_rope_linear_bias", "qwen2_gqa_tied",
-         "mistral_swa_bf16", "gpt2_lm", "gpt2_cls1", "gpt2_cls3", "llama_cls2", "qwen2_cls1"]
+         "mistral_swa_bf16", "gpt2_lm", "gpt2_cls1", "gpt2_cls3", "llama_cls2", "qwen2_cls1",
+         "qwen3_gqa_untied", "qwen3_tied", "qwen3_cls2", "gemma2_swa_softcap", "gemma2_cls1", "gemma3_pattern_untied",
+         "gemma3_cls3"]
 TOL = 1e-4
 _CACHE: dict[str, dict] = {}
 
@@ -60,6 +62,8 @@ def _parity(name: str) -> dict:
     ref = g["logits"][g["mask"].astype(bool)] if "logits" in g else g["scores"]
     arch = json.loads((FIXTURES / name / "config.json").read_text())["architectures"][0]
     inv = float(np.abs(rope_inv_freq(model.config) - g["inv_freq"]).max()) if "inv_freq" in g else None
+    if "inv_freq_local" in g:  # Gemma 3: the sliding layers' own RoPE
+      inv = max(inv, float(np.abs(rope_inv_freq(model.config, local=True) - g["inv_freq_local"]).max()))
     _CACHE[name] = dict(arch=arch, err=_max_err(model, params, g), ref=float(np.abs(ref).max()), inv_freq=inv)
   return _CACHE[name]
 
@@ -114,10 +118,10 @@ def test_parity_fp32(name):
 def test_parity_table(capsys):
   """Prints max |ours - transformers| per fixture (fp32, non-pad positions / scores)."""
   rows = [(n, _parity(n)) for n in NAMES]
-  lines = [f"{'fixture':24s} {'architecture':32s} {'max|diff|':>10s} {'max|ref|':>9s} {'inv_freq':>9s}"]
+  lines = [f"{'fixture':24s} {'architecture':36s} {'max|diff|':>10s} {'max|ref|':>9s} {'inv_freq':>9s}"]
   for n, r in rows:
     inv = f"{r['inv_freq']:.1e}" if r["inv_freq"] is not None else "-"
-    lines.append(f"{n:24s} {r['arch']:32s} {r['err']:10.2e} {r['ref']:9.3f} {inv:>9s}")
+    lines.append(f"{n:24s} {r['arch']:36s} {r['err']:10.2e} {r['ref']:9.3f} {inv:>9s}")
   with capsys.disabled():
     print("\nparity vs transformers 5.24 / torch 2.13 (fp32):\n" + "\n".join(lines))
   assert all(r["err"] <= TOL for _, r in rows), "\n".join(lines)
@@ -146,6 +150,65 @@ def test_config_mapping():
   assert (c.head, c.num_labels, c.mlp_dim, c.norm_eps, c.pad_token_id) == ("score", 3, 48, 1e-6, 0)
   c = load_hf_model(FIXTURES / "llama_cls2")[0].config
   assert (c.head, c.num_labels, c.pad_token_id) == ("score", 2, 0)
+
+
+def test_config_mapping_qwen3_gemma():
+  """Hand-checked fields of the Qwen3 / Gemma 2 / Gemma 3 fixtures' config.json files."""
+  c = load_hf_model(FIXTURES / "qwen3_gqa_untied")[0].config
+  assert (c.qk_norm, c.hd, c.n_heads, c.kv_heads, c.qkv_bias, c.o_bias, c.tie_embeddings, c.norm_offset) == (
+      True, 16, 4, 2, False, False, False, 0.0)
+  assert (c.sandwich_norms, c.scale_embeddings, c.mlp_act, c.sliding_window, c.layer_types) == (
+      False, False, "silu", None, None)
+  c = load_hf_model(FIXTURES / "qwen3_tied")[0].config
+  assert (c.tie_embeddings, c.hd, c.norm_eps, c.rope_theta) == (True, 8, 1e-5, 1000.0)
+  c = load_hf_model(FIXTURES / "gemma2_swa_softcap")[0].config
+  assert (c.norm_offset, c.scale_embeddings, c.mlp_act, c.sandwich_norms, c.qk_norm, c.tie_embeddings) == (
+      1.0, True, "gelu_tanh", True, False, True)
+  assert (c.query_pre_attn_scalar, c.attn_logit_softcap, c.final_logit_softcap, c.sliding_window) == (
+      24.0, 3.0, 8.0, 4)
+  assert c.layer_types == ("sliding_attention", "full_attention") and c.sliding_layers == (True, False)
+  assert (c.local_rope_theta, c.pad_token_id, c.bos_token_id, c.eos_token_id) == (None, 0, 2, 1)
+  c = load_hf_model(FIXTURES / "gemma3_pattern_untied")[0].config
+  assert c.sliding_layers == (True,) * 5 + (False,) and c.mixed_layers
+  assert (c.qk_norm, c.sandwich_norms, c.attn_logit_softcap, c.final_logit_softcap, c.tie_embeddings) == (
+      True, True, None, None, False)
+  assert (c.rope_theta, c.rope_scaling, c.local_rope_theta, c.query_pre_attn_scalar) == (
+      1e6, RopeScaling("linear", 8.0), 1e4, 16.0)
+  c = load_hf_model(FIXTURES / "gemma3_cls3")[0].config
+  assert (c.head, c.num_labels, c.sliding_window, c.rope_theta, c.local_rope_theta) == ("score", 3, 3, 1e5, 1e3)
+
+
+def test_gemma_configs_without_layer_types(tmp_path):
+  """Hub configs written by transformers 4: Gemma 2 without layer_types (every other layer sliding,
+  from the first); Gemma 3 with sliding_window_pattern and v4 rope_theta / rope_scaling /
+  rope_local_base_freq. They map to the same model as the v5 files."""
+  d = _copy_fixture("gemma2_swa_softcap", tmp_path)
+  _rewrite_config(d, lambda c: c.pop("layer_types"))
+  assert load_hf_model(d)[0].config == load_hf_model(FIXTURES / "gemma2_swa_softcap")[0].config
+  d = _copy_fixture("gemma3_pattern_untied", tmp_path)
+
+  def to_v4(cfg):
+    cfg.pop("layer_types")
+    cfg.pop("rope_parameters")
+    cfg.update(sliding_window_pattern=6, rope_theta=1e6, rope_local_base_freq=1e4,
+               rope_scaling={"rope_type": "linear", "factor": 8.0})
+
+  _rewrite_config(d, to_v4)
+  model, params = load_hf_model(d)
+  assert model.config == load_hf_model(FIXTURES / "gemma3_pattern_untied")[0].config
+  assert _max_err(model, params, _golden("gemma3_pattern_untied")) <= TOL
+
+
+def test_mixed_layers_under_a_real_scan(monkeypatch):
+  """Gemma 3's 5:1 local / global layers and Gemma 2's alternation under nn.scan (unroll=1): the
+  per-layer window and RoPE are scanned inputs, so the scanned model matches transformers too."""
+  from pro_jax.models import transformer
+  monkeypatch.setattr(transformer, "UNROLL_MAX_LAYERS", 0)
+  for name in ("gemma3_pattern_untied", "gemma2_swa_softcap"):
+    model, params = load_hf_model(FIXTURES / name)
+    assert transformer.scans_layers(model.config)
+    err = _max_err(model, params, _golden(name))
+    assert err <= TOL, f"{name} scanned: max |diff| {err:.2e}"
 
 
 def test_legacy_rope_config(tmp_path):
@@ -343,6 +406,27 @@ def test_export_architecture_choice(tmp_path):
     save_hf_model(tmp_path / "x", cfg, params, architecture="LlamaForCausalLM")
   with pytest.raises(CheckpointError, match="head='none'"):
     save_hf_model(tmp_path / "x", cfg.replace(head="none"), params)
+  base = cfg.replace(sliding_window=None)
+  gemma = dict(norm_offset=1.0, scale_embeddings=True, mlp_act="gelu_tanh", sandwich_norms=True)
+  assert hf_io.default_architecture(base.replace(qk_norm=True)) == "Qwen3ForCausalLM"
+  assert hf_io.default_architecture(base.replace(qk_norm=True, head="score")) == "Qwen3ForSequenceClassification"
+  assert hf_io.default_architecture(base.replace(**gemma)) == "Gemma2ForCausalLM"
+  assert hf_io.default_architecture(base.replace(**gemma, head="score")) == "Gemma2ForSequenceClassification"
+  assert hf_io.default_architecture(base.replace(**gemma, qk_norm=True)) == "Gemma3ForCausalLM"
+  assert hf_io.default_architecture(base.replace(**gemma, qk_norm=True, head="score")) == (
+      "Gemma3TextForSequenceClassification")
+  # Options a class cannot express are refused by name, before anything is written.
+  for config, arch, match in [
+      (base.replace(qk_norm=True), "LlamaForCausalLM", "qk_norm=True"),
+      (base.replace(**gemma), "Qwen3ForCausalLM", "norm_offset=1.0"),
+      (base.replace(**gemma, qk_norm=True, attn_logit_softcap=50.0), "Gemma3ForCausalLM", "attn_logit_softcap"),
+      (base.replace(**gemma, local_rope_theta=1e4), "Gemma2ForCausalLM", "local_rope_theta"),
+      (base.replace(final_logit_softcap=30.0), "LlamaForCausalLM", "final_logit_softcap"),
+      (cfg.replace(n_layers=2, layer_types=("sliding_attention", "full_attention"), qk_norm=True),
+       "Qwen3ForCausalLM", "mixed full / sliding layers")]:
+    with pytest.raises(CheckpointError, match=match):
+      hf_io.model_config_to_hf_config(config, arch)
+  assert not (tmp_path / "x").exists()
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -372,6 +456,15 @@ def test_error_unsupported_architecture(tmp_path, no_placement):
     ("llama_gqa_untied", {"hidden_act": "gelu"}, "hidden_act 'gelu'"),
     ("qwen2_gqa_tied", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1, "layer_types": None},
      "layer_types"),
+    ("gemma2_swa_softcap", {"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+    ("gemma2_swa_softcap", {"hidden_activation": "gelu"}, "hidden_activation 'gelu'"),
+    ("gemma2_swa_softcap", {"layer_types": ["sliding_attention", "chunked_attention"]}, "chunked_attention"),
+    ("gemma3_pattern_untied", {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                                   "sliding_attention": {"rope_type": "linear", "factor": 2.0}}},
+     "sliding_attention rope_parameters"),
+    ("gemma3_pattern_untied", {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3"},
+     "unsupported architecture 'Gemma3ForConditionalGeneration'"),
+    ("qwen3_tied", {"hidden_act": "gelu"}, "hidden_act 'gelu'"),
 ])
 def test_error_unsupported_option(name, change, match, tmp_path, no_placement):
   d = _copy_fixture(name, tmp_path)

@@ -1,7 +1,10 @@
 """Model configuration: one frozen dataclass describes every supported decoder.
 
 The same `Transformer` module runs the Llama family (Llama 2/3, Mistral, Qwen2; RMSNorm, RoPE,
-SwiGLU, GQA, optional q/k/v bias) and GPT-2 (LayerNorm, learned positions, gelu_new, fused c_attn).
+SwiGLU, GQA, optional q/k/v bias), its variants selected by options (Qwen3: q/k norm; Gemma 2 / 3:
+RMSNorm with a (1 + scale) offset, sqrt(d_model)-scaled embeddings, GeGLU, sandwich norms, logit
+soft-capping, query_pre_attn_scalar, per-layer local / global attention with a local RoPE theta)
+and GPT-2 (LayerNorm, learned positions, gelu_new, fused c_attn).
 Configs are hashable so they can be static arguments of `jax.jit`.
 """
 
@@ -15,6 +18,8 @@ import jax.numpy as jnp
 Arch = Literal["llama", "gpt2"]
 Head = Literal["lm", "score", "none"]
 Remat = Literal["none", "full", "dots", "dots_no_batch"]
+MlpAct = Literal["silu", "gelu_tanh"]
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 LLAMA_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GPT2_LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
@@ -73,6 +78,18 @@ class ModelConfig:
   o_bias: bool = False  # HF Llama `attention_bias`: a bias on o_proj as well (with qkv_bias=True)
   mlp_bias: bool = False  # HF Llama `mlp_bias`: biases on gate / up / down projections
   sliding_window: int | None = None  # Mistral / Qwen2: each query sees only the last `sliding_window` slots
+  # Per-layer attention kind ("full_attention" | "sliding_attention", HF's `layer_types`); None = every
+  # layer sliding when `sliding_window` is set, else every layer full. Gemma 2: alternating, Gemma 3: 5:1.
+  layer_types: tuple[str, ...] | None = None
+  local_rope_theta: float | None = None  # RoPE theta of sliding layers (unscaled RoPE); None = rope_theta + rope_scaling
+  qk_norm: bool = False  # Qwen3 / Gemma 3: RMSNorm over head_dim on q and k (per head) before RoPE
+  norm_offset: float = 0.0  # Gemma: RMSNorm multiplies by (1 + scale) in float32, then casts (scale init 0)
+  scale_embeddings: bool = False  # Gemma: embeddings * sqrt(d_model) (the factor in the compute dtype)
+  mlp_act: MlpAct = "silu"  # gated MLP activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU, gelu_pytorch_tanh)
+  sandwich_norms: bool = False  # Gemma 2 / 3: also norm the attention and MLP outputs before the residual add
+  query_pre_attn_scalar: float | None = None  # Gemma: attention scale query_pre_attn_scalar**-0.5 (None: hd**-0.5)
+  attn_logit_softcap: float | None = None  # Gemma 2: attention logits -> cap * tanh(logits / cap)
+  final_logit_softcap: float | None = None  # Gemma 2: LM logits -> cap * tanh(logits / cap)
   tie_embeddings: bool = False
   head: Head = "lm"  # "score": sequence classification (reward model), "none": hidden states only
   num_labels: int = 1  # width of the score head (K objectives for a multi-head reward model)
@@ -109,6 +126,29 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.sliding_window must be positive or None, got {self.sliding_window}")
     if self.arch == "gpt2" and (self.o_bias or self.mlp_bias):
       raise ValueError("o_bias / mlp_bias are Llama-family options (GPT-2 always has biases)")
+    llama_only = dict(layer_types=self.layer_types is not None, local_rope_theta=self.local_rope_theta is not None,
+                      qk_norm=self.qk_norm, norm_offset=self.norm_offset != 0.0,
+                      scale_embeddings=self.scale_embeddings, mlp_act=self.mlp_act != "silu",
+                      sandwich_norms=self.sandwich_norms)
+    if self.arch == "gpt2" and any(llama_only.values()):
+      raise ValueError(f"{[k for k, v in llama_only.items() if v]}: RoPE-family options, not for GPT-2")
+    if self.layer_types is not None:
+      if not isinstance(self.layer_types, tuple):
+        raise ValueError("ModelConfig.layer_types must be a tuple (hashable), got "
+                         f"{type(self.layer_types).__name__}")
+      if len(self.layer_types) != self.n_layers:
+        raise ValueError(f"ModelConfig.layer_types has {len(self.layer_types)} entries for n_layers={self.n_layers}")
+      bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+      if bad:
+        raise ValueError(f"ModelConfig.layer_types: unknown kind(s) {bad}; choose from {LAYER_TYPES}")
+      if "sliding_attention" in self.layer_types and self.sliding_window is None:
+        raise ValueError("ModelConfig.layer_types has sliding_attention layers but sliding_window is None")
+    if self.mlp_act not in ("silu", "gelu_tanh"):
+      raise ValueError(f"ModelConfig.mlp_act must be 'silu' or 'gelu_tanh', got {self.mlp_act!r}")
+    for f in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap", "local_rope_theta"):
+      v = getattr(self, f)
+      if v is not None and not v > 0:
+        raise ValueError(f"ModelConfig.{f} must be positive or None, got {v}")
     if self.weight_tokens < 0 or (self.weight_tokens > 0 and self.num_weights <= 0):
       raise ValueError(f"soft weight tokens need weight_tokens >= 0 and num_weights > 0, got weight_tokens="
                        f"{self.weight_tokens}, num_weights={self.num_weights}")
@@ -133,6 +173,22 @@ class ModelConfig:
     return self.head_dim or self.d_model // self.n_heads
 
   @property
+  def sliding_layers(self) -> tuple[bool, ...]:
+    """Per layer: True where attention is restricted to the last `sliding_window` slots."""
+    if self.sliding_window is None:
+      return (False,) * self.n_layers
+    if self.layer_types is None:
+      return (True,) * self.n_layers
+    return tuple(t == "sliding_attention" for t in self.layer_types)
+
+  @property
+  def mixed_layers(self) -> bool:
+    """Whether layers differ in window or RoPE (local / global); then both variants are built and
+    each layer picks its own inside the layer scan."""
+    kinds = set(self.sliding_layers)
+    return len(kinds) > 1
+
+  @property
   def jnp_dtype(self) -> Any:
     return jnp.dtype(self.dtype)
 
@@ -151,6 +207,8 @@ class ModelConfig:
     d = dict(d)
     if isinstance(d.get("rope_scaling"), dict):
       d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    if isinstance(d.get("layer_types"), list):
+      d["layer_types"] = tuple(d["layer_types"])
     if isinstance(d.get("lora"), dict):
       lora = dict(d["lora"])
       lora["targets"] = tuple(lora.get("targets", ()))
@@ -172,7 +230,7 @@ class ModelConfig:
       attn += (hd * (self.n_heads + 2 * self.kv_heads)) if self.qkv_bias else 0
       attn += d if self.o_bias else 0
       mlp = 3 * d * self.mlp_dim + ((2 * self.mlp_dim + d) if self.mlp_bias else 0)
-      norms = 2 * d
+      norms = (4 if self.sandwich_norms else 2) * d + (2 * hd if self.qk_norm else 0)
     per_layer = attn + mlp + norms
     n = self.n_layers * per_layer + (2 * d if self.arch == "gpt2" else d)
     if include_embeddings:

@@ -1,8 +1,10 @@
 """Import / export of Hugging Face `transformers` checkpoints (config.json + safetensors).
 
 Supported architectures (`SUPPORTED_ARCHITECTURES`): LlamaForCausalLM, MistralForCausalLM,
-Qwen2ForCausalLM, GPT2LMHeadModel and the sequence classifiers Llama/Mistral/Qwen2/GPT2
-ForSequenceClassification. See docs/models.md for the config mapping and what is not supported.
+Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM (text), GPT2LMHeadModel and
+the sequence classifiers Llama/Mistral/Qwen2/Qwen3/Gemma2/GPT2ForSequenceClassification and
+Gemma3TextForSequenceClassification. See docs/models.md for the config mapping and what is not
+supported.
 
 Loading validates everything first (config options, every tensor's presence, shape and dtype, from
 the safetensors headers only) and raises `CheckpointError` naming the file and the tensor before any
@@ -60,9 +62,27 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[str, str]] = {
     "MistralForSequenceClassification": ("mistral", "score"),
     "Qwen2ForSequenceClassification": ("qwen2", "score"),
     "GPT2ForSequenceClassification": ("gpt2", "score"),
+    "Qwen3ForCausalLM": ("qwen3", "lm"),
+    "Qwen3ForSequenceClassification": ("qwen3", "score"),
+    "Gemma2ForCausalLM": ("gemma2", "lm"),
+    "Gemma2ForSequenceClassification": ("gemma2", "score"),
+    "Gemma3ForCausalLM": ("gemma3_text", "lm"),
+    "Gemma3TextForSequenceClassification": ("gemma3_text", "score"),
 }
 _CAUSAL_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                         "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+                         "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel", "qwen3": "Qwen3ForCausalLM",
+                         "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+_GEMMA = ("gemma2", "gemma3_text")
+# transformers' class defaults for fields a config.json may omit (save_pretrained writes them all).
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "qwen3": dict(head_dim=128, tie_word_embeddings=False, max_position_embeddings=32768),
+    "gemma2": dict(head_dim=256, tie_word_embeddings=True, max_position_embeddings=8192, query_pre_attn_scalar=256,
+                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096),
+    "gemma3_text": dict(head_dim=256, tie_word_embeddings=True, max_position_embeddings=131072,
+                        query_pre_attn_scalar=256, attn_logit_softcapping=None, final_logit_softcapping=None,
+                        sliding_window=4096),
+}
+_GEMMA_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new")  # both are tanh-approximate GELU
 _BODY_PREFIX = {"llama": "model.", "gpt2": "transformer."}
 _GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are tanh-approximate GELU
 _FLOAT_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16, "F64": np.float64}
@@ -161,11 +181,57 @@ def _rope_from_hf(hf: dict, source: str) -> tuple[float, RopeScaling]:
   raise _unsupported(source, f"rope_type {rope_type!r} (supported: default, linear, llama3)")
 
 
+def _gemma_layers_from_hf(hf: dict, model_type: str, source: str) -> tuple[int | None, tuple[str, ...] | None]:
+  """(sliding_window, layer_types) of Gemma 2 (default: every other layer sliding, starting with the
+  first) and Gemma 3 (default: `sliding_window_pattern` (6): five sliding layers, then a global one);
+  uniform layers come back as layer_types=None."""
+  n_layers = int(_field(hf, "num_hidden_layers", source))
+  window = hf.get("sliding_window", _HF_DEFAULTS[model_type]["sliding_window"])
+  pattern = 2 if model_type == "gemma2" else int(hf.get("sliding_window_pattern") or 6)
+  layer_types = hf.get("layer_types") or [
+      "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
+  if len(layer_types) != n_layers or not set(layer_types) <= {"full_attention", "sliding_attention"}:
+    raise _unsupported(source, f"layer_types {layer_types} (expected {n_layers} of full_attention / sliding_attention)")
+  kinds = set(layer_types)
+  if "sliding_attention" not in kinds:
+    return None, None
+  if window is None:
+    raise CheckpointError(f"{source}: sliding_attention layers but no sliding_window")
+  return int(window), (None if len(kinds) == 1 else tuple(layer_types))
+
+
+def _gemma3_rope_from_hf(hf: dict, source: str) -> tuple[float, RopeScaling, float]:
+  """Global theta and scaling, and the local (sliding layers') theta of Gemma 3: v5 per-layer-type
+  `rope_parameters` {"full_attention": {...}, "sliding_attention": {...}} or v4's `rope_theta`,
+  `rope_scaling` (global layers) and `rope_local_base_freq`."""
+  params = hf.get("rope_parameters")
+  if isinstance(params, dict) and any(isinstance(v, dict) for v in params.values()):
+    unknown = sorted(set(params) - {"full_attention", "sliding_attention"})
+    if unknown:
+      raise _unsupported(source, f"rope_parameters for layer types {unknown}")
+    full = dict(params.get("full_attention") or {})
+    if hf.get("rope_scaling"):  # as transformers: rope_scaling updates the global layers' parameters
+      full.update(hf["rope_scaling"])
+    full.setdefault("rope_theta", hf.get("rope_theta") or 1_000_000.0)
+    local = dict(params.get("sliding_attention") or {})
+    local.setdefault("rope_theta", hf.get("rope_local_base_freq") or 10_000.0)
+  else:
+    full = dict(hf.get("rope_scaling") or params or {})
+    full.setdefault("rope_theta", hf.get("rope_theta") or 1_000_000.0)
+    local = {"rope_type": "default", "rope_theta": hf.get("rope_local_base_freq") or 10_000.0}
+  theta, scaling = _rope_from_hf({"rope_parameters": full, "max_position_embeddings": hf.get("max_position_embeddings"),
+                                  "partial_rotary_factor": hf.get("partial_rotary_factor")}, source)
+  local_type = local.get("rope_type", local.get("type", "default"))
+  if local_type != "default" or float(local.get("partial_rotary_factor", 1.0)) != 1.0:
+    raise _unsupported(source, f"sliding_attention rope_parameters {local} (only the default RoPE for local layers)")
+  return theta, scaling, float(local["rope_theta"])
+
+
 def _sliding_window_from_hf(hf: dict, model_type: str, source: str) -> int | None:
   n_layers = int(_field(hf, "num_hidden_layers", source))
   if model_type == "llama":
     return None
-  if model_type == "qwen2":
+  if model_type in ("qwen2", "qwen3"):
     window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
     max_window_layers = hf.get("max_window_layers", 28)
     default_types = ["sliding_attention" if window is not None and i >= max_window_layers else "full_attention"
@@ -237,27 +303,58 @@ def hf_config_to_model_config(hf: dict, *, source: str = "config.json", head: st
               norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
               tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
   else:
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":
-      raise _unsupported(source, f"hidden_act {act!r} (only silu / SwiGLU)")
-    theta, scaling = _rope_from_hf(hf, source)
+    defaults = _HF_DEFAULTS.get(model_type, {})
+    gemma = model_type in _GEMMA
+    if gemma:
+      act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+      if act not in _GEMMA_ACTIVATIONS:
+        raise _unsupported(source, f"hidden_activation {act!r} (supported: {_GEMMA_ACTIVATIONS})")
+      if hf.get("use_bidirectional_attention"):
+        raise _unsupported(source, "use_bidirectional_attention=true (pro_jax decoders are causal)")
+    else:
+      act = hf.get("hidden_act", "silu")
+      if act != "silu":
+        raise _unsupported(source, f"hidden_act {act!r} (only silu / SwiGLU)")
+    local_theta = None
+    if model_type == "gemma3_text":
+      theta, scaling, local_theta = _gemma3_rope_from_hf(hf, source)
+    else:
+      theta, scaling = _rope_from_hf(hf, source)
     d, n_heads = int(_field(hf, "hidden_size", source)), int(_field(hf, "num_attention_heads", source))
-    head_dim = hf.get("head_dim")
+    head_dim = hf.get("head_dim", defaults.get("head_dim"))
     head_dim = None if head_dim is None or (d % n_heads == 0 and int(head_dim) == d // n_heads) else int(head_dim)
-    if model_type == "llama":
+    if model_type in ("llama", "qwen3") or gemma:
       qkv_bias = o_bias = bool(hf.get("attention_bias", False))
-      mlp_bias = bool(hf.get("mlp_bias", False))
+      mlp_bias = bool(hf.get("mlp_bias", False)) if model_type == "llama" else False
     else:
       qkv_bias, o_bias, mlp_bias = model_type == "qwen2", False, False
+    if gemma:
+      window, layer_types = _gemma_layers_from_hf(hf, model_type, source)
+    else:
+      window, layer_types = _sliding_window_from_hf(hf, model_type, source), None
     kw = dict(arch="llama", vocab_size=int(_field(hf, "vocab_size", source)), d_model=d,
               n_layers=int(_field(hf, "num_hidden_layers", source)), n_heads=n_heads,
               n_kv_heads=int(hf.get("num_key_value_heads") or n_heads), head_dim=head_dim,
               mlp_dim=int(_field(hf, "intermediate_size", source)),
-              max_seq_len=max_seq_len or int(hf.get("max_position_embeddings") or 2048),
+              max_seq_len=max_seq_len or int(hf.get("max_position_embeddings")
+                                             or defaults.get("max_position_embeddings", 2048)),
               norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
-              qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=mlp_bias,
-              sliding_window=_sliding_window_from_hf(hf, model_type, source),
-              tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+              qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=mlp_bias, sliding_window=window,
+              tie_embeddings=bool(hf.get("tie_word_embeddings", defaults.get("tie_word_embeddings", False))),
+              qk_norm=model_type in ("qwen3", "gemma3_text"))
+    if gemma:
+      def opt_float(key):
+        value = hf.get(key, defaults[key])
+        return None if value is None else float(value)
+
+      if model_type == "gemma3_text" and hf.get("attn_logit_softcapping") is not None:
+        log.warning("%s: attn_logit_softcapping=%s is ignored, as transformers' Gemma 3 ignores it", source,
+                    hf["attn_logit_softcapping"])
+      kw.update(norm_offset=1.0, scale_embeddings=True, mlp_act="gelu_tanh", sandwich_norms=True,
+                query_pre_attn_scalar=opt_float("query_pre_attn_scalar"),
+                attn_logit_softcap=opt_float("attn_logit_softcapping") if model_type == "gemma2" else None,
+                final_logit_softcap=opt_float("final_logit_softcapping"),
+                layer_types=layer_types, local_rope_theta=local_theta)
   try:
     config = ModelConfig(**{**kw, **common, **overrides})
   except (TypeError, ValueError) as e:
@@ -269,7 +366,13 @@ def default_architecture(config: ModelConfig) -> str:
   """The transformers class an export of `config` uses unless told otherwise."""
   if config.arch == "gpt2":
     return "GPT2ForSequenceClassification" if config.head == "score" else "GPT2LMHeadModel"
-  if config.qkv_bias and not config.o_bias:
+  if config.sandwich_norms or config.norm_offset:
+    if config.qk_norm:
+      return "Gemma3TextForSequenceClassification" if config.head == "score" else "Gemma3ForCausalLM"
+    family = "Gemma2"
+  elif config.qk_norm:
+    family = "Qwen3"
+  elif config.qkv_bias and not config.o_bias:
     family = "Qwen2"
   elif config.sliding_window is not None:
     family = "Mistral"
@@ -287,6 +390,34 @@ def _check_exportable(config: ModelConfig, arch: str) -> None:
   problems = []
   if (model_type == "gpt2") != (config.arch == "gpt2"):
     problems.append(f"arch={config.arch!r}")
+  gemma = model_type in _GEMMA
+  if config.arch == "llama":
+    gemma_opts = dict(norm_offset=config.norm_offset == 1.0, scale_embeddings=config.scale_embeddings,
+                      mlp_act=config.mlp_act == "gelu_tanh", sandwich_norms=config.sandwich_norms)
+    for name, is_gemma in gemma_opts.items():
+      if is_gemma != gemma:
+        problems.append(f"{name}={getattr(config, name)!r} ({'required' if gemma else 'not supported'} by {arch})")
+    if config.norm_offset not in (0.0, 1.0):
+      problems.append(f"norm_offset={config.norm_offset}")
+    if config.qk_norm != (model_type in ("qwen3", "gemma3_text")):
+      problems.append(f"qk_norm={config.qk_norm}")
+    if not gemma:
+      for name in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap", "local_rope_theta"):
+        if getattr(config, name) is not None:
+          problems.append(f"{name} (a Gemma option)")
+    if model_type != "gemma3_text" and config.local_rope_theta is not None:
+      problems.append("local_rope_theta (Gemma 3 only)")
+    qpas = config.query_pre_attn_scalar
+    if gemma and qpas is not None and float(qpas) != int(qpas):
+      problems.append(f"query_pre_attn_scalar={qpas} (transformers requires an integer)")
+    if model_type == "gemma3_text" and config.attn_logit_softcap is not None:
+      problems.append("attn_logit_softcap (transformers' Gemma 3 ignores attn_logit_softcapping)")
+    if not gemma and config.mixed_layers:
+      problems.append("mixed full / sliding layers (layer_types; Gemma 2 / 3 only)")
+    if (model_type in ("qwen3",) or gemma) and config.mlp_bias:
+      problems.append("mlp_bias")
+    if (model_type in ("qwen3",) or gemma) and config.qkv_bias != config.o_bias:
+      problems.append(f"qkv_bias != o_bias ({arch}'s attention_bias covers q, k, v and o)")
   if model_type == "llama":
     if config.qkv_bias != config.o_bias:
       problems.append("qkv_bias != o_bias (Llama's attention_bias covers q, k, v and o)")
@@ -341,15 +472,36 @@ def model_config_to_hf_config(config: ModelConfig, architecture: str | None = No
               hidden_act="silu", max_position_embeddings=config.max_seq_len, rms_norm_eps=config.norm_eps,
               rope_parameters=rope_parameters, rope_theta=config.rope_theta, rope_scaling=rope_scaling,
               attention_dropout=0.0)
-    if model_type == "llama":
+    if model_type in _GEMMA:
+      del hf["hidden_act"]
+      sliding = config.sliding_layers
+      hf.update(hidden_activation="gelu_pytorch_tanh", attention_bias=config.o_bias,
+                query_pre_attn_scalar=int(config.query_pre_attn_scalar or config.hd),  # an int in transformers
+                final_logit_softcapping=config.final_logit_softcap,
+                sliding_window=config.sliding_window if any(sliding) else None,
+                layer_types=["sliding_attention" if s else "full_attention" for s in sliding],
+                use_bidirectional_attention=False)
+      if model_type == "gemma2":
+        hf.update(attn_logit_softcapping=config.attn_logit_softcap)
+      else:  # per-layer-type RoPE; v4's rope_theta / rope_scaling / rope_local_base_freq too
+        local_theta = config.local_rope_theta if config.local_rope_theta is not None else config.rope_theta
+        if config.local_rope_theta is None and config.rope_scaling.type != "default":
+          raise CheckpointError(f"the model cannot be written as {arch}: sliding layers would use the scaled "
+                                "global RoPE (set local_rope_theta)")
+        hf.update(rope_parameters={"full_attention": rope_parameters,
+                                   "sliding_attention": {"rope_type": "default", "rope_theta": local_theta}},
+                  rope_local_base_freq=local_theta, attn_logit_softcapping=None)
+    elif model_type == "llama":
       hf.update(attention_bias=config.o_bias, mlp_bias=config.mlp_bias)
     elif model_type == "mistral":
       hf.update(sliding_window=config.sliding_window)
-    else:  # qwen2: all layers sliding (max_window_layers=0) or none
+    else:  # qwen2 / qwen3: all layers sliding (max_window_layers=0) or none
       sliding = config.sliding_window is not None
       hf.update(use_sliding_window=sliding, sliding_window=config.sliding_window,
                 max_window_layers=0 if sliding else config.n_layers,
                 layer_types=[("sliding_attention" if sliding else "full_attention")] * config.n_layers)
+      if model_type == "qwen3":
+        hf.update(attention_bias=config.o_bias)
   return {**common, **hf}
 
 
@@ -389,8 +541,16 @@ def _hf_names(config: ModelConfig, prefix: str) -> list[tuple]:
   else:
     h = f"{prefix}layers.{{i}}."
     out = [(("embed",), f"{prefix}embed_tokens.weight", False),
-           ((L, "attn_norm", "scale"), h + "input_layernorm.weight", False),
-           ((L, "mlp_norm", "scale"), h + "post_attention_layernorm.weight", False)]
+           ((L, "attn_norm", "scale"), h + "input_layernorm.weight", False)]
+    if config.sandwich_norms:  # Gemma 2 / 3: HF's post_attention_layernorm norms the attention output
+      out += [((L, "post_attn_norm", "scale"), h + "post_attention_layernorm.weight", False),
+              ((L, "mlp_norm", "scale"), h + "pre_feedforward_layernorm.weight", False),
+              ((L, "post_mlp_norm", "scale"), h + "post_feedforward_layernorm.weight", False)]
+    else:
+      out.append(((L, "mlp_norm", "scale"), h + "post_attention_layernorm.weight", False))
+    if config.qk_norm:
+      out += [((L, "attn", "q_norm", "scale"), h + "self_attn.q_norm.weight", False),
+              ((L, "attn", "k_norm", "scale"), h + "self_attn.k_norm.weight", False)]
     for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
       out.append(((L, "attn", proj, "kernel"), h + f"self_attn.{proj}.weight", True))
       if config.o_bias if proj == "o_proj" else config.qkv_bias:

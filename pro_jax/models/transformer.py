@@ -106,16 +106,24 @@ class Linear(nn.Module):
 
 
 class RMSNorm(nn.Module):
+  """RMSNorm over the last axis. Llama: scale * x_normed.astype(dtype); with `cfg.norm_offset`
+  (Gemma): (norm_offset + scale) * x_normed in float32, then cast (scale initialised to 0)."""
+
   cfg: ModelConfig
+  axis_name: str | None = EMBED  # logical axis of the scale (None for the per-head q/k norms)
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (EMBED,)),
-                       (x.shape[-1],), self.cfg.jnp_param_dtype)
+    cfg = self.cfg
+    init = nn.initializers.zeros if cfg.norm_offset else nn.initializers.ones
+    scale = self.param("scale", nn.with_logical_partitioning(init, (self.axis_name,)),
+                       (x.shape[-1],), cfg.jnp_param_dtype)
     xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.cfg.norm_eps)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.norm_eps)
+    if cfg.norm_offset:  # HF Gemma: (x * (1 + weight.float())).type_as(x)
+      return (xf * (cfg.norm_offset + scale.astype(jnp.float32))).astype(cfg.jnp_dtype)
     # HF Llama: weight * hidden.to(input_dtype)
-    return (scale.astype(self.cfg.jnp_dtype) * xf.astype(self.cfg.jnp_dtype))
+    return (scale.astype(cfg.jnp_dtype) * xf.astype(cfg.jnp_dtype))
 
 
 class LayerNorm(nn.Module):
@@ -140,9 +148,13 @@ def _norm(cfg: ModelConfig, name: str) -> nn.Module:
   return (LayerNorm if cfg.arch == "gpt2" else RMSNorm)(cfg, name=name)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-  """Inverse RoPE frequencies [hd/2], with HF's rope_scaling types default / linear / llama3."""
+def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> np.ndarray:
+  """Inverse RoPE frequencies [hd/2], with HF's rope_scaling types default / linear / llama3.
+
+  `local=True`: those of sliding-window layers, `cfg.local_rope_theta` unscaled when it is set."""
   hd = cfg.hd
+  if local and cfg.local_rope_theta is not None:
+    return (1.0 / (cfg.local_rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))).astype(np.float32)
   inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
   rs = cfg.rope_scaling
   if rs.type in ("default", None):
@@ -164,9 +176,9 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
   return inv_freq.astype(np.float32)
 
 
-def rope_cos_sin(cfg: ModelConfig, positions_BxL: Array) -> tuple[Array, Array]:
+def rope_cos_sin(cfg: ModelConfig, positions_BxL: Array, local: bool = False) -> tuple[Array, Array]:
   """cos, sin [B, L, hd] in HF's half-rotation layout (cat(freqs, freqs))."""
-  inv_freq = jnp.asarray(rope_inv_freq(cfg))
+  inv_freq = jnp.asarray(rope_inv_freq(cfg, local))
   freqs = positions_BxL.astype(jnp.float32)[..., None] * inv_freq  # [B, L, hd/2]
   emb = jnp.concatenate([freqs, freqs], axis=-1)
   return jnp.cos(emb), jnp.sin(emb)
@@ -179,6 +191,23 @@ def apply_rope(x_BxLxHxD: Array, cos: Array, sin: Array) -> Array:
   rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
   out = x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
   return out.astype(dtype)
+
+
+def softcapped_attention(q_BxTxHxD: Array, k_BxSxKxD: Array, v_BxSxKxD: Array, mask_Bx1xTxS: Array,
+                         scale: float, softcap: float) -> Array:
+  """Grouped-query attention with Gemma 2's logit soft-capping (cap * tanh(logits / cap) after the
+  scale, before the mask). jax.nn.dot_product_attention has no soft-cap, so this follows its XLA
+  path otherwise: float32 logits, masked slots at the dtype's large negative, float32 softmax."""
+  B, T, H, D = q_BxTxHxD.shape
+  K = k_BxSxKxD.shape[2]
+  q_BxTxKxGxD = q_BxTxHxD.reshape(B, T, K, H // K, D)
+  logits_BxKxGxTxS = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD,
+                                preferred_element_type=jnp.float32) * jnp.float32(scale)
+  logits_BxKxGxTxS = jnp.tanh(logits_BxKxGxTxS / softcap) * softcap
+  logits_BxKxGxTxS = jnp.where(mask_Bx1xTxS[:, :, None], logits_BxKxGxTxS, jnp.finfo(jnp.float32).min * 0.7)
+  probs = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(v_BxSxKxD.dtype)
+  out_BxTxKxGxD = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD)
+  return out_BxTxKxGxD.reshape(B, T, H, D)
 
 
 class Attention(nn.Module):
@@ -209,6 +238,9 @@ class Attention(nn.Module):
     q_BxLxHxD = q.reshape(B, L, H, hd)
     k_BxLxKxD = k.reshape(B, L, K, hd)
     v_BxLxKxD = v.reshape(B, L, K, hd)
+    if cfg.qk_norm:  # Qwen3 / Gemma 3: per-head RMSNorm over head_dim, before RoPE
+      q_BxLxHxD = RMSNorm(cfg, None, name="q_norm")(q_BxLxHxD)
+      k_BxLxKxD = RMSNorm(cfg, None, name="k_norm")(k_BxLxKxD)
     if cfg.arch != "gpt2":
       q_BxLxHxD = apply_rope(q_BxLxHxD, cos, sin)
       k_BxLxKxD = apply_rope(k_BxLxKxD, cos, sin)
@@ -220,9 +252,13 @@ class Attention(nn.Module):
                                         (0, cache_index, 0, 0))
       new_cache = {"k": ck, "v": cv}
       k_BxLxKxD, v_BxLxKxD = ck.astype(q_BxLxHxD.dtype), cv.astype(q_BxLxHxD.dtype)
-    out_BxLxHxD = jax.nn.dot_product_attention(
-        q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, mask=mask_Bx1xLxS, scale=1.0 / math.sqrt(hd),
-        implementation=cfg.attention_impl)
+    scale = 1.0 / math.sqrt(hd) if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar**-0.5
+    if cfg.attn_logit_softcap is not None:
+      out_BxLxHxD = softcapped_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, mask_Bx1xLxS, scale,
+                                         cfg.attn_logit_softcap)
+    else:
+      out_BxLxHxD = jax.nn.dot_product_attention(
+          q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, mask=mask_Bx1xLxS, scale=scale, implementation=cfg.attention_impl)
     out = out_BxLxHxD.reshape(B, L, H * hd)
     name = "c_proj" if cfg.arch == "gpt2" else "o_proj"
     out = self._linear(cfg.d_model, (HEADS, EMBED), name, use_bias=cfg.arch == "gpt2" or cfg.o_bias,
@@ -250,23 +286,41 @@ class FeedForward(nn.Module):
       return lin(cfg.d_model, (MLP, EMBED), "c_proj", use_bias=True, std=out_std)(h)
     gate = lin(cfg.mlp_dim, (EMBED, MLP), "gate_proj", use_bias=cfg.mlp_bias)(x_BxLxD)
     up = lin(cfg.mlp_dim, (EMBED, MLP), "up_proj", use_bias=cfg.mlp_bias)(x_BxLxD)
-    h = nn.with_logical_constraint(jax.nn.silu(gate) * up, (BATCH, LENGTH, MLP))
+    act = jax.nn.silu(gate) if cfg.mlp_act == "silu" else jax.nn.gelu(gate, approximate=True)
+    h = nn.with_logical_constraint(act * up, (BATCH, LENGTH, MLP))
     return lin(cfg.d_model, (MLP, EMBED), "down_proj", use_bias=cfg.mlp_bias, std=out_std)(h)
 
 
 class Block(nn.Module):
-  """Pre-norm residual block. Signature fits nn.scan: (carry, broadcast ctx, per-layer cache)."""
+  """Pre-norm residual block (with `sandwich_norms`, the attention and MLP outputs are normed too).
+
+  Signature fits nn.scan: (carry, broadcast ctx, per-layer inputs). The per-layer inputs are the
+  layer's KV cache and, for models whose layers differ (`config.mixed_layers`), its `sliding` flag,
+  which picks the local or global RoPE tables and mask from ctx (a select, not Python branching, so
+  the layers still scan).
+  """
 
   cfg: ModelConfig
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BxLxD, ctx, layer_cache):
-    cos, sin, mask, cache_index = ctx
-    h, new_cache = Attention(self.cfg, self.deterministic, name="attn")(
-        _norm(self.cfg, "attn_norm")(x_BxLxD), cos, sin, mask, layer_cache, cache_index)
+  def __call__(self, x_BxLxD, ctx, per_layer):
+    cfg = self.cfg
+    layer_cache, sliding = per_layer
+    cos, sin, mask, cache_index = ctx[:4]
+    if sliding is not None:  # mixed local / global layers: ctx also holds the local tables and mask
+      cos_local, sin_local, mask_local = ctx[4:]
+      cos, sin = jnp.where(sliding, cos_local, cos), jnp.where(sliding, sin_local, sin)
+      mask = jnp.where(sliding, mask_local, mask)
+    h, new_cache = Attention(cfg, self.deterministic, name="attn")(
+        _norm(cfg, "attn_norm")(x_BxLxD), cos, sin, mask, layer_cache, cache_index)
+    if cfg.sandwich_norms:
+      h = _norm(cfg, "post_attn_norm")(h)
     x_BxLxD = x_BxLxD + h
-    x_BxLxD = x_BxLxD + FeedForward(self.cfg, self.deterministic, name="mlp")(_norm(self.cfg, "mlp_norm")(x_BxLxD))
+    h = FeedForward(cfg, self.deterministic, name="mlp")(_norm(cfg, "mlp_norm")(x_BxLxD))
+    if cfg.sandwich_norms:
+      h = _norm(cfg, "post_mlp_norm")(h)
+    x_BxLxD = x_BxLxD + h
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, (BATCH, LENGTH, EMBED))
     return x_BxLxD, new_cache
 
@@ -365,6 +419,8 @@ class Transformer(nn.Module):
     embedding = self.param("embed", nn.with_logical_partitioning(_init_normal(0.02), (VOCAB, EMBED)),
                            (cfg.vocab_size, cfg.d_model), cfg.jnp_param_dtype)
     x_BxLxD = jnp.take(embedding, tokens_BxL, axis=0).astype(dtype)
+    if cfg.scale_embeddings:  # HF Gemma: embed * tensor(sqrt(hidden)).to(dtype)
+      x_BxLxD = x_BxLxD * jnp.asarray(np.float32(cfg.d_model**0.5), dtype)
     if cfg.weight_tokens:
       w_embed_KxNxD = self.param(
           "weight_embed", nn.with_logical_partitioning(_init_normal(0.02), (None, None, EMBED)),
@@ -377,18 +433,27 @@ class Transformer(nn.Module):
       x_BxLxD = x_BxLxD + jnp.take(wpe, positions_BxL, axis=0).astype(dtype)
       cos = sin = None
     else:
-      cos, sin = rope_cos_sin(cfg, positions_BxL)
+      # Every layer sliding (Mistral): the local RoPE (local_rope_theta, when set) for all of them.
+      cos, sin = rope_cos_sin(cfg, positions_BxL, local=all(cfg.sliding_layers))
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, (BATCH, LENGTH, EMBED))
 
     if cache is None:
-      mask = make_attention_mask(attention_mask_BxL, L, L, sliding_window=cfg.sliding_window)
+      key_mask_BxS, kv_len, q_offset = attention_mask_BxL, L, 0
       layer_caches = None
     else:
       if cache_mask_BxT is None:
         raise ValueError("cache_mask_BxT is required when decoding with a cache")
-      mask = make_attention_mask(cache_mask_BxT, L, cache["k"].shape[2], cache_index,
-                                 sliding_window=cfg.sliding_window)
+      key_mask_BxS, kv_len, q_offset = cache_mask_BxT, cache["k"].shape[2], cache_index
       layer_caches = cache
+    sliding_N = None
+    if cfg.mixed_layers:  # local / global layers: the global mask and RoPE, then the local ones
+      mask = make_attention_mask(key_mask_BxS, L, kv_len, q_offset)
+      mask_local = make_attention_mask(key_mask_BxS, L, kv_len, q_offset, sliding_window=cfg.sliding_window)
+      ctx = (cos, sin, mask, cache_index, *rope_cos_sin(cfg, positions_BxL, local=True), mask_local)
+      sliding_N = jnp.asarray(cfg.sliding_layers)
+    else:
+      mask = make_attention_mask(key_mask_BxS, L, kv_len, q_offset, sliding_window=cfg.sliding_window)
+      ctx = (cos, sin, mask, cache_index)
 
     block = Block
     if cfg.remat != "none":
@@ -403,7 +468,7 @@ class Transformer(nn.Module):
         metadata_params={nn.PARTITION_NAME: LAYERS},
     )
     x_BxLxD, new_cache = stack(cfg, self.deterministic, name="layers")(
-        x_BxLxD, (cos, sin, mask, cache_index), layer_caches)
+        x_BxLxD, ctx, (layer_caches, sliding_N))
     hidden = _norm(cfg, "final_norm")(x_BxLxD)
 
     out = {"hidden": hidden, "cache": new_cache}
@@ -415,7 +480,10 @@ class Transformer(nn.Module):
         logits = jnp.dot(h, embedding.astype(dtype).T)
       else:
         logits = Linear(cfg.vocab_size, (EMBED, VOCAB), cfg, name="lm_head")(h)
-      out["logits"] = nn.with_logical_constraint(logits.astype(jnp.float32), (BATCH, LENGTH, VOCAB))
+      logits = logits.astype(jnp.float32)
+      if cfg.final_logit_softcap is not None:  # Gemma 2 (the LM head only, as in HF)
+        logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
+      out["logits"] = nn.with_logical_constraint(logits, (BATCH, LENGTH, VOCAB))
     elif cfg.head == "score":
       idx = last_token_index(attention_mask_BxL, L, B)
       h_last = jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0]

@@ -5,7 +5,8 @@
 
 Exports every golden fixture (weights scaled by 1.01 so the files are not the fixture's bytes; the
 sharded one sharded again), a LoRA-merged Llama, a new score head on a Qwen2 LM, GPT-2 written as
-bf16, and stories260K with its tokenizer; each DIR/<name>/ gets an `ours.npz` (tokens, mask,
+bf16, new score heads on Qwen3 and Gemma 3 LMs, Gemma 2 written as bf16, and stories260K with its
+tokenizer; each DIR/<name>/ gets an `ours.npz` (tokens, mask,
 positions, pro_jax's logits or scores) that make_golden.py compares with transformers' forward.
 Not part of the test suite.
 """
@@ -58,6 +59,15 @@ def main(out: pathlib.Path) -> None:
 
   model, params = load_hf_model(FIXTURES / "qwen2_gqa_tied", head="score", num_labels=2, pad_token_id=0)
   dump(out / "qwen2_new_score_head", model, params, np.load(FIXTURES / "qwen2_cls1" / "golden.npz"))
+
+  for lm, cls in [("qwen3_gqa_untied", "qwen3_cls2"), ("gemma3_pattern_untied", "gemma3_cls3")]:
+    model, params = load_hf_model(FIXTURES / lm, head="score", num_labels=2, pad_token_id=0)
+    dump(out / f"{lm.split('_')[0]}_new_score_head", model, params, np.load(FIXTURES / cls / "golden.npz"))
+
+  model, params = load_hf_model(FIXTURES / "gemma2_swa_softcap", param_dtype="bfloat16")
+  params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+  dump(out / "gemma2_bf16_params", model, params, np.load(FIXTURES / "gemma2_swa_softcap" / "golden.npz"),
+       dtype="bfloat16")
 
   model, params = load_hf_model(FIXTURES / "gpt2_lm", param_dtype="bfloat16")
   params = jax.tree.map(lambda x: x.astype(jnp.float32), params)  # bf16 values; the files are bf16 again

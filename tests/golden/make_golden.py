@@ -16,7 +16,8 @@ model.safetensors or sharded model-0000x-of-0000y.safetensors + model.safetensor
   right- and left-padded rows, pad tokens = pad_token_id = 0 and never used as a real token),
   positions [B, L] (HF-style position_ids = clamp(cumsum(mask) - 1, 0), passed to the torch model),
   logits [B, L, V] (causal LMs) or scores [B, num_labels] (classifiers), float32, from the eager
-  fp32 torch forward, and inv_freq [head_dim / 2] (HF's RoPE inverse frequencies, Llama family).
+  fp32 torch forward, and inv_freq [head_dim / 2] (HF's RoPE inverse frequencies, Llama family;
+  Gemma 3: the global layers', plus inv_freq_local for the sliding layers).
 All weights (norm scales and biases included) are re-drawn at a scale that makes logits O(1-10), so a
 wrong mapping cannot hide behind a near-zero output. `tests/test_hf_io.py` checks pro_jax against them.
 
@@ -40,10 +41,13 @@ import shutil
 import numpy as np
 import torch
 import transformers
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config,
-                          GPT2ForSequenceClassification, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
-                          LlamaForSequenceClassification, MistralConfig, MistralForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM, Qwen2ForSequenceClassification)
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, Gemma2Config, Gemma2ForCausalLM,
+                          Gemma2ForSequenceClassification, Gemma3ForCausalLM, Gemma3TextConfig,
+                          Gemma3TextForSequenceClassification, GPT2Config, GPT2ForSequenceClassification,
+                          GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification,
+                          MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen2ForSequenceClassification, Qwen3Config, Qwen3ForCausalLM,
+                          Qwen3ForSequenceClassification)
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 PAD = 0
@@ -94,7 +98,55 @@ SPECS = {
         vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, num_labels=1, pad_token_id=PAD),
         dict(seq_len=10, causal=False)),
+    # Qwen3: q/k RMSNorm per head, head_dim independent of hidden / heads (4 x 16 = 64 != 32).
+    "qwen3_gqa_untied": (Qwen3ForCausalLM, Qwen3Config, dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, tie_word_embeddings=False, max_position_embeddings=64,
+        rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), dict(seq_len=12)),
+    "qwen3_tied": (Qwen3ForCausalLM, Qwen3Config, dict(
+        vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=8, tie_word_embeddings=True, max_position_embeddings=64,
+        rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 1000.0}), dict(seq_len=12)),
+    "qwen3_cls2": (Qwen3ForSequenceClassification, Qwen3Config, dict(
+        vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=64, num_labels=2, pad_token_id=PAD),
+        dict(seq_len=10, causal=False)),
+    # Gemma 2: (1 + w) norms, sqrt(d) embedding scale, GeGLU, sandwich norms, attention / final soft-caps
+    # small enough to bite, query_pre_attn_scalar != head_dim, alternating local (window 4 < 12) / global.
+    "gemma2_swa_softcap": (Gemma2ForCausalLM, Gemma2Config, dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, query_pre_attn_scalar=24,
+        attn_logit_softcapping=3.0, final_logit_softcapping=8.0, sliding_window=4, pad_token_id=PAD,
+        bos_token_id=2, eos_token_id=1, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+        dict(seq_len=12)),
+    "gemma2_cls1": (Gemma2ForSequenceClassification, Gemma2Config, dict(
+        vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=64, query_pre_attn_scalar=16,
+        attn_logit_softcapping=5.0, final_logit_softcapping=30.0, sliding_window=3, num_labels=1,
+        pad_token_id=PAD), dict(seq_len=10, causal=False)),
+    # Gemma 3: q/k norm, 5 local : 1 global layers (the default pattern), local theta 10000, global
+    # theta 1e6 with linear scaling (as Gemma 3 4B+), window 4 < 12, untied head.
+    "gemma3_pattern_untied": (Gemma3ForCausalLM, Gemma3TextConfig, dict(
+        vocab_size=128, hidden_size=32, intermediate_size=32, num_hidden_layers=6, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=64, query_pre_attn_scalar=16,
+        sliding_window=4, tie_word_embeddings=False, pad_token_id=PAD, bos_token_id=2, eos_token_id=1,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}),
+        dict(seq_len=12)),
+    "gemma3_cls3": (Gemma3TextForSequenceClassification, Gemma3TextConfig, dict(
+        vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, query_pre_attn_scalar=8,
+        sliding_window=3, layer_types=["sliding_attention", "full_attention"], num_labels=3, pad_token_id=PAD,
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 100_000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1_000.0}}),
+        dict(seq_len=10, causal=False)),
 }
+
+# Seeds: the original fixtures keep theirs (their index in the sorted list of the first eleven names).
+_ORIGINAL = sorted(["llama_gqa_untied", "llama_tied_sharded", "llama_rope_llama3", "llama_rope_linear_bias",
+                    "qwen2_gqa_tied", "mistral_swa_bf16", "gpt2_lm", "gpt2_cls1", "gpt2_cls3", "llama_cls2",
+                    "qwen2_cls1"])
+SEEDS = {name: i for i, name in enumerate(_ORIGINAL + [n for n in SPECS if n not in _ORIGINAL])}
 
 
 def randomize_(model: torch.nn.Module, gen: torch.Generator) -> None:
@@ -139,7 +191,7 @@ def torch_forward(model, tokens, mask, positions, causal: bool) -> np.ndarray:
 
 def build(name: str) -> None:
   cls, cfg_cls, cfg_kw, extra = SPECS[name]
-  seed = sorted(SPECS).index(name)
+  seed = SEEDS[name]
   torch.manual_seed(seed)
   cfg = cfg_cls(**cfg_kw)
   model = cls(cfg).eval()
@@ -156,7 +208,10 @@ def build(name: str) -> None:
   arrays = dict(tokens=tokens, mask=mask, positions=positions)
   arrays["logits" if causal else "scores"] = out.astype(np.float32)
   rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
-  if rotary is not None:
+  if rotary is not None and hasattr(rotary, "full_attention_inv_freq"):  # Gemma 3: per layer type
+    arrays["inv_freq"] = rotary.full_attention_inv_freq.float().numpy()
+    arrays["inv_freq_local"] = rotary.sliding_attention_inv_freq.float().numpy()
+  elif rotary is not None:
     arrays["inv_freq"] = rotary.inv_freq.float().numpy()
   out_dir = FIXTURES / name
   if out_dir.exists():
