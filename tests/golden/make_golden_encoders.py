@@ -8,8 +8,9 @@ a separate virtual environment (see tests/golden/make_golden.py for the setup). 
 
 Each fixture directory holds what `save_pretrained(safe_serialization=True)` wrote for the model and
 (for the fixtures named `*_tok`) its tokenizer, plus `golden.npz`:
-  tokens [B, L] int32, mask [B, L] int32 (rows: full, right-padded, left-padded; pad = pad_token_id,
-  never a real token; BART rows end with EOS and hold no other EOS), scores [B, num_labels] float32
+  tokens [B, L] int32, mask [B, L] int32 (rows: full, right-padded, left-padded, right-padded; pad =
+  pad_token_id, never a real token; BART rows hold one EOS: the last real token, except in the fourth
+  row, where three real tokens follow it), scores [B, num_labels] float32
   from the eager fp32 torch forward (`model(input_ids, attention_mask).logits`).
 Fixtures with a tokenizer also hold `texts.json` (prompts, responses) and in golden.npz the reference
 of the paper's scoring calls (as RiC makes them):
@@ -144,16 +145,18 @@ def randomize_(model: torch.nn.Module, gen: torch.Generator) -> None:
 
 
 def make_inputs(seq_len: int, vocab: int, pad: int, eos: int | None, reserved: set[int], rng: np.random.Generator):
-  """tokens / mask [3, L]: a full row, a right-padded row and a left-padded row. Real tokens avoid
-  `reserved` (pad, eos, ...); with `eos`, each row's last real token is EOS (BART's head reads it)."""
+  """tokens / mask [4, L]: a full row, a right-padded row, a left-padded row and a right-padded row.
+  Real tokens avoid `reserved` (pad, eos, ...); with `eos`, each row holds one EOS (BART's head reads
+  it): the last real token of rows 0-2, followed by three more real tokens in row 3."""
   allowed = np.array([t for t in range(vocab) if t not in reserved])
-  tokens = rng.choice(allowed, size=(3, seq_len)).astype(np.int32)
-  mask = np.ones((3, seq_len), np.int32)
+  tokens = rng.choice(allowed, size=(4, seq_len)).astype(np.int32)
+  mask = np.ones((4, seq_len), np.int32)
   mask[1, seq_len - 3:] = 0
   mask[2, :2] = 0
+  mask[3, seq_len - 2:] = 0
   if eos is not None:
-    last = np.array([seq_len - 1, seq_len - 4, seq_len - 1])
-    tokens[np.arange(3), last] = eos
+    at = np.array([seq_len - 1, seq_len - 4, seq_len - 1, seq_len - 6])
+    tokens[np.arange(4), at] = eos
   return np.where(mask == 1, tokens, pad).astype(np.int32), mask
 
 
