@@ -212,9 +212,44 @@ def build(name: str) -> None:
         f"{size / 1024:6.1f} KiB")
 
 
+# Full-size shapes (distilbert-base-uncased, bart-base) for a manual check, not committed:
+#   python tests/golden/make_golden_encoders.py --full-size DIR   # writes DIR/<name>/ (~0.8 GB in all)
+FULL_SIZE = {
+    "distilbert_base": (DistilBertForSequenceClassification, DistilBertConfig(num_labels=2)),
+    "bart_base": (BartForSequenceClassification, BartConfig(
+        d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12, decoder_attention_heads=12,
+        encoder_ffn_dim=3072, decoder_ffn_dim=3072, num_labels=2)),
+}
+
+
+def build_full_size(root: pathlib.Path, seq_len: int = 128) -> None:
+  """Random models of the real scorers' shapes, re-drawn like the fixtures, and their fp32 scores on
+  padded rows of `seq_len` tokens, for `pro_jax` to be compared against (not part of the suite)."""
+  for i, (name, (cls, cfg)) in enumerate(FULL_SIZE.items()):
+    torch.manual_seed(i)
+    model = cls(cfg).eval()
+    model.set_attn_implementation("eager")
+    randomize_(model, torch.Generator().manual_seed(3000 + i))
+    is_bart = isinstance(cfg, BartConfig)
+    reserved = {cfg.pad_token_id} | ({cfg.eos_token_id, cfg.bos_token_id} if is_bart else set())
+    tokens, mask = make_inputs(seq_len, cfg.vocab_size, cfg.pad_token_id, cfg.eos_token_id if is_bart else None,
+                               reserved, np.random.default_rng(i))
+    out = root / name
+    model.save_pretrained(out, safe_serialization=True)
+    np.savez(out / "golden.npz", tokens=tokens, mask=mask, scores=torch_scores(model, tokens, mask))
+    print(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters -> {out}")
+
+
 def main() -> None:
+  import argparse
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--full-size", type=pathlib.Path, default=None, help="write full-size random models here")
+  args = parser.parse_args()
   torch.set_num_threads(1)
   print(f"transformers {transformers.__version__}, torch {torch.__version__}")
+  if args.full_size is not None:
+    build_full_size(args.full_size)
+    return
   for name in SPECS:
     build(name)
 
