@@ -181,9 +181,9 @@ def test_old_bart_tensor_layout_loads(tmp_path):
   d = _copy("bart_cls3_scaled", tmp_path)
   _rewrite(d, lambda t: {**t, "model.encoder.embed_tokens.weight": t["model.shared.weight"],
                          "model.decoder.embed_tokens.weight": t["model.shared.weight"]})
-  model, params = load_encoder_classifier(d)
-  g = _golden("bart_cls3_scaled")
-  assert np.abs(np.asarray(model.apply({"params": params}, g["tokens"], g["mask"]).scores) - g["scores"]).max() <= TOL
+  _, params = load_encoder_classifier(d)
+  _, ref, _ = _load("bart_cls3_scaled")
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref)))
 
 
 @pytest.mark.parametrize("axes", [("data", "model"), ("fsdp",)])
@@ -263,6 +263,7 @@ def test_paper_scorer_matches_transformers(name, preset):
   np.testing.assert_allclose(scores[:, 0], g["text_scores"][:, 1], atol=TOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_scorer_outputs_labels_and_prompt_forms():
   """prob / log_prob are torch's softmax / log-softmax at the label; a label by name picks its
   column; schema prompts (lists of turns) score like plain strings; rows scored one at a time (as
@@ -276,6 +277,7 @@ def test_scorer_outputs_labels_and_prompt_forms():
   tok = load_tokenizer(FIXTURES / name)
 
   def make(**kw):
+    kw.setdefault("batch_size", 4)
     return EncoderClassifierScorer(model, params, tok, "faithfulness", text="response_prompt", prompt_text="tldr_post",
                                    max_len=t["max_length"], **kw)
 
@@ -283,7 +285,7 @@ def test_scorer_outputs_labels_and_prompt_forms():
   np.testing.assert_allclose(make(output="log_prob", label="hallucinated").score(t["prompts"], t["responses"])[:, 0],
                              np.log(probs[:, 0]), atol=1e-4)
   schema = [[{"role": "system", "content": "be brief"}, {"role": "user", "content": p}] for p in t["prompts"]]
-  batched = make(batch_size=4).score(schema, t["responses"])
+  batched = make().score(schema, t["responses"])
   np.testing.assert_allclose(batched[:, 0], g["text_scores"][:, 1], atol=TOL)
   one = make(batch_size=1)
   singles = [one.score([p], [r])[0, 0] for p, r in zip(t["prompts"], t["responses"])]

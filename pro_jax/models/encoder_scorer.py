@@ -20,6 +20,7 @@ right to a multiple of 64 and scored in jitted fixed-size batches (a few compile
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pro_jax.models.encoders import EncoderClassifier
+from pro_jax.models.encoders import EncoderClassifier, EncoderConfig
 
 TEXT_MODES = ("response", "response_prompt", "prompt_response")
 OUTPUTS = ("logit", "prob", "log_prob")
@@ -85,6 +86,22 @@ def _fingerprint(params: Any) -> str:
   return h.hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=32)
+def _scores_fn(config: EncoderConfig, label: int, output: str) -> Callable:
+  """(params, tokens_BxL, mask_BxL) -> [B] jitted; shared by scorers of one config (compiled once)."""
+  model = EncoderClassifier(config)
+
+  def scores(p, tokens_BxL, mask_BxL):
+    logits_BxC = model.apply({"params": p}, tokens_BxL, mask_BxL).scores
+    if output == "prob":
+      return jax.nn.softmax(logits_BxC, axis=-1)[:, label]
+    if output == "log_prob":
+      return jax.nn.log_softmax(logits_BxC, axis=-1)[:, label]
+    return logits_BxC[:, label]
+
+  return jax.jit(scores)
+
+
 class EncoderClassifierScorer:
   """One label of an encoder classifier as one objective: ``score(prompts, responses) -> [N, 1]``.
 
@@ -124,17 +141,7 @@ class EncoderClassifierScorer:
     self.objectives = (objective,)
     self.text, self.prompt_text, self.output = text, prompt_text, output
     self.batch_size, self.name = int(batch_size), name
-    label_i = self.label
-
-    def scores(p, tokens_BxL, mask_BxL):
-      logits_BxC = model.apply({"params": p}, tokens_BxL, mask_BxL).scores
-      if output == "prob":
-        return jax.nn.softmax(logits_BxC, axis=-1)[:, label_i]
-      if output == "log_prob":
-        return jax.nn.log_softmax(logits_BxC, axis=-1)[:, label_i]
-      return logits_BxC[:, label_i]
-
-    self._fn = jax.jit(scores)
+    self._fn = _scores_fn(cfg, self.label, output)
     self._fingerprint: str | None = None
 
   @property
