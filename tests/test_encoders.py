@@ -313,3 +313,20 @@ def test_tldr_post():
   assert tldr_post(q) == "I locked myself out.\nThen the oven."
   assert tldr_post([{"role": "user", "content": "Article:\nSome news.\n\nTL;DR:"}]) == "Article:\nSome news."
   assert tldr_post("no format here") == "no format here"
+
+
+def test_scorer_stacks_and_caches(tmp_path):
+  """The encoder scorer combines with the other scorers: StackedScorer columns in order, and a
+  CachedScorer answers the second call from its file with the same values."""
+  from pro_jax.pro.scoring import CachedScorer, StackedScorer
+  t, g = _texts("distilbert_cls2_tok"), _golden("distilbert_cls2_tok")
+  humor = encoder_reward_scorer(FIXTURES / "distilbert_cls2_tok", "humor", preset="humor", max_len=t["max_length"],
+                                batch_size=4)
+  no_humor = encoder_reward_scorer(FIXTURES / "distilbert_cls2_tok", "no_humor", label="NO_HUMOR",
+                                   max_len=t["max_length"], batch_size=4)
+  cached = CachedScorer(StackedScorer([humor, no_humor]), tmp_path / "scores.sqlite")
+  first = cached.score(t["prompts"], t["responses"])
+  np.testing.assert_allclose(first, g["text_scores"][:, ::-1], atol=TOL)
+  again = CachedScorer(StackedScorer([humor, no_humor]), tmp_path / "scores.sqlite")
+  np.testing.assert_array_equal(again.score(t["prompts"], t["responses"]), first)
+  assert (again.hits, again.misses) == (len(t["responses"]), 0)

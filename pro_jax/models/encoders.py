@@ -89,7 +89,6 @@ class EncoderConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   head: str = "score"  # always: only sequence classifiers are supported
-  learned_positions: bool = True
 
   def __post_init__(self):
     if self.arch not in ENCODER_MODEL_TYPES:
