@@ -426,7 +426,8 @@ def hf_config_to_encoder_config(hf: dict, *, source: str = "config.json", dtype:
 # Tensors transformers ties to `model.shared.weight` or does not use for classification; old
 # checkpoints carry them (DistilBERT's `position_ids` buffer, BART's per-stack embed_tokens).
 _IGNORED = re.compile(r"^(model\.(encoder|decoder)\.embed_tokens\.weight|final_logits_bias|"
-                      r"distilbert\.embeddings\.position_ids|model\.(encoder|decoder)\.embed_positions\._float_tensor)$")
+                      r"distilbert\.embeddings\.position_ids|"
+                      r"model\.(encoder|decoder)\.embed_positions\._float_tensor)$")
 
 
 def load_encoder_classifier(path: PathLike, *, dtype: str = "float32", param_dtype: str = "float32",

@@ -4,7 +4,7 @@ models, tiny trained tokenizers, and their fp32 scores.
 NOT part of the test suite and NOT a dependency of pro_jax: it needs torch + transformers, which live in
 a separate virtual environment (see tests/golden/make_golden.py for the setup). From the repository root:
 
-    /tmp/torchvenv/bin/python tests/golden/make_golden_encoders.py   # rewrites tests/golden/fixtures/{distilbert,bart}_*
+    /tmp/torchvenv/bin/python tests/golden/make_golden_encoders.py   # rewrites fixtures/{distilbert,bart}_*
 
 Each fixture directory holds what `save_pretrained(safe_serialization=True)` wrote for the model and
 (for the fixtures named `*_tok`) its tokenizer, plus `golden.npz`:
