@@ -186,6 +186,19 @@ def test_old_bart_tensor_layout_loads(tmp_path):
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref)))
 
 
+def test_legacy_layernorm_names_load(tmp_path):
+  """Old BERT-family files name LayerNorm parameters gamma / beta; transformers renames them on
+  load, and so does pro_jax."""
+  d = _copy("distilbert_cls3_relu", tmp_path)
+  _rewrite(d, lambda t: {(k[:-len("weight")] + "gamma" if "norm" in k.lower() and k.endswith("weight") else
+                          k[:-len("bias")] + "beta" if "norm" in k.lower() and k.endswith("bias") else k): v
+                         for k, v in t.items()})
+  assert "distilbert.embeddings.LayerNorm.gamma" in _tensors(d)
+  _, params = load_encoder_classifier(d)
+  _, ref, _ = _load("distilbert_cls3_relu")
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref)))
+
+
 @pytest.mark.parametrize("axes", [("data", "model"), ("fsdp",)])
 def test_mesh_placement_replicates_on_any_axis_names(axes):
   devices = np.array(jax.devices()[:2] if len(axes) == 2 else jax.devices()[:4]).reshape(

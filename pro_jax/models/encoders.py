@@ -461,9 +461,12 @@ def load_encoder_classifier(path: PathLike, *, dtype: str = "float32", param_dty
   files, index = hf_io._checkpoint_files(path)
   tensors = hf_io._read_headers(files, index)
   where = str(index or files[0])
+  # transformers' legacy names: LayerNorm `gamma` / `beta` for `weight` / `bias` (old BERT-family files)
+  file_name = {re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", n)): n for n in tensors}
   plan = []
   for p, leaf in flat_abstract.items():
     name, transpose = _hf_name(p)
+    name = file_name.get(name, name)
     shape = tuple(leaf.shape)
     hf_shape = tuple(reversed(shape)) if transpose else shape
     info = tensors.get(name)
