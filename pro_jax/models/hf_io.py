@@ -794,9 +794,16 @@ def load_hf_model(path: PathLike, *, dtype: str = "float32", param_dtype: str = 
 
   Returns:
     (model, params) with `model.apply({"params": params}, tokens_BxL, mask_BxL).logits` (or .scores).
+    DistilBERT / BART sequence classifiers come back as `pro_jax.models.encoders.EncoderClassifier`
+    (`.scores` only; see `_load_encoder_classifier`).
   """
   path = pathlib.Path(path)
   hf = read_hf_config(path)
+  encoder = _load_encoder_classifier(path, hf, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules,
+                                     head=head, num_labels=num_labels, value_head=value_head, lora=lora,
+                                     max_seq_len=max_seq_len, config_overrides=config_overrides)
+  if encoder is not None:
+    return encoder
   config, arch = hf_config_to_model_config(
       hf, source=str(path / "config.json"), head=head, num_labels=num_labels, value_head=value_head, lora=lora,
       dtype=dtype, param_dtype=param_dtype, max_seq_len=max_seq_len, **config_overrides)
@@ -873,6 +880,28 @@ def params_from_hf_tensors(model: Transformer, source: Any, *, where: str, mesh:
     if name not in expected and name not in skip:
       raise CheckpointError(f"{where}: unexpected tensor {name} (shape {list(shape)}) for this model config")
   return _materialize(model, specs, source, mesh=mesh, rules=rules, seed=seed, source=where)
+
+
+def _load_encoder_classifier(path: pathlib.Path, hf: dict, *, dtype: str, param_dtype: str, mesh: Any, rules: Any,
+                             head: str | None, num_labels: int | None, value_head: bool, lora: LoRAConfig | None,
+                             max_seq_len: int | None, config_overrides: dict) -> tuple[Any, dict] | None:
+  """Dispatch hook: DistilBERT / BART sequence classifiers (`pro_jax.models.encoders`), else None.
+
+  They are scorers only: the decoder-only options (a new head, value head, LoRA, ModelConfig fields)
+  are refused; `rules` does not apply (their parameters are replicated on `mesh`).
+  """
+  from pro_jax.models import encoders
+  archs = hf.get("architectures") or []
+  if hf.get("model_type") not in encoders.ENCODER_MODEL_TYPES and not set(archs) & set(encoders.ENCODER_ARCHITECTURES):
+    return None
+  del rules
+  refused = [k for k, v in (("head", head not in (None, "score")), ("value_head", value_head),
+                            ("lora", lora is not None)) if v] + sorted(config_overrides)
+  if refused:
+    raise CheckpointError(f"{path / 'config.json'}: {archs or hf.get('model_type')} is imported as a sequence "
+                          f"classifier only; unsupported options {refused}")
+  return encoders.load_encoder_classifier(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
+                                          num_labels=num_labels, max_seq_len=max_seq_len)
 
 
 # ----------------------------------------------------------------------------------------------
