@@ -55,6 +55,7 @@ class Report:
 
 def _hf_model(directory: str, what: str, report: Report, *, classifier: bool) -> Any:
   """The checkpoint's ModelConfig (None when it cannot be used), with problems reported."""
+  from pro_jax.models.encoders import ENCODER_ARCHITECTURES, ENCODER_MODEL_TYPES, hf_config_to_encoder_config
   from pro_jax.models.hf_io import SUPPORTED_ARCHITECTURES, hf_architecture, hf_config_to_model_config, read_hf_config
   if not os.path.isdir(directory):
     report.error(f"{what}: {directory} does not exist (download it on an online machine: docs/experiments.md)")
@@ -65,6 +66,18 @@ def _hf_model(directory: str, what: str, report: Report, *, classifier: bool) ->
     report.error(f"{what}: {directory}/config.json: {e}")
     return None
   archs = hf.get("architectures") or []
+  if classifier and (hf.get("model_type") in ENCODER_MODEL_TYPES or set(archs) & set(ENCODER_ARCHITECTURES)):
+    try:  # DistilBERT / BART classifiers score through encoder_reward_scorer (RiC's humor / faithfulness calls)
+      ecfg = hf_config_to_encoder_config(hf, source=f"{directory}/config.json")
+    except Exception as e:  # noqa: BLE001
+      report.error(f"{what}: {e}")
+      return None
+    if not glob.glob(os.path.join(directory, "*.safetensors")):
+      report.error(f"{what}: {directory} has no *.safetensors weights (convert them, docs/experiments.md)")
+    else:
+      report.ok(f"{what}: {directory} ({archs[0] if archs else ecfg.arch}, an encoder classifier scored with "
+                "pro_jax.encoder_reward_scorer)")
+    return ecfg
   try:
     arch = hf_architecture(hf, f"{directory}/config.json")
   except Exception:  # noqa: BLE001

@@ -331,7 +331,7 @@ def test_tldr_post():
 def test_scorer_stacks_and_caches(tmp_path):
   """The encoder scorer combines with the other scorers: StackedScorer columns in order, and a
   CachedScorer answers the second call from its file with the same values."""
-  from pro_jax.pro.scoring import CachedScorer, StackedScorer
+  from pro_jax.stages.scoring import CachedScorer, StackedScorer
   t, g = _texts("distilbert_cls2_tok"), _golden("distilbert_cls2_tok")
   humor = encoder_reward_scorer(FIXTURES / "distilbert_cls2_tok", "humor", preset="humor", max_len=t["max_length"],
                                 batch_size=4)
@@ -343,3 +343,20 @@ def test_scorer_stacks_and_caches(tmp_path):
   again = CachedScorer(StackedScorer([humor, no_humor]), tmp_path / "scores.sqlite")
   np.testing.assert_array_equal(again.score(t["prompts"], t["responses"]), first)
   assert (again.hits, again.misses) == (len(t["responses"]), 0)
+
+
+def test_stage_scorers_dispatch_encoder_directories():
+  """A `scorers` entry `hf:DIR=humor` on a DistilBERT directory scores as RiC's humor call (torch's
+  label-1 logit); `hf:DIR=faithfulness` on a BART one as RiC's faithfulness call; a decoder
+  classifier still goes through the decoder reward-model scorer."""
+  from pro_jax.stages.context import imported_scorer
+  from pro_jax.models.tokenizer import TokenizerError
+  for name, objective in (("distilbert_cls2_tok", "humor"), ("bart_cls2_tok", "faithfulness")):
+    t, g = _texts(name), _golden(name)
+    scorer = imported_scorer(str(FIXTURES / name), objective)
+    assert isinstance(scorer, EncoderClassifierScorer) and list(scorer.objectives) == [objective]
+    np.testing.assert_allclose(scorer.score(t["prompts"], t["responses"])[:, 0], g["text_scores"][:, 1], atol=TOL)
+  # a decoder classifier goes the decoder way: its model loads, then its tokenizer is looked up (this
+  # fixture ships none; the encoder loader would have refused the GPT-2 checkpoint itself)
+  with pytest.raises(TokenizerError, match="no tokenizer files"):
+    imported_scorer(str(FIXTURES / "gpt2_cls1"), "helpful")

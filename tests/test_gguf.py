@@ -414,3 +414,27 @@ def test_smollm2_export_loads_back_and_in_transformers(smol, golden, tmp_path):
   check = meta["export_check"]
   assert check["class"] == "LlamaForCausalLM" and check["max_abs_logit_diff_vs_gguf_model"] <= 1e-4
   assert check["tokenizer_ids_match"] and check["chat_template_match"]
+
+
+@pytest.mark.shared_data
+def test_gguf_model_source_and_tokenizer_path(smol, golden, smollm2_gguf):
+  """`gguf:FILE` is a model source of every stage (its weights and its own tokenizer), a `.gguf` path a
+  tokenizer path, and the stages give a loaded source the loaded-model runtime."""
+  from pro_jax.models.sources import load_source, parse_source
+  from pro_jax.models.tokenizer import load_tokenizer
+  from pro_jax.stages.tasks import LOADED_RUNTIME, source_runtime
+
+  model, params, _ = smol
+  meta, _ = golden
+  assert parse_source(f"gguf:{smollm2_gguf}") == ("gguf", str(smollm2_gguf))
+  with pytest.raises(ValueError, match="'gguf:FILE'"):
+    parse_source("gguf")
+  bb = load_source(f"gguf:{smollm2_gguf}")
+  assert bb.config == model.config and bb.source == f"gguf:{smollm2_gguf}"
+  assert jax.tree.structure(bb.params) == jax.tree.structure(params)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(bb.params), jax.tree.leaves(params)))
+  for tok in (bb.tokenizer, load_tokenizer(smollm2_gguf)):
+    assert tok.chat_template == meta["tokenizer"]["chat_template"]
+    for c in meta["tokenizer_cases"]:
+      assert tok(c["text"])["input_ids"] == c["ids"], c["text"]
+  assert source_runtime(None, f"gguf:{smollm2_gguf}", None) == LOADED_RUNTIME

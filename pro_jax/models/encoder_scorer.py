@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pro_jax.models.encoders import EncoderClassifier, EncoderConfig
+from pro_jax.models.encoders import EncoderClassifier, EncoderConfig, load_encoder_classifier
+from pro_jax.models.tokenizer import load_tokenizer
 
 TEXT_MODES = ("response", "response_prompt", "prompt_response")
 OUTPUTS = ("logit", "prob", "log_prob")
@@ -216,9 +217,6 @@ def encoder_reward_scorer(directory: str | os.PathLike, objective: str, *, prese
   a preset: label 1, the response alone, the raw logit. tokenizer: default the directory's own
   (`pro_jax.models.tokenizer.load_tokenizer`).
   """
-  from pro_jax.models.encoders import load_encoder_classifier
-  from pro_jax.models.tokenizer import load_tokenizer
-
   if preset is not None and preset not in PRESETS:
     raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
   settings = {**dict(label=1, text="response", prompt_text="last_user", output="logit"), **PRESETS.get(preset, {})}

@@ -43,6 +43,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pro_jax.models import hf_io
+from pro_jax.models.config import LoRAConfig
+from pro_jax.models.hf_io import CheckpointError
 from pro_jax.models.transformer import ModelOutput
 
 PathLike = str | os.PathLike
@@ -368,7 +371,6 @@ def _int_or_none(value: Any) -> int | None:
 def hf_config_to_encoder_config(hf: dict, *, source: str = "config.json", dtype: str = "float32",
                                 param_dtype: str = "float32") -> EncoderConfig:
   """An `EncoderConfig` from a DistilBERT / BART sequence classifier's config.json dict."""
-  from pro_jax.models.hf_io import CheckpointError
 
   archs = hf.get("architectures") or []
   if len(archs) != 1 or archs[0] not in ENCODER_ARCHITECTURES:
@@ -442,9 +444,6 @@ def load_encoder_classifier(path: PathLike, *, dtype: str = "float32", param_dty
   parameters). `num_labels`, when given, must equal the checkpoint's. `max_seq_len`, when given, must not
   exceed the learned positions (max_position_embeddings; longer inputs are refused by the model).
   """
-  from pro_jax.models import hf_io
-  from pro_jax.models.hf_io import CheckpointError
-
   path = pathlib.Path(path)
   hf = hf_io.read_hf_config(path)
   source = str(path / "config.json")
@@ -501,5 +500,28 @@ def load_encoder_classifier(path: PathLike, *, dtype: str = "float32", param_dty
   return model, flax.traverse_util.unflatten_dict(flat)
 
 
-__all__ = ["ENCODER_ARCHITECTURES", "ENCODER_MODEL_TYPES", "EncoderClassifier", "EncoderConfig", "abstract_params",
+def load_hf_classifier(path: pathlib.Path, hf: dict, *, dtype: str, param_dtype: str, mesh: Any, rules: Any,
+                       head: str | None, num_labels: int | None, value_head: bool, lora: LoRAConfig | None,
+                       max_seq_len: int | None, config_overrides: dict) -> tuple[Any, dict] | None:
+  """`load_hf_model`'s hook (`hf_io.ARCHITECTURE_LOADERS`): DistilBERT / BART classifiers, else None.
+
+  They are scorers only: the decoder-only options (a new head, value head, LoRA, ModelConfig fields)
+  are refused; `rules` does not apply (their parameters are replicated on `mesh`).
+  """
+  archs = hf.get("architectures") or []
+  if hf.get("model_type") not in ENCODER_MODEL_TYPES and not set(archs) & set(ENCODER_ARCHITECTURES):
+    return None
+  del rules
+  refused = [k for k, v in (("head", head not in (None, "score")), ("value_head", value_head),
+                            ("lora", lora is not None)) if v] + sorted(config_overrides)
+  if refused:
+    raise CheckpointError(f"{path / 'config.json'}: {archs or hf.get('model_type')} is imported as a sequence "
+                          f"classifier only; unsupported options {refused}")
+  return load_encoder_classifier(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
+                                 num_labels=num_labels, max_seq_len=max_seq_len)
+
+
+hf_io.ARCHITECTURE_LOADERS.append(load_hf_classifier)
+
+__all__ = ["load_hf_classifier", "ENCODER_ARCHITECTURES", "ENCODER_MODEL_TYPES", "EncoderClassifier", "EncoderConfig", "abstract_params",
            "hf_config_to_encoder_config", "last_eos_index", "load_encoder_classifier", "shift_tokens_right"]

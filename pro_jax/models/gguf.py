@@ -43,8 +43,8 @@ from typing import Any
 import numpy as np
 
 from pro_jax.models.config import LoRAConfig
-from pro_jax.models.hf_io import CheckpointError, hf_config_to_model_config, params_from_hf_tensors
-from pro_jax.models.llama2c import permute_rotary
+from pro_jax.models.hf_io import (CheckpointError, hf_config_to_model_config, params_from_hf_tensors,
+                                  permute_rotary)
 from pro_jax.models.transformer import Transformer
 
 PathLike = str | os.PathLike

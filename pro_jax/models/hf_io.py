@@ -100,6 +100,23 @@ class CheckpointError(ValueError):
 # config.json <-> ModelConfig
 
 
+def permute_rotary(w_OxI: np.ndarray, n_heads: int) -> np.ndarray:
+  """Interleaved-pair RoPE rows -> half-rotation rows (transformers' convert_llama_weights_to_hf).
+
+  Works on the rows (axis 0) of a weight [out, in] or a bias [out]; llama.cpp's GGUF q/k tensors use
+  the same interleaved layout, so `pro_jax.models.gguf` undoes their permutation with this too.
+  """
+  out, rest = w_OxI.shape[0], w_OxI.shape[1:]
+  return w_OxI.reshape(n_heads, out // n_heads // 2, 2, *rest).swapaxes(1, 2).reshape(w_OxI.shape)
+
+
+# Loaders of architectures outside `Transformer`, tried first by `load_hf_model`:
+# `loader(path, hf_config_dict, **load_hf_model's options) -> (model, params)`, or None when the
+# directory is not theirs. `pro_jax.models.encoders` registers the DistilBERT / BART classifiers (the
+# `pro_jax.models` package imports it, so the entry is there whichever module is imported first).
+ARCHITECTURE_LOADERS: list[Callable[..., tuple[Any, dict] | None]] = []
+
+
 def read_hf_config(path: PathLike) -> dict:
   """The parsed config.json of a checkpoint directory."""
   cfg_file = pathlib.Path(path) / "config.json"
@@ -795,15 +812,16 @@ def load_hf_model(path: PathLike, *, dtype: str = "float32", param_dtype: str = 
   Returns:
     (model, params) with `model.apply({"params": params}, tokens_BxL, mask_BxL).logits` (or .scores).
     DistilBERT / BART sequence classifiers come back as `pro_jax.models.encoders.EncoderClassifier`
-    (`.scores` only; see `_load_encoder_classifier`).
+    (`.scores` only; see `encoders.load_hf_classifier`).
   """
   path = pathlib.Path(path)
   hf = read_hf_config(path)
-  encoder = _load_encoder_classifier(path, hf, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules,
-                                     head=head, num_labels=num_labels, value_head=value_head, lora=lora,
-                                     max_seq_len=max_seq_len, config_overrides=config_overrides)
-  if encoder is not None:
-    return encoder
+  for loader in ARCHITECTURE_LOADERS:
+    loaded = loader(path, hf, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules, head=head,
+                    num_labels=num_labels, value_head=value_head, lora=lora, max_seq_len=max_seq_len,
+                    config_overrides=config_overrides)
+    if loaded is not None:
+      return loaded
   config, arch = hf_config_to_model_config(
       hf, source=str(path / "config.json"), head=head, num_labels=num_labels, value_head=value_head, lora=lora,
       dtype=dtype, param_dtype=param_dtype, max_seq_len=max_seq_len, **config_overrides)
@@ -882,32 +900,6 @@ def params_from_hf_tensors(model: Transformer, source: Any, *, where: str, mesh:
   return _materialize(model, specs, source, mesh=mesh, rules=rules, seed=seed, source=where)
 
 
-def _load_encoder_classifier(path: pathlib.Path, hf: dict, *, dtype: str, param_dtype: str, mesh: Any, rules: Any,
-                             head: str | None, num_labels: int | None, value_head: bool, lora: LoRAConfig | None,
-                             max_seq_len: int | None, config_overrides: dict) -> tuple[Any, dict] | None:
-  """Dispatch hook: DistilBERT / BART sequence classifiers (`pro_jax.models.encoders`), else None.
-
-  They are scorers only: the decoder-only options (a new head, value head, LoRA, ModelConfig fields)
-  are refused; `rules` does not apply (their parameters are replicated on `mesh`).
-  """
-  from pro_jax.models import encoders
-  archs = hf.get("architectures") or []
-  if hf.get("model_type") not in encoders.ENCODER_MODEL_TYPES and not set(archs) & set(encoders.ENCODER_ARCHITECTURES):
-    return None
-  del rules
-  refused = [k for k, v in (("head", head not in (None, "score")), ("value_head", value_head),
-                            ("lora", lora is not None)) if v] + sorted(config_overrides)
-  if refused:
-    raise CheckpointError(f"{path / 'config.json'}: {archs or hf.get('model_type')} is imported as a sequence "
-                          f"classifier only; unsupported options {refused}")
-  return encoders.load_encoder_classifier(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
-                                          num_labels=num_labels, max_seq_len=max_seq_len)
-
-
-# ----------------------------------------------------------------------------------------------
-# writing
-
-
 def _parse_size(size: int | str) -> int:
   """Bytes from 5000000, "5GB" (10^9), "5GiB" (2^30), "200MB", "40KB"... as transformers does."""
   if isinstance(size, int):
@@ -969,6 +961,10 @@ def _check_tree(tree: Any, abstract: Any, what: str) -> dict:
     if tuple(np.shape(flat[p])) != tuple(leaf.shape):
       raise CheckpointError(f"{what}: {'/'.join(p)} has shape {list(np.shape(flat[p]))}, expected {list(leaf.shape)}")
   return flat
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
 
 
 def save_hf_model(path: PathLike, model_or_config: Transformer | ModelConfig, params: dict, *,

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from pro_jax.models.config import ModelConfig
+from pro_jax.models.hf_io import permute_rotary
 from pro_jax.models.tokenizer import load_tokenizer
 from pro_jax.models.transformer import Transformer, abstract_variables
 
@@ -33,16 +34,6 @@ _MAGIC_V1 = 0x616B3432  # "ak42": llama2.c's newer export formats (version 1 / 2
 
 class Llama2cError(ValueError):
   """A file that is not a valid llama2.c version-0 checkpoint; the message names it."""
-
-
-def permute_rotary(w_OxI: np.ndarray, n_heads: int) -> np.ndarray:
-  """Interleaved-pair RoPE rows -> half-rotation rows (transformers' convert_llama_weights_to_hf).
-
-  Works on the rows (axis 0) of a weight [out, in] or a bias [out]; llama.cpp's GGUF q/k tensors use
-  the same interleaved layout, so `pro_jax.models.gguf` undoes their permutation with this too.
-  """
-  out, rest = w_OxI.shape[0], w_OxI.shape[1:]
-  return w_OxI.reshape(n_heads, out // n_heads // 2, 2, *rest).swapaxes(1, 2).reshape(w_OxI.shape)
 
 
 def read_header(path: PathLike) -> dict[str, int]:

@@ -5,7 +5,8 @@ A model source is a string ``KIND`` or ``KIND:PATH``, one entry per kind in `SOU
 * ``"scratch"``: random init from the stage's `model` config section;
 * ``"checkpoint:DIR"``: a pro-jax training run (`pro_jax.load_checkpoint`), e.g. the SFT policy;
 * ``"hf:DIR"``: a Hugging Face directory (`pro_jax.load_hf_model`);
-* ``"llama2c:FILE"``: a llama2.c checkpoint (`pro_jax.load_llama2c`).
+* ``"llama2c:FILE"``: a llama2.c checkpoint (`pro_jax.load_llama2c`);
+* ``"gguf:FILE"``: a llama.cpp GGUF file, dequantized (`pro_jax.load_gguf`); it brings its tokenizer.
 
 A new kind is one `register_source(kind, loader, usage)` call: `loader(path, dtype=, param_dtype=)`
 returns a `Backbone`. `load_source` returns the backbone's `ModelConfig` and "params"; `graft`
@@ -26,6 +27,7 @@ import numpy as np
 
 from pro_jax.models.config import ModelConfig
 from pro_jax.models.heads import head_to_params
+from pro_jax.models.gguf import load_gguf
 from pro_jax.models.hf_io import load_hf_model
 from pro_jax.models.llama2c import load_llama2c
 from pro_jax.models.lora import merge_lora
@@ -37,7 +39,7 @@ class Backbone:
   config: ModelConfig | None  # None for "scratch"
   params: Any  # the "params" collection (None for "scratch")
   source: str
-  tokenizer: Any = None  # llama2.c sources carry their tokenizer
+  tokenizer: Any = None  # llama2.c and GGUF sources carry their tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,11 +79,17 @@ def _llama2c(path: str, *, dtype: str, param_dtype: str) -> Backbone:
   return Backbone(model.config, params, f"llama2c:{path}", tokenizer=tok)
 
 
+def _gguf(path: str, *, dtype: str, param_dtype: str) -> Backbone:
+  model, params, tok = load_gguf(path, dtype=dtype, param_dtype=param_dtype)
+  return Backbone(model.config, params, f"gguf:{path}", tokenizer=tok)
+
+
 SOURCES: dict[str, SourceKind] = {
     "scratch": SourceKind(_scratch, "'scratch'", takes_path=False),
     "checkpoint": SourceKind(_checkpoint, "'checkpoint:DIR'"),
     "hf": SourceKind(_hf, "'hf:DIR'"),
     "llama2c": SourceKind(_llama2c, "'llama2c:FILE'"),
+    "gguf": SourceKind(_gguf, "'gguf:FILE'"),
 }
 
 

@@ -14,6 +14,8 @@ import os
 import pathlib
 from typing import Any
 
+from pro_jax.models.gguf import gguf_tokenizer
+
 PathLike = str | os.PathLike
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -66,7 +68,7 @@ def load_sentencepiece_tokenizer(path: PathLike, *, add_bos_token: bool = True, 
 
 
 def load_tokenizer(path: PathLike, **kwargs) -> Any:
-  """A transformers tokenizer from a local checkpoint directory or a SentencePiece `.model` file."""
+  """A transformers tokenizer from a local checkpoint directory, a SentencePiece `.model` or a `.gguf` file."""
   path = pathlib.Path(path)
   if path.is_dir():
     if not any((path / f).is_file() for f in _TOKENIZER_FILES):
@@ -78,6 +80,8 @@ def load_tokenizer(path: PathLike, **kwargs) -> Any:
       raise TokenizerError(f"{path}: AutoTokenizer could not load it ({type(e).__name__}: {e})") from e
   if path.suffix == ".model":
     return load_sentencepiece_tokenizer(path, **kwargs)
+  if path.suffix == ".gguf" and path.is_file():
+    return gguf_tokenizer(path)  # the tokenizer and chat template stored in the GGUF file
   if not path.exists():
     raise TokenizerError(f"{path}: no such file or directory")
-  raise TokenizerError(f"{path}: expected a tokenizer directory or a SentencePiece .model file")
+  raise TokenizerError(f"{path}: expected a tokenizer directory, a SentencePiece .model or a .gguf file")

@@ -14,6 +14,10 @@ from typing import Any
 import numpy as np
 
 from pro_jax.data import synthetic
+from pro_jax.models.encoder_scorer import PRESETS as ENCODER_PRESETS
+from pro_jax.models.encoder_scorer import encoder_reward_scorer
+from pro_jax.models.encoders import ENCODER_ARCHITECTURES, ENCODER_MODEL_TYPES
+from pro_jax.models.hf_io import read_hf_config
 from pro_jax.models.tokenizer import load_tokenizer
 from pro_jax.pro.normalize import NormStats, fit_norm_stats
 from pro_jax.stages.adapter import compute_targets, load_adapter
@@ -146,6 +150,17 @@ def _tokenizer(cfg: Any, workdir: str, task_cfg: synthetic.SyntheticTaskConfig |
   return load_tokenizer(cfg.tokenizer), str(cfg.tokenizer)
 
 
+def imported_scorer(directory: str, objective: str) -> Any:
+  """An imported HF classifier as the scorer of `objective`: DistilBERT / BART directories through
+  `encoder_reward_scorer` (RiC's call for the objective when it has a preset: humor, faithfulness),
+  decoder classifiers through `hf_reward_scorer`."""
+  hf = read_hf_config(directory)
+  archs = set(hf.get("architectures") or [])
+  if hf.get("model_type") in ENCODER_MODEL_TYPES or archs & set(ENCODER_ARCHITECTURES):
+    return encoder_reward_scorer(directory, objective, preset=objective if objective in ENCODER_PRESETS else None)
+  return hf_reward_scorer(directory, objective)
+
+
 def build_scorer(ctx: Context) -> Any:
   """The K objectives' scorers (stacked, reordered to `objectives`), cached in W/scores.sqlite."""
   parts = []
@@ -158,7 +173,7 @@ def build_scorer(ctx: Context) -> Any:
       path, _, name = spec[3:].rpartition("=")
       if not path or not name:
         raise ValueError(f"scorer {spec!r}: expected hf:DIR=OBJECTIVE")
-      parts.append(hf_reward_scorer(path, name))
+      parts.append(imported_scorer(path, name))
     else:
       raise ValueError(f"unknown scorer {spec!r} (synthetic, rm, hf:DIR=OBJECTIVE)")
   stacked = parts[0] if len(parts) == 1 else StackedScorer(parts)

@@ -18,7 +18,8 @@ Config sections (see `pro_jax/configs/demo.py` for a complete example):
   `pro_jax.data.sources.load_examples` from ``manual_dir`` or prepared ``data_dir``), optional
   ``eval_sources`` (else ``eval_fraction`` of the rows is held out), lengths, template, validation mode.
 * ``task``: the embedded task's sizes (used by the "synthetic" source and scorer).
-* ``tokenizer``: "" = the embedded task's own tokenizer; a directory or SentencePiece ``.model``.
+* ``tokenizer``: "" = the embedded task's own tokenizer; a directory, a SentencePiece ``.model`` or a
+  ``.gguf`` file (its own tokenizer and chat template).
 * ``model``: the architecture for ``scratch`` sources.
 * ``scorers``: how the K objectives are scored: "synthetic" (programmatic), "rm" (the rm stage's
   heads), "hf:DIR=NAME" (an imported HF sequence classifier as objective NAME).
@@ -26,7 +27,7 @@ Config sections (see `pro_jax/configs/demo.py` for a complete example):
   stages, each with a ``pro`` section; ``eval``: the comparison.
 
 Model sources in ``pro`` sections: "scratch", "stage:sft" (W/sft), "checkpoint:DIR", "hf:DIR",
-"llama2c:FILE".
+"llama2c:FILE", "gguf:FILE".
 """
 
 from __future__ import annotations

@@ -261,7 +261,8 @@ def _policy_backbone(policy: str | tuple) -> Backbone:
   try:
     config, params = policy
   except (TypeError, ValueError):
-    raise TypeError("run_ppo: policy must be a source string ('checkpoint:DIR', 'hf:DIR', 'llama2c:FILE') "
+    raise TypeError("run_ppo: policy must be a source string ('checkpoint:DIR', 'hf:DIR', 'llama2c:FILE', "
+                    "'gguf:FILE') "
                     "or a (ModelConfig, params) pair") from None
   if not isinstance(config, ModelConfig):
     raise TypeError(f"run_ppo: policy[0] must be a ModelConfig, got {type(config).__name__}")
@@ -306,7 +307,7 @@ def run_ppo(engine_cfg: Any, workdir: str | os.PathLike, *, policy: str | tuple,
       ITERATIONS), log. Its batch_size and total_steps are set from `ppo` (minibatch, and iterations x
       ppo_epochs x rollout_batch / minibatch for the learning-rate schedule).
     workdir: run directory (config.json, checkpoints/<iteration>, metrics.jsonl, base/ under LoRA).
-    policy: the SFT policy: a source string ("checkpoint:DIR", "hf:DIR", "llama2c:FILE") or a
+    policy: the SFT policy: a source string ("checkpoint:DIR", "hf:DIR", "llama2c:FILE", "gguf:FILE") or a
       (ModelConfig, params) pair; a fresh value head is grafted on it.
     prompts: schema examples (dicts with "prompt") or bare prompts (message lists / strings).
     tokenizer: the policy's tokenizer (HF-style: encode / batch_decode, eos_token_id).
