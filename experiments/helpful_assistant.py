@@ -14,9 +14,9 @@ option `no_humor` (K = 2).
 * scorers: the paper's reward models under $PRO_JAX_MODELS: Ray2333/gpt2-large-harmless-reward_model,
   Ray2333/gpt2-large-helpful-reward_model (GPT-2 sequence classifiers: supported) and
   mohameddhiab/humor-no-humor, a DistilBERT classifier: pro_jax imports it and scores with it as RiC
-  does (`pro_jax.encoder_reward_scorer(..., preset="humor")`), but the stages' `hf:` scorers do not use
-  it yet, so this entry fails there; docs/experiments.md says what to do, or drop humor with the option
-  `no_humor` (e.g. `experiments/helpful_assistant.py:sft,ppo,no_humor`; launch script `--option no_humor`).
+  does (`pro_jax.encoder_reward_scorer(..., preset="humor")`, which the stages' `hf:` scorer entry
+  picks for a DistilBERT directory); drop humor with the option `no_humor` (e.g.
+  `experiments/helpful_assistant.py:sft,ppo,no_humor`; launch script `--option no_humor`).
 * PPO (the paper): lr 1e-5, batch 64, initial KL 0.2, adaptive target 3, grad norm 0.5, temperature
   0.7, max_new_tokens 128. RiC-style offline (`:ric`): lr 1.414e-4, 20k steps.
 """
@@ -34,7 +34,7 @@ SETTING = "helpful_assistant"
 OBJECTIVES = ("harmless", "helpful", "humor")
 REWARD_MODELS = {"harmless": "gpt2-large-harmless-reward_model",  # Ray2333/...
                  "helpful": "gpt2-large-helpful-reward_model",  # Ray2333/...
-                 "humor": "humor-no-humor"}  # mohameddhiab/... (DistilBERT: not yet usable by the stages, see the docstring)
+                 "humor": "humor-no-humor"}  # mohameddhiab/... (DistilBERT: scored with RiC's humor call)
 
 
 def get_config(arg: str = ""):

@@ -13,8 +13,8 @@ Argument: STAGE, LOSS or STAGE,LOSS (experiments/common.py); default stage polic
   classifier, as in the paper). Faithfulness: the paper does not name its model; we follow RiC, whose
   setup it follows: CogComp/bart-faithful-summary-detector (a BART-base classifier of "summary first,
   then document"): pro_jax imports it and scores with it as RiC does
-  (`pro_jax.encoder_reward_scorer(..., preset="faithfulness")`), but the stages' `hf:` scorers do not
-  use it yet, so this entry fails there; docs/experiments.md says what to do.
+  (`pro_jax.encoder_reward_scorer(..., preset="faithfulness")`, which the stages' `hf:` scorer entry
+  picks for a BART directory).
 """
 
 import pathlib
@@ -29,7 +29,7 @@ def _common():
 SETTING = "reddit_summary"
 OBJECTIVES = ("summary_quality", "faithfulness")
 REWARD_MODELS = {"summary_quality": "gpt2_reward_summarization",  # Tristan/...
-                 "faithfulness": "bart-faithful-summary-detector"}  # CogComp/... (BART: not yet usable by the stages)
+                 "faithfulness": "bart-faithful-summary-detector"}  # CogComp/... (BART: scored with RiC's faithfulness call)
 
 
 def get_config(arg: str = ""):
