@@ -108,6 +108,7 @@ def test_sliding_layers_and_dict_round_trip():
   assert cfg.num_params() - plain.num_params() == 3 * (2 * 16 + 2 * 8)
 
 
+@pytest.mark.slow
 def test_mixed_layers_train_path_scan_remat_and_sharding(monkeypatch):
   """The training path of a local / global model: gradients under a real scan with remat equal the
   unrolled, non-remat ones; every parameter gets a sharding on an fsdp x tensor mesh (the per-head
