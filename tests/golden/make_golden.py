@@ -16,7 +16,7 @@ model.safetensors or sharded model-0000x-of-0000y.safetensors + model.safetensor
   right- and left-padded rows, pad tokens = pad_token_id = 0 and never used as a real token),
   positions [B, L] (HF-style position_ids = clamp(cumsum(mask) - 1, 0), passed to the torch model),
   logits [B, L, V] (causal LMs) or scores [B, num_labels] (classifiers), float32, from the eager
-  fp32 torch forward, and inv_freq [head_dim / 2] (HF's RoPE inverse frequencies, Llama family;
+  fp32 torch forward (and logits_bf16: the bf16 torch forward, where a fixture asks for it), and inv_freq [head_dim / 2] (HF's RoPE inverse frequencies, Llama family;
   Gemma 3: the global layers', plus inv_freq_local for the sliding layers).
 All weights (norm scales and biases included) are re-drawn at a scale that makes logits O(1-10), so a
 wrong mapping cannot hide behind a near-zero output. `tests/test_hf_io.py` checks pro_jax against them.
@@ -33,6 +33,7 @@ writes them) through `transformers` Auto classes and prints the max difference.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import pathlib
@@ -118,7 +119,7 @@ SPECS = {
         num_key_value_heads=2, head_dim=16, max_position_embeddings=64, query_pre_attn_scalar=24,
         attn_logit_softcapping=3.0, final_logit_softcapping=8.0, sliding_window=4, pad_token_id=PAD,
         bos_token_id=2, eos_token_id=1, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
-        dict(seq_len=12)),
+        dict(seq_len=12, bf16_ref=True)),
     "gemma2_cls1": (Gemma2ForSequenceClassification, Gemma2Config, dict(
         vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=1, head_dim=16, max_position_embeddings=64, query_pre_attn_scalar=16,
@@ -132,7 +133,7 @@ SPECS = {
         sliding_window=4, tie_word_embeddings=False, pad_token_id=PAD, bos_token_id=2, eos_token_id=1,
         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}),
-        dict(seq_len=12)),
+        dict(seq_len=12, bf16_ref=True)),
     "gemma3_cls3": (Gemma3TextForSequenceClassification, Gemma3TextConfig, dict(
         vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, max_position_embeddings=64, query_pre_attn_scalar=8,
@@ -207,6 +208,8 @@ def build(name: str) -> None:
   out = torch_forward(model, tokens, mask, positions, causal)
   arrays = dict(tokens=tokens, mask=mask, positions=positions)
   arrays["logits" if causal else "scores"] = out.astype(np.float32)
+  if extra.get("bf16_ref"):  # transformers' own bf16 forward (weights and compute), for bf16 tolerances
+    arrays["logits_bf16"] = torch_forward(copy.deepcopy(model).to(torch.bfloat16), tokens, mask, positions, causal)
   rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
   if rotary is not None and hasattr(rotary, "full_attention_inv_freq"):  # Gemma 3: per layer type
     arrays["inv_freq"] = rotary.full_attention_inv_freq.float().numpy()
