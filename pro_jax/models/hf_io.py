@@ -613,11 +613,14 @@ def _plan(path: pathlib.Path, config: ModelConfig, arch: str, hf: dict,
 def load_hf_model(path: PathLike, *, dtype: str = "float32", param_dtype: str = "float32", mesh: Any = None,
                   rules: Any = None, head: str | None = None, num_labels: int | None = None,
                   value_head: bool = False, lora: LoRAConfig | None = None, max_seq_len: int | None = None,
-                  seed: int = 0, **config_overrides) -> tuple[Transformer, dict]:
-  """Load a transformers checkpoint directory as `(Transformer, params)`.
+                  seed: int = 0, revision: str | None = None, cache_dir: PathLike | None = None,
+                  **config_overrides) -> tuple[Transformer, dict]:
+  """Load a transformers checkpoint directory (or a Hugging Face Hub id) as `(Transformer, params)`.
 
   Args:
-    path: directory with config.json and model.safetensors (or sharded files + index).
+    path: directory with config.json and model.safetensors (or sharded files + index), or a Hub id
+      ``ORG/NAME[@REVISION]`` fetched through `pro_jax.models.hub.resolve_pretrained` (cache, token
+      and offline mode from the environment; only configs and safetensors are downloaded).
     dtype / param_dtype: compute / parameter dtypes (tensors are converted, e.g. bf16 -> float32).
     mesh: place each parameter with its `pro_jax.sharding.param_shardings` NamedSharding, reading only
       each shard's slice; None = the default device, one tensor at a time.
@@ -628,12 +631,14 @@ def load_hf_model(path: PathLike, *, dtype: str = "float32", param_dtype: str = 
     lora: a LoRAConfig to attach to the model config (the returned params hold only base weights).
     max_seq_len: override max_position_embeddings (GPT-2: at most n_positions; wpe is cut).
     seed: for newly initialised heads.
+    revision / cache_dir: for a Hub id (branch, tag or commit; the Hub cache directory).
     config_overrides: further ModelConfig fields (e.g. remat="full", attention_impl="cudnn").
 
   Returns:
     (model, params) with `model.apply({"params": params}, tokens_BxL, mask_BxL).logits` (or .scores).
   """
-  path = pathlib.Path(path)
+  from pro_jax.models.hub import resolve_pretrained
+  path = resolve_pretrained(path, revision=revision, cache_dir=cache_dir)
   hf = read_hf_config(path)
   config, arch = hf_config_to_model_config(
       hf, source=str(path / "config.json"), head=head, num_labels=num_labels, value_head=value_head, lora=lora,

@@ -191,7 +191,13 @@ def hf_reward_scorer(directory: str | os.PathLike, objectives: str | Sequence[st
                      "(pass heads= to pick labels)")
   return RewardModelScorer(model, {"params": params}, tokenizer, names, heads=heads, batch_size=batch_size,
                            max_prompt_len=max_prompt_len, max_len=max_len, template=template, append_eos=append_eos,
-                           name=name or f"hf:{os.path.abspath(os.fspath(directory))}")
+                           name=name or f"hf:{_source_name(directory)}")
+
+
+def _source_name(directory: Any) -> str:
+  """A local directory's absolute path; a Hub id as it is (``ORG/NAME[@REV]``)."""
+  from pro_jax.models.hub import is_hub_id
+  return str(directory) if is_hub_id(directory) else os.path.abspath(os.fspath(directory))
 
 
 class StackedScorer:
