@@ -624,7 +624,8 @@ def load_hf_model(path: PathLike, *, dtype: str = "float32", param_dtype: str = 
     dtype / param_dtype: compute / parameter dtypes (tensors are converted, e.g. bf16 -> float32).
     mesh: place each parameter with its `pro_jax.sharding.param_shardings` NamedSharding, reading only
       each shard's slice; None = the default device, one tensor at a time.
-    rules: logical-axis rules (default `pro_jax.sharding.RULES`).
+    rules: logical-axis rules (default `pro_jax.sharding.RULES`), restated on the mesh's own axis names
+      (`pro_jax.sharding.rules_for_mesh`: e.g. a ``("data", "model")`` or ``("fsdp",)`` mesh works).
     head: "lm" | "score" | "none"; default the checkpoint's. A score head the checkpoint lacks (e.g.
       a reward model initialised from a causal LM) is initialised N(0, 0.02^2), like `value_head`.
     num_labels: width of the score head (default: the checkpoint's id2label, else 1).
@@ -650,8 +651,7 @@ def load_hf_model(path: PathLike, *, dtype: str = "float32", param_dtype: str = 
   shardings = None
   if mesh is not None:
     from pro_jax import sharding as sh
-    all_shardings = sh.param_shardings(logical_axes(model), abstract_variables(model), mesh,
-                                       sh.RULES if rules is None else rules)
+    all_shardings = sh.param_shardings(logical_axes(model), abstract_variables(model), mesh, rules)
     shardings = flax.traverse_util.flatten_dict(all_shardings["params"])
   flat_abstract = flax.traverse_util.flatten_dict(abstract)
   flat_params = {}
