@@ -42,6 +42,7 @@ import numpy as np
 from safetensors import safe_open
 
 from pro_jax.models.config import LoRAConfig, ModelConfig, RopeScaling
+from pro_jax.models.hub import resolve_pretrained
 from pro_jax.models.transformer import Transformer, abstract_variables, logical_axes
 
 log = logging.getLogger(__name__)
@@ -638,7 +639,6 @@ def load_hf_model(path: PathLike, *, dtype: str = "float32", param_dtype: str = 
   Returns:
     (model, params) with `model.apply({"params": params}, tokens_BxL, mask_BxL).logits` (or .scores).
   """
-  from pro_jax.models.hub import resolve_pretrained
   path = resolve_pretrained(path, revision=revision, cache_dir=cache_dir)
   hf = read_hf_config(path)
   config, arch = hf_config_to_model_config(

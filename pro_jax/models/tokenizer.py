@@ -15,6 +15,8 @@ import os
 import pathlib
 from typing import Any
 
+from pro_jax.models.hub import TOKENIZER_PATTERNS, resolve_pretrained
+
 PathLike = str | os.PathLike
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -71,7 +73,6 @@ def load_tokenizer(path: PathLike, *, revision: str | None = None, cache_dir: Pa
   """A transformers tokenizer from a local checkpoint directory, a SentencePiece `.model` file, or a
   Hugging Face Hub id ``ORG/NAME[@REVISION]`` (only the tokenizer files are fetched, through
   `pro_jax.models.hub.resolve_pretrained`; the directory is then read with local_files_only)."""
-  from pro_jax.models.hub import TOKENIZER_PATTERNS, resolve_pretrained
   path = resolve_pretrained(path, revision=revision, cache_dir=cache_dir, allow_patterns=TOKENIZER_PATTERNS)
   if path.is_dir():
     if not any((path / f).is_file() for f in _TOKENIZER_FILES):

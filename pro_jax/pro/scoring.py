@@ -28,6 +28,7 @@ import numpy as np
 from pro_jax.data.pipeline import pad_right, round_up
 from pro_jax.data.tokenize import encode, normalize_messages, pad_id, truncate_prompt
 from pro_jax.models import Transformer
+from pro_jax.models.hub import is_hub_id
 
 
 class Scorer(Protocol):
@@ -196,7 +197,6 @@ def hf_reward_scorer(directory: str | os.PathLike, objectives: str | Sequence[st
 
 def _source_name(directory: Any) -> str:
   """A local directory's absolute path; a Hub id as it is (``ORG/NAME[@REV]``)."""
-  from pro_jax.models.hub import is_hub_id
   return str(directory) if is_hub_id(directory) else os.path.abspath(os.fspath(directory))
 
 
