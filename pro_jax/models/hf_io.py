@@ -41,8 +41,10 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
+from pro_jax import sharding as sh
 from pro_jax.models.config import LoRAConfig, ModelConfig, RopeScaling
 from pro_jax.models.hub import resolve_pretrained
+from pro_jax.models.lora import lora_delta
 from pro_jax.models.transformer import Transformer, abstract_variables, logical_axes
 
 log = logging.getLogger(__name__)
@@ -650,7 +652,6 @@ def load_hf_model(path: PathLike, *, dtype: str = "float32", param_dtype: str = 
 
   shardings = None
   if mesh is not None:
-    from pro_jax import sharding as sh
     all_shardings = sh.param_shardings(logical_axes(model), abstract_variables(model), mesh, rules)
     shardings = flax.traverse_util.flatten_dict(all_shardings["params"])
   flat_abstract = flax.traverse_util.flatten_dict(abstract)
@@ -720,7 +721,6 @@ def _merge_lora(config: ModelConfig, kernel: np.ndarray, a: np.ndarray, b: np.nd
   """One layer's W + a @ b * alpha / r in float32 (kernel [in, out], a [in, r], b [r, out]), as
   `pro_jax.models.lora.merge_lora` computes it for the whole stacked tree; done per layer here so
   the export streams."""
-  from pro_jax.models.lora import lora_delta
   return (kernel.astype(np.float32) + np.asarray(lora_delta(config, a, b))).astype(kernel.dtype)
 
 
