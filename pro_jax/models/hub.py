@@ -129,6 +129,13 @@ def resolve_pretrained(name: PathLike, *, revision: str | None = None, cache_dir
   return pathlib.Path(path)
 
 
+def check_repo_id(repo_id: str) -> str:
+  """`repo_id` when it is a Hub repository id ORG/NAME (no revision), else a `HubError`."""
+  if not isinstance(repo_id, str) or not _REPO_ID.match(repo_id) or "/" not in repo_id or "@" in repo_id:
+    raise HubError(f"--push-to-hub {repo_id!r}: expected a repository id ORG/NAME")
+  return repo_id
+
+
 def push_to_hub(folder: PathLike, repo_id: str, *, api: Any = None, private: bool | None = None,
                 revision: str | None = None, commit_message: str | None = None, token: str | None = None) -> Any:
   """Upload an exported directory (`pro-jax export`'s output) to the Hub repository `repo_id`.
@@ -139,10 +146,9 @@ def push_to_hub(folder: PathLike, repo_id: str, *, api: Any = None, private: boo
   result (a ``CommitInfo`` for the real Hub).
   """
   folder = pathlib.Path(folder)
+  check_repo_id(repo_id)
   if not folder.is_dir() or not any(folder.iterdir()):
     raise HubError(f"{folder}: nothing to upload (not a directory, or empty)")
-  if not _REPO_ID.match(repo_id) or "/" not in repo_id or "@" in repo_id:
-    raise HubError(f"--push-to-hub {repo_id!r}: expected a repository id ORG/NAME")
   if api is None:
     from huggingface_hub import HfApi
     api = HfApi(token=token)

@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from pro_jax.models.hf_io import CheckpointError, save_hf_model
-from pro_jax.models.hub import is_hub_id, push_to_hub
+from pro_jax.models.heads import head_to_params
+from pro_jax.models.hf_io import save_hf_model
+from pro_jax.models.hub import check_repo_id, is_hub_id, push_to_hub
 from pro_jax.models.lora import merged_config
 from pro_jax.models.peft_io import save_peft_adapter
 from pro_jax.models.tokenizer import load_tokenizer
@@ -139,6 +140,8 @@ def export_run(workdir: str | os.PathLike, out: str | os.PathLike, *, mode: str 
   """
   if mode not in MODES:
     raise ExportError(f"mode must be one of {MODES}, got {mode!r}")
+  if push_to is not None:
+    check_repo_id(push_to)  # before any work
   out = pathlib.Path(out)
   if out.is_dir() and any(out.iterdir()) and not overwrite:
     raise ExportError(f"{out}: directory exists and is not empty (pass --overwrite to replace it)")
@@ -150,9 +153,14 @@ def export_run(workdir: str | os.PathLike, out: str | os.PathLike, *, mode: str 
     raise ExportError(f"{workdir}: the policy is conditioned on soft weight tokens (weight_embed), which "
                       "transformers cannot represent; train with policy.pro.conditioning_mode=text to export")
   tok = _tokenizer(ck, tokenizer)
-  variables = ck.variables
-  lora = variables.get("lora")
+  variables = head_to_params(ck.variables, "value_head")  # a LoRA PPO run trains its value head with the adapters
+  lora = variables.get("lora") or None
   params = variables["params"]
+  if cfg.value_head:  # the critic has no transformers equivalent; the policy is exported without it
+    params = {k: v for k, v in params.items() if k != "value_head"}
+    cfg = cfg.replace(value_head=False)
+  if lora is None:
+    cfg = cfg.replace(lora=None)
   if mode == "peft":
     if not lora or cfg.lora is None:
       raise ExportError(f"{workdir}: the run trained all parameters (no LoRA adapters); use --merged")
@@ -173,7 +181,7 @@ def export_run(workdir: str | os.PathLike, out: str | os.PathLike, *, mode: str 
     if base_dir is not None:
       os.replace(base_dir, out / "base")
   else:
-    save_hf_model(out, cfg, params, lora=lora or None, tokenizer=tok, dtype=dtype, overwrite=overwrite)
+    save_hf_model(out, cfg, params, lora=lora, tokenizer=tok, dtype=dtype, overwrite=overwrite)
     (out / "README.md").write_text(model_card(ck, mode="merged"))
   (out / "pro_jax_export.json").write_text(json.dumps(
       {"workdir": str(workdir), "step": ck.step, "mode": mode, "objectives": ck.extra.get("objectives"),
