@@ -107,3 +107,11 @@ def test_cache_dir_argument_overrides_the_environment(hub_cache, tmp_path, monke
     load_hf_model("org/tiny-llama")
   model, _ = load_hf_model("org/tiny-llama", cache_dir=hub_cache)
   assert model.config.arch == "llama"
+
+
+def test_hf_model_source_and_scorer_name_take_hub_ids(hub_cache):
+  from pro_jax.models.sources import load_source
+  backbone = load_source("hf:org/tiny-llama@v1")
+  assert backbone.config.arch == "gpt2" and backbone.source == "hf:org/tiny-llama@v1"
+  from pro_jax.stages.scoring import _source_name
+  assert _source_name("org/tiny-llama") == "org/tiny-llama"  # a Hub id is not made an absolute path

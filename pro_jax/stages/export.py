@@ -85,7 +85,7 @@ def model_card(ck: Any, *, mode: str, base_model: str | None = None) -> str:
   if base_model and mode == "peft":
     lines.append(f"base_model: {base_model}")
   lines += ["---", "", f"# PRO policy ({loss})", "",
-            "Trained with [pro-jax](https://github.com/) (PRO, prompt-aware multi-objective alignment): a preference "
+            "Trained with pro-jax (PRO, prompt-aware multi-objective alignment): a preference "
             "adapter infers per-prompt weights over the objectives and the policy was trained with them.", "",
             "| | |", "|---|---|",
             f"| objectives (K = {len(objectives)}) | {', '.join(objectives) or '?'} |",
