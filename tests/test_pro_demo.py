@@ -26,7 +26,7 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
                                     "--config.policy.log.progress=False"])
   report = run_demo(cfg, str(tmp_path), existing="overwrite", table_rows=4)
   console = capsys.readouterr().out
-  table = console[console.index("best 4 of 6 fixed weight vectors"):]
+  table = console[console.index("the 4 best of 6 fixed weight vectors"):]
   rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| setting")]
   assert len(rows) == 2 + 4  # PRO, the oracle and the 4 best fixed vectors (all 6 are in report.md)
   md_rows = [line for line in (tmp_path / "report" / "report.md").read_text().splitlines() if line.startswith("| ")]
