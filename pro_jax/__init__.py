@@ -5,9 +5,22 @@ The public API is re-exported here and imported lazily, so ``import pro_jax`` is
 
 from __future__ import annotations
 
+import logging as _logging
+
 from pro_jax._lazy import lazy_api
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # = pyproject.toml's version (tests/test_cli.py checks it)
+
+
+class _NoTorchNotice(_logging.Filter):
+  """transformers announces "PyTorch was not found..." when imported without torch; pro-jax never needs
+  torch (its models are Flax), so the notice only misleads. Only that one record is dropped."""
+
+  def filter(self, record: _logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("PyTorch was not found")
+
+
+_logging.getLogger("transformers").addFilter(_NoTorchNotice())
 
 # name -> module that defines it
 _API = {
@@ -68,6 +81,12 @@ _API = {
     "CachedScorer": "pro_jax.stages.scoring",
     "train_adapter": "pro_jax.stages.adapter",
     "load_adapter": "pro_jax.stages.adapter",
+    "load_pro": "pro_jax.stages.use",
+    "ProRun": "pro_jax.stages.use",
+    "export_run": "pro_jax.stages.export",
+    "save_peft_adapter": "pro_jax.models.peft_io",
+    "load_peft_adapter": "pro_jax.models.peft_io",
+    "push_to_hub": "pro_jax.models.hub",
     "PreferenceAdapter": "pro_jax.stages.adapter",
     "policy_loss": "pro_jax.stages.policy",
     "run_ppo": "pro_jax.stages.ppo",

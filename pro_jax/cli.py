@@ -10,6 +10,12 @@ the parser is built), or at run time with `register_command`.
 
 Exit codes: 0 done; 1 failure; 2 bad usage or config (reported before anything is compiled or
 written); 75 preempted (SIGTERM: a checkpoint was saved; run the same command again to resume).
+
+Errors: pro-jax's own errors (exception classes defined in pro_jax, e.g. ConfigError, CheckpointError,
+DataError, HubError, and ValueError / FileNotFoundError raised by pro_jax's own code when it checks
+its input) are printed as one line, `pro-jax CMD: error: ...`, exit code 2; `--debug` adds their
+traceback. Anything else (a bug, an error inside jax or another library) propagates with its full
+traceback (exit code 1).
 """
 
 from __future__ import annotations
@@ -17,10 +23,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import pathlib
 import sys
+import traceback
 from collections.abc import Sequence
 
-from pro_jax.configs import ConfigError
+import pro_jax
+
+from pro_jax.configs import ConfigError  # noqa: F401 - re-exported
 from pro_jax.train.commands import EXIT_FAIL, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, Command  # noqa: F401
 
 
@@ -34,6 +44,8 @@ COMMANDS: dict[str, str] = {
     "eval": "pro_jax.stages.commands:EVAL",
     "train": "pro_jax.train.commands:TRAIN",
     "aot": "pro_jax.stages.commands:AOT",
+    "generate": "pro_jax.stages.commands:GENERATE",
+    "export": "pro_jax.stages.commands:EXPORT",
 }
 _extra: dict[str, Command] = {}
 
@@ -61,13 +73,36 @@ def build_parser(cmds: dict[str, Command] | None = None) -> argparse.ArgumentPar
       description="PRO (prompt-aware multi-objective alignment) in JAX: one subcommand per stage. "
                   "Config overrides: --config.SECTION.KEY=VALUE (checked against the config).",
       epilog="exit codes: 0 done, 1 failure, 2 bad usage/config, 75 preempted (checkpoint saved; rerun to resume)")
+  parser.add_argument("--version", action="version", version=f"pro-jax {pro_jax.__version__}")
+  parser.add_argument("--debug", action="store_true", help="show the traceback of pro-jax's own errors too")
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
   sub.required = True
   for name, cmd in cmds.items():
     p = sub.add_parser(name, help=cmd.help, description=cmd.description or cmd.help,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the traceback of pro-jax's own errors too")
     cmd.add_arguments(p)
   return parser
+
+
+_PACKAGE_DIR = pathlib.Path(pro_jax.__file__).resolve().parent
+
+
+def is_own_error(error: BaseException) -> bool:
+  """An error pro-jax reports as bad input (exit 2): an exception class defined in pro_jax, or a plain
+  ValueError / FileNotFoundError raised by pro_jax's own code (the innermost frame is in the package)."""
+  if type(error).__module__.split(".")[0] == "pro_jax":
+    return True
+  if type(error) not in (ValueError, FileNotFoundError):
+    return False
+  tb = error.__traceback__
+  last = None
+  while tb is not None:
+    last, tb = tb, tb.tb_next
+  if last is None:
+    return False
+  return pathlib.Path(last.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE_DIR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -84,7 +119,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   args.overrides = rest
   try:
     return int(cmd.run(args) or 0)
-  except ConfigError as e:
+  except Exception as e:  # noqa: BLE001 - classified below; anything not ours propagates with its traceback
+    if not is_own_error(e):
+      raise
+    if getattr(args, "debug", False):
+      traceback.print_exc()
     print(f"pro-jax {args.command}: error: {e}", file=sys.stderr)
     return EXIT_USAGE
 

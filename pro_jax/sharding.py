@@ -11,6 +11,14 @@ The model names every parameter dimension with a logical axis (``vocab``, ``embe
 A dimension whose size is not divisible by its mesh axes is replicated over them instead (e.g. 4 KV
 heads on a tensor axis of 8), so any model runs on any mesh; `param_shardings` reports nothing for
 that, `describe_shardings` shows it.
+
+Meshes brought by downstream code may name their axes differently (``Mesh(devices, ("fsdp",))``,
+``("data", "model")``). Every function here that takes a mesh and rules first passes the rules
+through `rules_for_mesh`: a mesh axis a rule names that the mesh has is kept; a missing one of our
+three roles is renamed to the mesh's axis of that role by `MESH_AXIS_ALIASES` (data: ``data dp
+batch replica``; fsdp: ``fsdp zero``; tensor: ``tensor model tp mp``); anything else the mesh has no
+axis for is dropped, i.e. that dimension is replicated. Pass your own rules (pairs of logical name
+and mesh axes, e.g. ``(("embed", "x"), ("mlp", "y"), ...)``) to map onto any other axis names.
 """
 
 from __future__ import annotations
@@ -40,8 +48,61 @@ RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+# Our mesh roles -> the axis names a user mesh may use for them (see `rules_for_mesh`).
+MESH_AXIS_ALIASES: dict[str, tuple[str, ...]] = {
+    "data": ("data", "dp", "batch", "replica"),
+    "fsdp": ("fsdp", "zero"),
+    "tensor": ("tensor", "model", "tp", "mp"),
+}
+
+
 class MeshError(ValueError):
   """A mesh shape that does not fit the available devices."""
+
+
+def _role_axes(mesh: Mesh) -> dict[str, str]:
+  """role -> the mesh's axis for it (only roles the mesh has an axis for)."""
+  out = {}
+  for role, aliases in MESH_AXIS_ALIASES.items():
+    hits = [a for a in mesh.axis_names if a in aliases]
+    if len(hits) > 1:
+      raise MeshError(f"mesh axes {hits} all look like the {role!r} axis ({aliases}); pass explicit rules")
+    if hits:
+      out[role] = hits[0]
+  return out
+
+
+def rules_for_mesh(mesh: Mesh, rules: Sequence[tuple[str, Any]] | None = None) -> tuple[tuple[str, Any], ...]:
+  """`rules` (default `RULES`) restated on `mesh`'s own axis names (see the module docstring).
+
+  Each mesh axis a rule names is kept when the mesh has it, else renamed to the mesh's axis of that
+  role (``tensor`` -> ``model`` on a ``("data", "model")`` mesh), else dropped (replicated). An axis
+  used twice after renaming is kept once. On a ``(data, fsdp, tensor)`` mesh the rules are unchanged.
+  """
+  rules = RULES if rules is None else rules
+  names = set(mesh.axis_names)
+  roles = _role_axes(mesh)
+  out = []
+  for logical, axes in rules:
+    if axes is None:
+      out.append((logical, None))
+      continue
+    mapped = []
+    for a in ((axes,) if isinstance(axes, str) else tuple(axes)):
+      a = a if a in names else roles.get(a)
+      if a is not None and a not in mapped:
+        mapped.append(a)
+    out.append((logical, None if not mapped else mapped[0] if isinstance(axes, str) or len(mapped) == 1
+                else tuple(mapped)))
+  return tuple(out)
+
+
+def batch_axes(mesh: Mesh, rules: Sequence[tuple[str, Any]] | None = None) -> Any:
+  """The mesh axes the batch is split over on `mesh` (the ``batch`` rule; ``(data, fsdp)`` by default)."""
+  for logical, axes in rules_for_mesh(mesh, rules):
+    if logical == "batch":
+      return axes
+  return None
 
 
 def resolve_mesh_shape(data: int = 1, fsdp: int = -1, tensor: int = 1,
@@ -98,8 +159,12 @@ def logical_to_mesh_spec(logical: P, rules: Sequence[tuple[str, Any]] = RULES) -
 
 
 def param_shardings(logical_tree: Any, abstract_tree: Any, mesh: Mesh,
-                    rules: Sequence[tuple[str, Any]] = RULES) -> Any:
-  """NamedShardings for a pytree, from its logical PartitionSpecs and shapes (see `fit_spec`)."""
+                    rules: Sequence[tuple[str, Any]] | None = None) -> Any:
+  """NamedShardings for a pytree, from its logical PartitionSpecs and shapes (see `fit_spec`).
+
+  `rules` (default `RULES`) are restated on the mesh's axis names by `rules_for_mesh`.
+  """
+  rules = rules_for_mesh(mesh, rules)
 
   def one(logical, leaf):
     spec = logical_to_mesh_spec(logical, rules) if logical is not None else P()
@@ -109,8 +174,8 @@ def param_shardings(logical_tree: Any, abstract_tree: Any, mesh: Mesh,
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-  """Leading (batch) dimension over (data, fsdp); the rest replicated."""
-  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+  """Leading (batch) dimension over (data, fsdp) (`batch_axes` on other meshes); the rest replicated."""
+  return NamedSharding(mesh, P(batch_axes(mesh), *([None] * (ndim - 1))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -118,9 +183,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 @contextlib.contextmanager
-def activation_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]] = RULES):
-  """Context in which the model's `nn.with_logical_constraint` calls take effect."""
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+def activation_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]] | None = None):
+  """Context in which the model's `nn.with_logical_constraint` calls take effect (rules on the mesh's
+  own axis names, `rules_for_mesh`)."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules_for_mesh(mesh, rules)):
     yield
 
 
@@ -138,8 +204,8 @@ def describe_shardings(tree: Any) -> str:
 
 
 def data_parallel_size(mesh: Mesh) -> int:
-  """Number of batch shards: data x fsdp."""
-  return _mesh_axes_size(mesh, BATCH_AXES)
+  """Number of batch shards: data x fsdp (the `batch_axes` of other meshes)."""
+  return _mesh_axes_size(mesh, batch_axes(mesh))
 
 
 def mesh_from_config(mesh_cfg: Any, devices: Sequence[Any] | None = None) -> Mesh:

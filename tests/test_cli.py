@@ -95,3 +95,71 @@ def test_train_command_on_a_token_file(tmp_path, capsys):
   assert cli.main(bad) == 2
   assert "bad.npy: token #2 has id 500, outside [0, model.vocab_size=128)" in capsys.readouterr().err
   assert not (tmp_path / "bad").exists()
+
+
+def test_version_matches_pyproject(capsys):
+  import tomllib
+  import pathlib
+  version = tomllib.loads((pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["version"]
+  with pytest.raises(SystemExit) as e:
+    cli.main(["--version"])
+  assert e.value.code == 0 and capsys.readouterr().out.strip() == f"pro-jax {version}"
+
+
+def _raising_command(error_fn):
+  return cli.Command("boom", "raise (test)", lambda p: None, lambda args: error_fn())
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_own_errors_exit_2_others_show_their_traceback(capsys, debug):
+  from pro_jax.pro.weights import format_weights_text
+  flags = ["--debug"] if debug else []
+  # a ValueError raised by pro-jax's own input check: one line, exit 2 (traceback only with --debug)
+  cli.register_command(_raising_command(lambda: format_weights_text([0.5, -1.0], ["a", "b"])))
+  try:
+    assert cli.main(flags + ["boom"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "pro-jax boom: error: format_weights_text: weights must be non-negative" in err
+    assert ("Traceback (most recent call last)" in err) == debug
+  finally:
+    cli._extra.pop("boom")
+  # a ValueError from inside numpy, and a bug (TypeError): not ours, they propagate with their traceback
+  for fn, kind in ((lambda: np.zeros(3).reshape(2, 2), ValueError), (lambda: len(5), TypeError)):
+    cli.register_command(_raising_command(fn))
+    try:
+      with pytest.raises(kind):
+        cli.main(flags + ["boom"])
+    finally:
+      cli._extra.pop("boom")
+
+
+def test_no_pytorch_notice_from_transformers():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  code = ("import importlib.util, sys; assert importlib.util.find_spec('torch') is None, 'torch installed'; "
+          "import pro_jax; import transformers; from pro_jax.models.tokenizer import load_tokenizer")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+  if "torch installed" in out.stderr:
+    pytest.skip("torch is installed here: transformers prints no notice either way")
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "PyTorch was not found" not in out.stderr + out.stdout
+  # without pro_jax's filter the notice is there (so the check above can fail)
+  bare = subprocess.run([sys.executable, "-c", "import transformers"], capture_output=True, text=True, env=env,
+                        timeout=120)
+  assert "PyTorch was not found" in bare.stderr + bare.stdout
+
+
+def test_launch_help_lists_only_real_stages_and_configs():
+  import pathlib
+  import re
+  root = pathlib.Path(__file__).parents[1]
+  out = subprocess.run(["bash", str(root / "tpu_scripts" / "launch.sh"), "--help"], capture_output=True, text=True,
+                       timeout=60)
+  assert out.returncode == 0, out.stderr
+  stages = re.search(r"--stage\s+pro-jax subcommand: ([a-z, ]+)\n", out.stdout).group(1).split(", ")
+  assert sorted(stages) == sorted(cli.COMMANDS)
+  configs = re.search(r"--config\s+a config name \(([a-z0-9_, ]+)\)", out.stdout).group(1).split(", ")
+  from pro_jax.configs import load_config
+  for name in configs:
+    load_config(name)  # raises for a config that does not exist
+  for path in re.findall(r"e\.g\. ([\w/]+\.py)", out.stdout):
+    assert (root / path).is_file(), path

@@ -21,10 +21,16 @@ TINY = ["--config.task.n_train=96", "--config.task.n_eval=24", "--config.sft.tot
         "--config.model.mlp_dim=64", "--config.model.n_layers=1"]
 
 
-def test_demo_runs_every_stage_and_writes_the_report(tmp_path):
+def test_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
   cfg = load_config("demo", TINY + ["--config.sft.log.progress=False", "--config.adapter.log.progress=False",
                                     "--config.policy.log.progress=False"])
-  report = run_demo(cfg, str(tmp_path), existing="overwrite")
+  report = run_demo(cfg, str(tmp_path), existing="overwrite", table_rows=4)
+  console = capsys.readouterr().out
+  table = console[console.index("the 4 best of 6 fixed weight vectors"):]
+  rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| setting")]
+  assert len(rows) == 2 + 4  # PRO, the oracle and the 4 best fixed vectors (all 6 are in report.md)
+  md_rows = [line for line in (tmp_path / "report" / "report.md").read_text().splitlines() if line.startswith("| ")]
+  assert len(md_rows) == 1 + 2 + 6
   for stage in ("sft", "adapter", "policy"):
     assert os.path.isdir(tmp_path / stage / "checkpoints"), stage
   fixed = report["fixed_settings"]

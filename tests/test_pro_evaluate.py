@@ -87,3 +87,20 @@ def test_weights_of_the_wrong_shape_are_rejected(setup):
   with pytest.raises(ValueError, match="setting 'x'"):
     E.evaluate_settings(E.Policy("p", model, variables), {"x": np.ones((2, 3))}, prompts, tok, scorer, norm,
                         np.full((len(prompts), 3), 1 / 3))
+
+
+def test_front_plot_shows_u_per_setting_best_first():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  settings = {"PRO": {"utility": 0.9, "utility_sem": 0.01}, "oracle": {"utility": 0.95, "utility_sem": 0.02},
+              "fixed(a)": {"utility": 0.4, "utility_sem": 0.03}, "fixed(b)": {"utility": 0.5, "utility_sem": 0.01}}
+  fig, ax = plt.subplots()
+  E._plot_utility(ax, {"settings": settings})
+  heights = [p.get_height() for p in ax.patches]
+  assert heights == pytest.approx([0.95, 0.9, 0.5, 0.4])
+  colors = [matplotlib.colors.to_hex(p.get_facecolor()) for p in ax.patches]
+  assert colors[:2] == [matplotlib.colors.to_hex("tab:green"), matplotlib.colors.to_hex("tab:red")]
+  labels = [t.get_text() for t in ax.get_xticklabels()]
+  assert labels == ["oracle", "PRO", "best fixed\nfixed(b)"]
+  plt.close(fig)

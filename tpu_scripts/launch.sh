@@ -17,10 +17,11 @@ and records the pid in ~/pro_jax_logs/RUN.pid (a second launch while it runs is 
 Every worker runs the same command: on a pod slice the processes find each other through
 jax.distributed.initialize() (arguments detected from the TPU metadata).
 
-  --stage      pro-jax subcommand (train, aot, rm, adapter, policy, eval, demo, data)
+  --stage      pro-jax subcommand: demo, sft, rm, adapter, policy, eval, generate, export, train, aot
   --workdir    run directory: gs://BUCKET/PATH (shared by all workers; checkpoints, metrics.jsonl,
                TensorBoard) or a path on each worker's disk (single host only; lost with the VM)
-  --config     config file, relative to the shipped code (e.g. pro_jax/configs/sft.py)
+  --config     a config name (demo, tiny_lm, tiny_dpo, llama2_7b_dpo) or a file relative to the
+               shipped code (e.g. experiments/helpful_assistant.py:policy)
   --run-name   name of the log / pid files (default: the stage)
   --env        extra environment variable for the run (repeatable)
   --           everything after it goes to 'pro-jax STAGE', e.g. -- --config.optim.lr=3e-4

@@ -45,6 +45,7 @@ from safetensors import safe_open
 
 from pro_jax import sharding as sh
 from pro_jax.models.config import LoRAConfig, ModelConfig, RopeScaling
+from pro_jax.models.hub import resolve_pretrained
 from pro_jax.models.lora import lora_delta
 from pro_jax.models.transformer import Transformer, abstract_variables, logical_axes
 
@@ -792,21 +793,26 @@ def _plan(path: pathlib.Path, config: ModelConfig, arch: str, hf: dict,
 def load_hf_model(path: PathLike, *, dtype: str = "float32", param_dtype: str = "float32", mesh: Any = None,
                   rules: Any = None, head: str | None = None, num_labels: int | None = None,
                   value_head: bool = False, lora: LoRAConfig | None = None, max_seq_len: int | None = None,
-                  seed: int = 0, **config_overrides) -> tuple[Transformer, dict]:
-  """Load a transformers checkpoint directory as `(Transformer, params)`.
+                  seed: int = 0, revision: str | None = None, cache_dir: PathLike | None = None,
+                  **config_overrides) -> tuple[Transformer, dict]:
+  """Load a transformers checkpoint directory (or a Hugging Face Hub id) as `(Transformer, params)`.
 
   Args:
-    path: directory with config.json and model.safetensors (or sharded files + index).
+    path: directory with config.json and model.safetensors (or sharded files + index), or a Hub id
+      ``ORG/NAME[@REVISION]`` fetched through `pro_jax.models.hub.resolve_pretrained` (cache, token
+      and offline mode from the environment; only configs and safetensors are downloaded).
     dtype / param_dtype: compute / parameter dtypes (tensors are converted, e.g. bf16 -> float32).
     mesh: place each parameter with its `pro_jax.sharding.param_shardings` NamedSharding, reading only
       each shard's slice; None = the default device, one tensor at a time.
-    rules: logical-axis rules (default `pro_jax.sharding.RULES`).
+    rules: logical-axis rules (default `pro_jax.sharding.RULES`), restated on the mesh's own axis names
+      (`pro_jax.sharding.rules_for_mesh`: e.g. a ``("data", "model")`` or ``("fsdp",)`` mesh works).
     head: "lm" | "score" | "none"; default the checkpoint's. A score head the checkpoint lacks (e.g.
       a reward model initialised from a causal LM) is initialised N(0, 0.02^2), like `value_head`.
     num_labels: width of the score head (default: the checkpoint's id2label, else 1).
     lora: a LoRAConfig to attach to the model config (the returned params hold only base weights).
     max_seq_len: override max_position_embeddings (GPT-2: at most n_positions; wpe is cut).
     seed: for newly initialised heads.
+    revision / cache_dir: for a Hub id (branch, tag or commit; the Hub cache directory).
     config_overrides: further ModelConfig fields (e.g. remat="full", attention_impl="cudnn").
 
   Returns:
@@ -814,7 +820,7 @@ def load_hf_model(path: PathLike, *, dtype: str = "float32", param_dtype: str = 
     DistilBERT / BART sequence classifiers come back as `pro_jax.models.encoders.EncoderClassifier`
     (`.scores` only; see `encoders.load_hf_classifier`).
   """
-  path = pathlib.Path(path)
+  path = resolve_pretrained(path, revision=revision, cache_dir=cache_dir)
   hf = read_hf_config(path)
   for loader in ARCHITECTURE_LOADERS:
     loaded = loader(path, hf, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules, head=head,
@@ -843,8 +849,7 @@ def _materialize(model: Transformer, specs: list[_Spec], reader: Any, *, mesh: A
   abstract = abstract_variables(model)["params"]
   shardings = None
   if mesh is not None:
-    all_shardings = sh.param_shardings(logical_axes(model), abstract_variables(model), mesh,
-                                       sh.RULES if rules is None else rules)
+    all_shardings = sh.param_shardings(logical_axes(model), abstract_variables(model), mesh, rules)
     shardings = flax.traverse_util.flatten_dict(all_shardings["params"])
   flat_abstract = flax.traverse_util.flatten_dict(abstract)
   flat_params = {}

@@ -1,6 +1,7 @@
 """Tokenizers, all from `transformers` (version 5): a local checkpoint directory or a SentencePiece `.model`.
 
-* `load_tokenizer(dir)`: `AutoTokenizer.from_pretrained(dir, local_files_only=True)` (never the network).
+* `load_tokenizer(dir)`: `AutoTokenizer.from_pretrained(dir, local_files_only=True)`; a Hub id
+  ``ORG/NAME[@REV]`` is first fetched into the Hub cache by `pro_jax.models.hub.resolve_pretrained`.
 * `load_tokenizer("x.model")`: a SentencePiece BPE model (Llama 2 / llama2.c style, byte fallback) as a
   `transformers.LlamaTokenizer`: BOS prepended, no EOS, SentencePiece's dummy-prefix space, decoding
   that strips the leading space after BOS (as llama2.c does). transformers 5 silently builds a
@@ -15,6 +16,7 @@ import pathlib
 from typing import Any
 
 from pro_jax.models.gguf import gguf_tokenizer
+from pro_jax.models.hub import TOKENIZER_PATTERNS, resolve_pretrained
 
 PathLike = str | os.PathLike
 
@@ -67,9 +69,13 @@ def load_sentencepiece_tokenizer(path: PathLike, *, add_bos_token: bool = True, 
   return tok
 
 
-def load_tokenizer(path: PathLike, **kwargs) -> Any:
-  """A transformers tokenizer from a local checkpoint directory, a SentencePiece `.model` or a `.gguf` file."""
-  path = pathlib.Path(path)
+def load_tokenizer(path: PathLike, *, revision: str | None = None, cache_dir: PathLike | None = None,
+                   **kwargs) -> Any:
+  """A transformers tokenizer from a local checkpoint directory, a SentencePiece `.model` file, a `.gguf`
+  file (its own tokenizer and chat template), or a
+  Hugging Face Hub id ``ORG/NAME[@REVISION]`` (only the tokenizer files are fetched, through
+  `pro_jax.models.hub.resolve_pretrained`; the directory is then read with local_files_only)."""
+  path = resolve_pretrained(path, revision=revision, cache_dir=cache_dir, allow_patterns=TOKENIZER_PATTERNS)
   if path.is_dir():
     if not any((path / f).is_file() for f in _TOKENIZER_FILES):
       raise TokenizerError(f"{path}: no tokenizer files (looked for {', '.join(_TOKENIZER_FILES)})")

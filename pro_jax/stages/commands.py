@@ -9,8 +9,10 @@ import sys
 
 from pro_jax.configs import ConfigError, load_config
 from pro_jax.stages.demo import run_demo
+from pro_jax.stages.export import export_run
 from pro_jax.stages.pipeline import run_stage
 from pro_jax.stages.tasks import aot_target
+from pro_jax.stages.use import load_pro
 from pro_jax.train.aot import AotError, aot_compile
 from pro_jax.train.commands import (EXIT_FAIL, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, Command, add_config_arguments,
                                     config_from_args, existing_mode)
@@ -57,9 +59,6 @@ def _run(stage: str):
         run_demo(cfg, args.workdir, existing=existing_mode(args))
         return EXIT_OK
       out = run_stage(stage, cfg, args.workdir, existing=existing_mode(args))
-    except (ConfigError, WorkdirError, FileNotFoundError, ValueError) as e:
-      print(f"pro-jax {stage}: error: {e}", file=sys.stderr)
-      return EXIT_USAGE
     except Preempted as e:
       print(f"pro-jax {stage}: {e}", file=sys.stderr)
       return EXIT_PREEMPTED
@@ -130,3 +129,120 @@ AOT = Command(
         "outputs, temporaries vs the chip's HBM), XLA's cost-model time (optimal_seconds), model FLOPs per "
         "step and the MFU they imply. Exits 1 when the step does not fit in HBM."),
     add_arguments=_aot_args, run=_aot_run)
+
+
+# ---------------------------------------------------------------------------------------------
+# generate / export: using a trained run
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--workdir", required=True, help="the PRO workdir (local or gs://), or a policy run inside it")
+  p.add_argument("--policy", default=None, help="the policy run's name inside the workdir (default: policy)")
+  p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+  p.add_argument("--prompts-file", default=None,
+                 help="prompts, one per line ('-' = stdin); without --prompt or this, a piped stdin is read")
+  p.add_argument("--weights", default=None,
+                 help="explicit objective weights for every prompt, comma-separated in the run's objective order "
+                      "(default: the preference adapter's weights per prompt)")
+  p.add_argument("--max-new-tokens", type=int, default=64)
+  p.add_argument("--sample", action="store_true", help="sample (temperature / top-k / top-p) instead of greedy")
+  p.add_argument("--temperature", type=float, default=1.0)
+  p.add_argument("--top-k", type=int, default=0)
+  p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--json", action="store_true", help="one JSON object per prompt instead of text")
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+  prompts = list(args.prompt)
+  source = args.prompts_file
+  if source is None and not prompts and not sys.stdin.isatty():
+    source = "-"
+  if source is not None:
+    if source == "-":
+      text = sys.stdin.read()
+    else:
+      try:
+        with open(source) as f:
+          text = f.read()
+      except OSError as e:
+        raise ConfigError(f"--prompts-file {source}: {e.strerror}") from e
+    prompts += [line.strip() for line in text.splitlines() if line.strip()]
+  if not prompts:
+    raise ConfigError("no prompts: pass --prompt TEXT, --prompts-file FILE, or pipe prompts (one per line) to stdin")
+  return prompts
+
+
+def _parse_weights(text: str | None, objectives: tuple[str, ...]) -> list[float] | None:
+  if text is None:
+    return None
+  try:
+    w = [float(x) for x in text.replace(" ", "").split(",") if x]
+  except ValueError as e:
+    raise ConfigError(f"--weights {text!r}: expected numbers separated by commas ({e})") from e
+  if len(w) != len(objectives):
+    raise ConfigError(f"--weights {text!r}: {len(w)} numbers for {len(objectives)} objectives {list(objectives)}")
+  return w
+
+
+def _generate_run(args: argparse.Namespace) -> int:
+  prompts = _read_prompts(args)
+  run = load_pro(args.workdir, policy=args.policy, with_reward_model=False)
+  weights = _parse_weights(args.weights, run.objectives)
+  texts, used = run.generate(prompts, weights, max_new_tokens=args.max_new_tokens, greedy=not args.sample,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                             return_weights=True)
+  source = "explicit" if weights is not None else ("adapter" if used is not None else "none: the policy takes none")
+  for i, (prompt, text) in enumerate(zip(prompts, texts)):
+    w = None if used is None else [round(float(x), 4) for x in used[i]]
+    if args.json:
+      print(json.dumps({"prompt": prompt, "objectives": list(run.objectives), "weights": w,
+                        "weights_source": source.split(":")[0], "response": text}))
+    else:
+      shown = "-" if w is None else "  ".join(f"{o}={x:.3f}" for o, x in zip(run.objectives, w))
+      print(f"prompt:   {prompt}\nweights:  {shown}  ({source})\nresponse: {text}\n")
+  return EXIT_OK
+
+
+GENERATE = Command(
+    name="generate", help="generate with a trained PRO policy: the adapter's (or given) weights and the response",
+    description=(
+        "Load a trained PRO run (pro_jax.load_pro) and answer prompts with its policy, conditioned as in training "
+        "on the preference adapter's weights for each prompt, or on --weights. Prints the weights and the response."),
+    add_arguments=_generate_args, run=_generate_run, accepts_config_overrides=False)
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--workdir", required=True, help="the policy run to export (e.g. W/policy)")
+  p.add_argument("--out", required=True, help="output directory")
+  mode = p.add_mutually_exclusive_group()
+  mode.add_argument("--merged", dest="mode", action="store_const", const="merged",
+                    help="a transformers model with any LoRA folded in (default)")
+  mode.add_argument("--peft", dest="mode", action="store_const", const="peft",
+                    help="a PEFT LoRA adapter (LoRA runs only)")
+  p.set_defaults(mode="merged")
+  p.add_argument("--base-model", default=None,
+                 help="--peft: the adapter's base (Hub id or directory); default the run's hf: init source, else "
+                      "the run's base weights written to OUT/base")
+  p.add_argument("--tokenizer", default=None, help="default: the tokenizer the run recorded")
+  p.add_argument("--dtype", default=None, help="tensor dtype in the files, e.g. bfloat16 (default: as trained)")
+  p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+  p.add_argument("--push-to-hub", default=None, metavar="ORG/NAME",
+                 help="upload the export to this Hub repository (token: HF_TOKEN or `hf auth login`)")
+
+
+def _export_run(args: argparse.Namespace) -> int:
+  out = export_run(args.workdir, args.out, mode=args.mode, base_model=args.base_model, tokenizer=args.tokenizer,
+                   dtype=args.dtype, overwrite=args.overwrite, push_to=args.push_to_hub)
+  print(json.dumps({"out": str(out), "mode": args.mode, "files": sorted(p.name for p in out.iterdir()),
+                    "pushed_to": args.push_to_hub}))
+  return EXIT_OK
+
+
+EXPORT = Command(
+    name="export", help="export a policy: a merged transformers model or a PEFT adapter (+ tokenizer, model card)",
+    description=(
+        "pro-jax export --workdir W/policy --out DIR [--merged | --peft] [--push-to-hub ORG/NAME]\n"
+        "Writes the policy as a transformers model (LoRA merged) or as a PEFT LoRA adapter, its tokenizer and a "
+        "README.md model card (objectives, normalization, how to condition); optionally pushes it to the Hub."),
+    add_arguments=_export_args, run=_export_run, accepts_config_overrides=False)

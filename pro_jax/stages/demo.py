@@ -29,9 +29,13 @@ def _top(report: dict, n: int) -> dict:
   return dict(report, settings={k: report["settings"][k] for k in keep})
 
 
-def run_demo(cfg: Any, workdir: str, *, existing: str = "auto", table_rows: int = 100) -> dict[str, Any]:
+def run_demo(cfg: Any, workdir: str, *, existing: str = "auto", table_rows: int = 5) -> dict[str, Any]:
+  """The whole pipeline; the console shows PRO, the oracle and the `table_rows` best fixed weight vectors
+  (every setting is in W/report/report.md)."""
   report = run_pipeline(cfg, workdir, existing=existing)
-  say("PRO against every fixed weight vector (held-out prompts, U with the true weights):\n"
+  n_fixed = len(report.get("fixed_settings", []))
+  say(f"PRO against the {min(table_rows, n_fixed)} best of {n_fixed} fixed weight vectors (held-out prompts, U with "
+      f"the true weights; all of them in {workdir}/report/report.md):\n"
       + evaluate.markdown_table(_top(report, table_rows)))
   p = report.get("pro")
   if not p or not p.get("best_fixed"):

@@ -229,8 +229,28 @@ def markdown_table(report: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def _plot_utility(ax: Any, report: dict[str, Any]) -> None:
+  """Bars of U (mean +- sem) per setting, best first: PRO red, the oracle green, fixed weights blue."""
+  settings = report["settings"]
+  order = sorted(settings, key=lambda n: -settings[n]["utility"])
+  colors = ["tab:red" if n == "PRO" else "tab:green" if n == "oracle" else "tab:blue" for n in order]
+  x = np.arange(len(order))
+  ax.bar(x, [settings[n]["utility"] for n in order], yerr=[settings[n].get("utility_sem", 0.0) for n in order],
+         color=colors, width=0.8, error_kw={"elinewidth": 0.6})
+  labelled = [i for i, n in enumerate(order) if n in ("PRO", "oracle")]
+  fixed = [i for i, n in enumerate(order) if n not in ("PRO", "oracle")]
+  if fixed:
+    labelled.append(fixed[0])  # the best fixed weights
+  ax.set_xticks(sorted(labelled), [order[i] if order[i] in ("PRO", "oracle") else f"best fixed\n{order[i]}"
+                                   for i in sorted(labelled)], fontsize=7)
+  ax.set_ylabel("U = sum_k w*_k r~_k (true weights)")
+  ax.set_title(f"U per setting ({len(fixed)} fixed weight vectors)", fontsize=9)
+  ax.grid(alpha=0.3, axis="y")
+
+
 def plot_front(report: dict[str, Any], path: str | os.PathLike) -> None:
-  """PNG: mean r~ of every fixed-weight setting (front highlighted) with PRO's point, per objective pair."""
+  """PNG: mean r~ of every fixed-weight setting (front highlighted) with PRO's point, per objective pair,
+  and U per setting (bars, best first; the metric PRO is judged on)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -239,7 +259,8 @@ def plot_front(report: dict[str, Any], path: str | os.PathLike) -> None:
   fixed = report.get("fixed_settings", [])
   front = set(report.get("pareto", {}).get("front", []))
   pairs = [(i, j) for i in range(len(objectives)) for j in range(i + 1, len(objectives))]
-  fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 4), squeeze=False)
+  fig, axes = plt.subplots(1, len(pairs) + 1, figsize=(4.2 * (len(pairs) + 1), 4), squeeze=False)
+  _plot_utility(axes[0][-1], report)
   for ax, (i, j) in zip(axes[0], pairs):
     oi, oj = objectives[i], objectives[j]
     for n in fixed:
@@ -257,7 +278,7 @@ def plot_front(report: dict[str, Any], path: str | os.PathLike) -> None:
     ax.set_ylabel(f"{oj} (normalized)")
     ax.grid(alpha=0.3)
   axes[0][0].legend(loc="best", fontsize=8)
-  fig.suptitle("fixed-weight policies (blue: Pareto front, gray: dominated) and PRO")
+  fig.suptitle("fixed-weight policies (blue: Pareto front, gray: dominated) and PRO; right: U per setting")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

@@ -30,6 +30,7 @@ from pro_jax.data.tokenize import encode, normalize_messages, pad_id, truncate_p
 from pro_jax.models import Transformer
 from pro_jax.models.heads import head_to_params
 from pro_jax.models.hf_io import load_hf_model
+from pro_jax.models.hub import is_hub_id
 from pro_jax.models.inference import batched_apply
 from pro_jax.models.tokenizer import load_tokenizer
 
@@ -187,7 +188,12 @@ def hf_reward_scorer(directory: str | os.PathLike, objectives: str | Sequence[st
                      "(pass heads= to pick labels)")
   return RewardModelScorer(model, {"params": params}, tokenizer, names, heads=heads, batch_size=batch_size,
                            max_prompt_len=max_prompt_len, max_len=max_len, template=template, append_eos=append_eos,
-                           name=name or f"hf:{os.path.abspath(os.fspath(directory))}")
+                           name=name or f"hf:{_source_name(directory)}")
+
+
+def _source_name(directory: Any) -> str:
+  """A local directory's absolute path; a Hub id as it is (``ORG/NAME[@REV]``)."""
+  return str(directory) if is_hub_id(directory) else os.path.abspath(os.fspath(directory))
 
 
 class StackedScorer:

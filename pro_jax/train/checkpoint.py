@@ -277,11 +277,13 @@ def _checkpoints_dir(path: epath.Path) -> tuple[epath.Path, epath.Path]:
   return path.parent, path
 
 
-def load_checkpoint(directory: str | os.PathLike, step: int | None = None, *, mesh: Any = None) -> LoadedCheckpoint:
+def load_checkpoint(directory: str | os.PathLike, step: int | None = None, *, mesh: Any = None,
+                    rules: Any = None) -> LoadedCheckpoint:
   """Load a training run's model from `directory` (a workdir or its `checkpoints/`), no training code.
 
-  step=None: the newest complete step. With `mesh`, parameters are placed with the model's logical
-  shardings on it (`pro_jax.sharding.param_shardings`); without, on the first device.
+  step=None: the newest complete step. With `mesh` (any axis names; `pro_jax.sharding.rules_for_mesh`),
+  parameters are placed with the model's logical shardings on it (`pro_jax.sharding.param_shardings`
+  with `rules`, default `pro_jax.sharding.RULES`); without, on the first device.
   """
 
   directory = as_path(directory)
@@ -307,7 +309,7 @@ def load_checkpoint(directory: str | os.PathLike, step: int | None = None, *, me
     if mesh is not None and model is not None:
       axes = logical_axes(model)
       sub_axes = {k: axes[k] for k in abstract if k in axes}
-      shardings = param_shardings(sub_axes, {k: abstract[k] for k in sub_axes}, mesh)
+      shardings = param_shardings(sub_axes, {k: abstract[k] for k in sub_axes}, mesh, rules)
       abstract = dict(abstract)
       for k in sub_axes:
         abstract[k] = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
