@@ -196,6 +196,53 @@ def _num_labels_from_hf(hf: dict) -> int:
   return int(hf.get("num_labels") or 2)
 
 
+_GPT2_INT_FIELDS = {"n_embd": True, "n_head": True, "n_layer": True, "n_positions": True, "vocab_size": True,
+                    "n_inner": False}  # field -> required
+_LLAMA_INT_FIELDS = {"hidden_size": True, "num_attention_heads": True, "num_hidden_layers": True,
+                     "intermediate_size": True, "vocab_size": True, "num_key_value_heads": False, "head_dim": False,
+                     "max_position_embeddings": False}
+_POSITIVE_FLOAT_FIELDS = ("rms_norm_eps", "layer_norm_epsilon", "rope_theta")
+
+
+def _validate_config(hf: dict, model_type: str, source: str) -> None:
+  """CheckpointError naming `source` and the field for a size that is not a positive integer (a
+  string, 0, a float) or an epsilon / rope theta that is not a positive finite number; before any
+  arithmetic on them (a 0 head count used to be a ZeroDivisionError)."""
+  fields = _GPT2_INT_FIELDS if model_type == "gpt2" else _LLAMA_INT_FIELDS
+  for key, required in fields.items():
+    value = hf.get(key)
+    if value is None:
+      if required:
+        raise CheckpointError(f"{source}: missing field {key!r}")
+      continue
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+      raise CheckpointError(f"{source}: field {key!r} must be a positive integer, got {value!r}")
+  for key in _POSITIVE_FLOAT_FIELDS:
+    value = hf.get(key)
+    if value is None:
+      continue
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+      raise CheckpointError(f"{source}: field {key!r} must be a positive finite number, got {value!r}")
+
+
+def _check_finite(read: Callable[[tuple[slice, ...]], np.ndarray], spec: "_Spec", tensors: dict,
+                  dtype: Any) -> Callable[[tuple[slice, ...]], np.ndarray]:
+  """`read` that raises CheckpointError naming the file and tensor when the values it read (after
+  conversion to `dtype`) hold NaN or inf: a model that cannot train (every step would be skipped)."""
+
+  def checked(index: tuple[slice, ...]) -> np.ndarray:
+    arr = read(index)
+    finite = np.isfinite(arr.astype(np.float32, copy=False))
+    if not finite.all():
+      at = np.argwhere(~finite)[0]
+      name = spec.names[index[0].start + int(at[0])] if spec.stacked else spec.names[0]
+      raise CheckpointError(f"{tensors[name].file}: tensor {name} holds NaN / inf values (as "
+                            f"{np.dtype(dtype).name}); refusing to load a model that cannot train")
+    return arr
+
+  return checked
+
+
 def hf_config_to_model_config(hf: dict, *, source: str = "config.json", head: str | None = None,
                               num_labels: int | None = None, value_head: bool = False,
                               lora: LoRAConfig | None = None, dtype: str = "float32",
@@ -208,6 +255,7 @@ def hf_config_to_model_config(hf: dict, *, source: str = "config.json", head: st
   """
   arch = hf_architecture(hf, source)
   model_type, ckpt_head = SUPPORTED_ARCHITECTURES[arch]
+  _validate_config(hf, model_type, source)
   head = head or ckpt_head
   if head not in ("lm", "score", "none"):
     raise ValueError(f"head must be 'lm', 'score' or 'none', got {head!r}")
@@ -656,7 +704,7 @@ def load_hf_model(path: PathLike, *, dtype: str = "float32", param_dtype: str = 
       leaf = flat_abstract[spec.path]
       shape, leaf_dtype = tuple(leaf.shape), leaf.dtype
       if spec.names:
-        read = _spec_reader(spec, reader, shape, leaf_dtype)
+        read = _check_finite(_spec_reader(spec, reader, shape, leaf_dtype), spec, tensors, leaf_dtype)
       else:
         log.info("%s: no tensor for %s in the checkpoint; initialised N(0, 0.02^2) / zeros", path,
                  "/".join(spec.path))
