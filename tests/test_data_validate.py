@@ -82,16 +82,16 @@ CASES = [
     ("sum_missing_post.json", "summarize_from_feedback/comparisons", "train", 2, "info.post", "missing_field", [1]),
     ("sum_one_summary.json", "summarize_from_feedback/comparisons", "train", 2, "summaries", "wrong_shape", [1]),
     ("sum_unknown_split.json", "summarize_from_feedback/comparisons", "train", 2, "split", "unknown_split", [1]),
-    ("gen_unknown_role.jsonl", "generic:turns", "train", 2, "prompt[1].role", "unknown_role", ["q1"]),
-    ("gen_prompt_ends_assistant.jsonl", "generic:turns", "train", 3, "prompt[1].role",
+    ("gen_unknown_role.jsonl", "generic:turns", "train", 2, "turns[1].role", "unknown_role", ["q1"]),
+    ("gen_prompt_ends_assistant.jsonl", "generic:turns", "train", 3, "turns[1].role",
      "prompt_not_ending_with_user", ["q1", "q2"]),
     ("gen_scores_width.jsonl", "generic:lists", "train", 2, "grades[1]", "wrong_num_objectives", ["r1"]),
-    ("gen_pair_objectives_len.jsonl", "generic:pairs_axes", "train", 2, "pair_objectives",
+    ("gen_pair_objectives_len.jsonl", "generic:pairs_axes", "train", 2, "axes",
      "wrong_num_objectives", ["q1", "q3"]),
-    ("gen_duplicate_id.jsonl", "generic:pairs", "train", 3, "id", "duplicate_id", ["q1", "q2"]),
+    ("gen_duplicate_id.jsonl", "generic:pairs", "train", 3, "uid", "duplicate_id", ["q1", "q2"]),
     ("gen_nan_score.jsonl", "generic:scored", "train", 2, "help", "non_finite_score", [1, 4]),
     ("gen_null_chosen.parquet", "generic:pairs", "train", 2, "answer_good", "missing_field", ["p1", "p3"]),
-    ("gen_too_long.jsonl", "generic:pairs", "train", 2, "chosen", "too_long", ["q1", "q3"]),
+    ("gen_too_long.jsonl", "generic:pairs", "train", 2, "answer_good", "too_long", ["q1", "q3"]),
 ]
 IDS = [case[0] for case in CASES]
 

@@ -13,7 +13,8 @@ Sections
   optim       AdamW + warmup + cosine / linear / constant decay + global-norm clipping
   loss        which loss the generic `train` command uses ("lm" or the engine's toy "dpo")
   data        the generic `train` command's data ("synthetic", "synthetic_pairs" or a token file)
-  guards      non-finite loss / gradient: "skip" the update (counted) or "stop" the run
+  guards      non-finite loss / gradient / update: "skip" the update (counted) or "stop" the run;
+              max_skipped_fraction: more skipped steps than this fraction fail the run (exit 1)
   checkpoint  Orbax checkpoints: every N steps, keep N, async
   log         metrics every N steps, TensorBoard, Weights & Biases, progress bar
 """
@@ -59,7 +60,8 @@ def base_config() -> mc.ConfigDict:
       b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0))  # clip_norm <= 0: off
   c.loss = mc.ConfigDict(dict(name="lm", beta=0.1, concat_pairs=True))  # concat: chosen+rejected in one forward
   c.data = mc.ConfigDict(dict(kind="synthetic", seq_len=64, path="", prompt_len=16))
-  c.guards = mc.ConfigDict(dict(nonfinite="skip"))  # "skip" | "stop"
+  # nonfinite: "skip" | "stop"; a run that skipped more than max_skipped_fraction of its steps fails
+  c.guards = mc.ConfigDict(dict(nonfinite="skip", max_skipped_fraction=0.1))
   c.checkpoint = mc.ConfigDict(dict(every_steps=50, keep=3, async_save=True))
   c.log = mc.ConfigDict(dict(every_steps=10, tensorboard=True, wandb_project="", progress=True))
   c.lock()

@@ -31,6 +31,7 @@ CountTokens = Callable[[Sequence[dict], str], int]
 REASONS = {
     "malformed_json": "the line is not a JSON object",
     "malformed_file": "the file cannot be read in its format (e.g. a broken parquet file)",
+    "empty_file": "a file holds no rows at all (an error in strict mode)",
     "malformed_transcript": "a chat transcript does not follow its format's turn markers",
     "missing_field": "a required field / column is absent or null",
     "empty_field": "a required text (or list) is empty or whitespace only",

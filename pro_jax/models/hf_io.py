@@ -280,6 +280,53 @@ def _num_labels_from_hf(hf: dict) -> int:
   return int(hf.get("num_labels") or 2)
 
 
+_GPT2_INT_FIELDS = {"n_embd": True, "n_head": True, "n_layer": True, "n_positions": True, "vocab_size": True,
+                    "n_inner": False}  # field -> required
+_LLAMA_INT_FIELDS = {"hidden_size": True, "num_attention_heads": True, "num_hidden_layers": True,
+                     "intermediate_size": True, "vocab_size": True, "num_key_value_heads": False, "head_dim": False,
+                     "max_position_embeddings": False}
+_POSITIVE_FLOAT_FIELDS = ("rms_norm_eps", "layer_norm_epsilon", "rope_theta")
+
+
+def _validate_config(hf: dict, model_type: str, source: str) -> None:
+  """CheckpointError naming `source` and the field for a size that is not a positive integer (a
+  string, 0, a float) or an epsilon / rope theta that is not a positive finite number; before any
+  arithmetic on them (a 0 head count used to be a ZeroDivisionError)."""
+  fields = _GPT2_INT_FIELDS if model_type == "gpt2" else _LLAMA_INT_FIELDS
+  for key, required in fields.items():
+    value = hf.get(key)
+    if value is None:
+      if required:
+        raise CheckpointError(f"{source}: missing field {key!r}")
+      continue
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+      raise CheckpointError(f"{source}: field {key!r} must be a positive integer, got {value!r}")
+  for key in _POSITIVE_FLOAT_FIELDS:
+    value = hf.get(key)
+    if value is None:
+      continue
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+      raise CheckpointError(f"{source}: field {key!r} must be a positive finite number, got {value!r}")
+
+
+def _check_finite(read: Callable[[tuple[slice, ...]], np.ndarray], spec: "_Spec", file_of: Callable[[str], str],
+                  dtype: Any) -> Callable[[tuple[slice, ...]], np.ndarray]:
+  """`read` that raises CheckpointError naming the file and tensor when the values it read (after
+  conversion to `dtype`) hold NaN or inf: a model that cannot train (every step would be skipped)."""
+
+  def checked(index: tuple[slice, ...]) -> np.ndarray:
+    arr = read(index)
+    finite = np.isfinite(arr.astype(np.float32, copy=False))
+    if not finite.all():
+      at = np.argwhere(~finite)[0]
+      name = spec.names[index[0].start + int(at[0])] if spec.stacked else spec.names[0]
+      raise CheckpointError(f"{file_of(name)}: tensor {name} holds NaN / inf values (as "
+                            f"{np.dtype(dtype).name}); refusing to load a model that cannot train")
+    return arr
+
+  return checked
+
+
 def hf_config_to_model_config(hf: dict, *, source: str = "config.json", head: str | None = None,
                               num_labels: int | None = None, value_head: bool = False,
                               lora: LoRAConfig | None = None, dtype: str = "float32",
@@ -292,6 +339,7 @@ def hf_config_to_model_config(hf: dict, *, source: str = "config.json", head: st
   """
   arch = hf_architecture(hf, source)
   model_type, ckpt_head = SUPPORTED_ARCHITECTURES[arch]
+  _validate_config(hf, model_type, source)
   head = head or ckpt_head
   if head not in ("lm", "score", "none"):
     raise ValueError(f"head must be 'lm', 'score' or 'none', got {head!r}")
@@ -836,16 +884,18 @@ def load_hf_model(path: PathLike, *, dtype: str = "float32", param_dtype: str = 
   specs, tensors = _plan(path, config, arch, hf, abstract)
 
   with _Reader(tensors) as reader:
-    params = _materialize(model, specs, reader, mesh=mesh, rules=rules, seed=seed, source=str(path))
+    params = _materialize(model, specs, reader, mesh=mesh, rules=rules, seed=seed, source=str(path),
+                          file_of=lambda name: tensors[name].file)
   return model, params
 
 
 def _materialize(model: Transformer, specs: list[_Spec], reader: Any, *, mesh: Any, rules: Any, seed: int,
-                 source: str) -> dict:
+                 source: str, file_of: Callable[[str], str] | None = None) -> dict:
   """The params tree: each spec read through `reader.read(name, index, transpose)` (HF layout) and
   placed whole (no mesh) or shard by shard; specs without names get the model's own init.
   `reader.release()`, when it exists, is called after each parameter (readers that cache decoded
-  tensors free them there)."""
+  tensors free them there). Values that are NaN / inf are a CheckpointError naming the tensor and its
+  file (`file_of(name)`, default `source`)."""
   abstract = abstract_variables(model)["params"]
   shardings = None
   if mesh is not None:
@@ -857,7 +907,8 @@ def _materialize(model: Transformer, specs: list[_Spec], reader: Any, *, mesh: A
     leaf = flat_abstract[spec.path]
     shape, leaf_dtype = tuple(leaf.shape), leaf.dtype
     if spec.names:
-      read = _spec_reader(spec, reader, shape, leaf_dtype)
+      read = _check_finite(_spec_reader(spec, reader, shape, leaf_dtype), spec, file_of or (lambda name: source),
+                           leaf_dtype)
     else:
       log.info("%s: no tensor for %s in the checkpoint; initialised N(0, 0.02^2) / zeros", source,
                "/".join(spec.path))

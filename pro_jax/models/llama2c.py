@@ -88,6 +88,18 @@ def read_llama2c_arrays(path: PathLike) -> tuple[dict[str, int], dict[str, np.nd
   return h, arrays
 
 
+def _check_finite(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
+  """Llama2cError naming the file and tensor that holds NaN / inf (a model that cannot train)."""
+  for name, arr in arrays.items():
+    if name.startswith("freq_cis"):
+      continue  # not loaded (RoPE is recomputed)
+    finite = np.isfinite(arr)
+    if not finite.all():
+      at = tuple(int(i) for i in np.argwhere(~finite)[0])
+      raise Llama2cError(f"{path}: tensor {name} holds NaN / inf values (first at index {list(at)}); refusing to "
+                         "load a model that cannot train")
+
+
 def load_llama2c(path: PathLike, tokenizer_path: PathLike | None = None, *, dtype: str = "float32",
                  param_dtype: str = "float32") -> tuple[Transformer, dict, Any]:
   """Load a llama2.c version-0 checkpoint as `(model, params, tokenizer_or_None)`.
@@ -98,6 +110,7 @@ def load_llama2c(path: PathLike, tokenizer_path: PathLike | None = None, *, dtyp
   """
   path = pathlib.Path(path)
   h, a = read_llama2c_arrays(path)
+  _check_finite(path, a)
   config = ModelConfig(
       arch="llama", vocab_size=h["vocab_size"], d_model=h["dim"], n_layers=h["n_layers"], n_heads=h["n_heads"],
       n_kv_heads=h["n_kv_heads"], mlp_dim=h["hidden_dim"], max_seq_len=h["seq_len"], norm_eps=1e-5,

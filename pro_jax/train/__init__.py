@@ -6,9 +6,11 @@ Map (see docs/training.md):
   optimizer.py   AdamW + warmup + cosine / linear decay + global-norm clipping
   losses.py      lm_loss, the toy sigmoid DPO (the engine's test losses)
   trainer.py     Task, setup, train: one batch per step on the run loop
-  loop.py        RunLoop: workdir guard, restore / init, logger, progress, SIGTERM, non-finite guard,
-                 checkpoints (shared by `train` and the PPO stage); Preempted, NonFiniteError, WorkdirError
-  checkpoint.py  Checkpointer (Orbax CheckpointManager), load_checkpoint
+  loop.py        RunLoop: workdir guard, restore / init, logger, progress, SIGTERM, non-finite guards,
+                 checkpoints (shared by `train` and the PPO stage); Preempted, WorkdirError
+  checkpoint.py  Checkpointer (Orbax CheckpointManager), load_checkpoint, damaged steps moved aside
+  guards.py      non-finite guards: update check, check before saving, skipped-steps limit, optimizer
+                 hyperparameters in the optimizer's dtype; NonFiniteError, TooManySkippedError
   config.py      validate_config, model_config_from
   tasks.py       build_task: the generic `pro-jax train` tasks
   data.py        tiny deterministic data sources with get_state / set_state

@@ -17,10 +17,15 @@ donated to the next step at once; files are written in a background thread). Orb
 into `<step>.orbax-checkpoint-tmp` and renames it when complete, so a process killed mid-save
 leaves only a tmp directory, which is never listed as a step (and is deleted when the next manager
 starts). If the newest complete step cannot be read anyway (a truncated or corrupted directory),
-`restore` warns and falls back to the previous step.
+`restore` warns and falls back to the newest step that restores; the steps newer than it that failed
+are MOVED ASIDE to `workdir/checkpoints.damaged/<step>` (kept for inspection, never deleted), so the
+run can write those step numbers again instead of failing on them at every rerun. When no step
+restores, nothing is moved and one `CheckpointReadError` names every step and item that failed.
 
 `load_checkpoint(dir, step=None)` is the loader for downstream code: given only a directory it
-returns the model's full variables, the config, the `ModelConfig` and a ready `Transformer`.
+returns the model's full variables, the config, the `ModelConfig` and a ready `Transformer`; it
+falls back the same way (read-only: nothing is moved), and an explicit `step=` never falls back.
+Every read error is a `CheckpointReadError` naming the directory, the step and the item.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ class _OrbaxNoiseFilter(logging.Filter):
 logging.getLogger("absl").addFilter(_OrbaxNoiseFilter())
 
 CHECKPOINTS_DIR = "checkpoints"
+DAMAGED_SUFFIX = ".damaged"  # <checkpoints dir>.damaged/<step>: steps that could not be restored
 BASE_DIR = "base"
 FORMAT = 1
 _ITEMS = ("params", "train", "data", "extra", "arrays", "meta")
@@ -82,6 +88,30 @@ def decode_data_state(obj: dict | None) -> Any:
   if "__bytes_b64__" in obj:
     return base64.b64decode(obj["__bytes_b64__"])
   return obj.get("__state__")
+
+
+class CheckpointReadError(RuntimeError):
+  """A checkpoint item that cannot be read; the message names the directory, step and item."""
+
+  def __init__(self, message: str, *, directory: Any = None, step: int | None = None, item: str | None = None):
+    super().__init__(message)
+    self.directory, self.step, self.item = directory, step, item
+
+
+def _read_error(directory: Any, step: int, item: str, e: Exception) -> CheckpointReadError:
+  return CheckpointReadError(f"{directory}/{step}: item {item!r} cannot be read ({type(e).__name__}: {e})",
+                             directory=directory, step=step, item=item)
+
+
+def _restore_items(manager: ocp.CheckpointManager, directory: Any, step: int, items: dict[str, Any]) -> dict:
+  """Restore `items` ({name: restore args}) of `step` one by one; an error names its item."""
+  out = {}
+  for name, args in items.items():
+    try:
+      out[name] = manager.restore(step, args=ocp.args.Composite(**{name: args}))[name]
+    except Exception as e:  # noqa: BLE001 (Orbax / tensorstore / JSON errors of a damaged item)
+      raise _read_error(directory, step, name, e) from e
+  return out
 
 
 @dataclasses.dataclass
@@ -127,6 +157,7 @@ class Checkpointer:
                read_only: bool = False):
     _configure_array_handler()
     self.directory = as_path(directory)
+    self.read_only = read_only
     options = ocp.CheckpointManagerOptions(max_to_keep=keep if keep > 0 else None, create=not read_only,
                                            cleanup_tmp_directories=not read_only,
                                            enable_async_checkpointing=async_save, read_only=read_only)
@@ -166,7 +197,36 @@ class Checkpointer:
     return (self.directory / str(step) / name).is_dir()
 
   def read_json(self, step: int, name: str) -> Any:
-    return self.manager.restore(step, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()}))[name]
+    return _restore_items(self.manager, self.directory, step, {name: ocp.args.JsonRestore()})[name]
+
+  def item_metadata(self, step: int, name: str) -> Any:
+    try:
+      md = self.manager.item_metadata(step)[name]
+    except Exception as e:  # noqa: BLE001
+      raise _read_error(self.directory, step, name, e) from e
+    if md is None:
+      raise _read_error(self.directory, step, name, ValueError("no metadata"))
+    return getattr(md, "tree", md)
+
+  def move_aside(self, steps: list[int]) -> list[epath.Path]:
+    """Move unreadable `steps` to `<directory>.damaged/<step>[.n]` (kept, not deleted); returns the new paths."""
+    moved = []
+    aside = self.directory.parent / (self.directory.name + DAMAGED_SUFFIX)
+    if jax.process_index() == 0:
+      aside.mkdir(parents=True, exist_ok=True)
+      for s in steps:
+        dst, n = aside / str(s), 1
+        while dst.exists():
+          dst, n = aside / f"{s}.{n}", n + 1
+        (self.directory / str(s)).rename(dst)
+        log.warning("moved unreadable checkpoint step %d aside: %s -> %s (kept for inspection; training "
+                    "continues from an older step and will write step %d again)", s, self.directory / str(s), dst, s)
+        moved.append(dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("pro_jax_checkpoint_move_aside")
+    self.manager.reload()
+    return moved
 
   def restore(self, abstract_state: TrainState, step: int | None = None, abstract_arrays: Any = None) -> Restored:
     """Restore onto the shardings carried by `abstract_state` (any mesh shape).
@@ -177,17 +237,23 @@ class Checkpointer:
     steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
     if not steps:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    errors = []
+    failed: list[CheckpointReadError] = []
     for s in steps:
       try:
-        return self._restore_step(s, abstract_state, abstract_arrays)
-      except Exception as e:  # noqa: BLE001 (a truncated / corrupted step: fall back)
+        restored = self._restore_step(s, abstract_state, abstract_arrays)
+      except CheckpointReadError as e:  # a truncated / corrupted step: fall back
         if step is not None:
           raise
-        log.warning("checkpoint step %d in %s cannot be restored (%s: %s); trying an older one",
-                    s, self.directory, type(e).__name__, e)
-        errors.append(f"step {s}: {type(e).__name__}: {e}")
-    raise RuntimeError(f"no checkpoint in {self.directory} could be restored:\n" + "\n".join(errors))
+        log.warning("checkpoint step %d cannot be restored (%s); trying an older one", s, e)
+        failed.append(e)
+        continue
+      if failed and not self.read_only:  # newer steps that failed while this one restores: damaged
+        self.move_aside([e.step for e in failed])
+      return restored
+    raise CheckpointReadError(
+        f"no checkpoint in {self.directory} could be restored (nothing was moved or deleted):\n  " +
+        "\n  ".join(str(e) for e in failed) + "\nif these steps are damaged, move them out of the directory to "
+        "start over (or restore an explicit step)", directory=self.directory)
 
   def _restore_step(self, step: int, abstract_state: TrainState, abstract_arrays: Any) -> Restored:
     train_target = {"step": abstract_state.step, "opt_state": abstract_state.opt_state,
@@ -197,10 +263,10 @@ class Checkpointer:
                  data=ocp.args.JsonRestore(), extra=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
     if self._has_item(step, "arrays"):
       if abstract_arrays is None:
-        md = self.manager.item_metadata(step)["arrays"]
-        abstract_arrays = _abstract(getattr(md, "tree", md), jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        abstract_arrays = _abstract(self.item_metadata(step, "arrays"),
+                                    jax.sharding.SingleDeviceSharding(jax.devices()[0]))
       items["arrays"] = ocp.args.StandardRestore(abstract_arrays)
-    r = self.manager.restore(step, args=ocp.args.Composite(**items))
+    r = _restore_items(self.manager, self.directory, step, items)
     t = r["train"]
     state = TrainState(step=t["step"], params=r["params"], opt_state=t["opt_state"], rng=t["rng"],
                        nonfinite_count=t["nonfinite_count"])
@@ -281,31 +347,56 @@ def load_checkpoint(directory: str | os.PathLike, step: int | None = None, *, me
                     rules: Any = None) -> LoadedCheckpoint:
   """Load a training run's model from `directory` (a workdir or its `checkpoints/`), no training code.
 
-  step=None: the newest complete step. With `mesh` (any axis names; `pro_jax.sharding.rules_for_mesh`),
-  parameters are placed with the model's logical shardings on it (`pro_jax.sharding.param_shardings`
-  with `rules`, default `pro_jax.sharding.RULES`); without, on the first device.
+  step=None: the newest step that reads completely (an unreadable newer step is skipped with a
+  warning; nothing is moved); an explicit `step` never falls back. With `mesh` (any axis names;
+  `pro_jax.sharding.rules_for_mesh`), parameters are placed with the model's logical shardings on it
+  (`pro_jax.sharding.param_shardings` with `rules`, default `pro_jax.sharding.RULES`); without, on the
+  first device. Read errors are `CheckpointReadError`s naming the directory, step and item.
   """
-
   directory = as_path(directory)
   workdir, ckdir = _checkpoints_dir(directory)
   if not ckdir.is_dir():
     raise FileNotFoundError(f"{directory}: no checkpoints directory")
   ck = Checkpointer(ckdir, read_only=True)
-  steps = ck.all_steps()
-  if not steps:
-    raise FileNotFoundError(f"{ckdir}: no complete checkpoint")
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    raise FileNotFoundError(f"{ckdir}: no step {step} (steps: {steps})")
-  meta = ck.read_json(step, "meta")
+  try:
+    steps = ck.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"{ckdir}: no complete checkpoint")
+    if step is not None and step not in steps:
+      raise FileNotFoundError(f"{ckdir}: no step {step} (steps: {steps})")
+    failed: list[CheckpointReadError] = []
+    for s in ([step] if step is not None else steps[::-1]):
+      try:
+        loaded = _load_step(ck, workdir, s, mesh, rules)
+      except CheckpointReadError as e:
+        if step is not None or e.item == BASE_DIR:
+          raise
+        log.warning("checkpoint step %d cannot be loaded (%s); trying an older one", s, e)
+        failed.append(e)
+        continue
+      if failed:
+        log.warning("%s: loaded step %d, not the newest step %d (unreadable)", ckdir, s, steps[-1])
+      return loaded
+    raise CheckpointReadError(f"no checkpoint in {ckdir} can be loaded:\n  " + "\n  ".join(str(e) for e in failed),
+                              directory=ckdir)
+  finally:
+    ck.manager.close()
+
+
+def _load_step(ck: Checkpointer, workdir: epath.Path, step: int, mesh: Any, rules: Any = None) -> LoadedCheckpoint:
+  ckdir = ck.directory
+  meta = ck.read_json(step, "meta") or {}
   extra = ck.read_json(step, "extra") or {}
-  model_config = ModelConfig.from_dict(meta["model_config"]) if meta.get("model_config") else None
+  try:
+    model_config = ModelConfig.from_dict(meta["model_config"]) if meta.get("model_config") else None
+    cfg = config_from_json(meta.get("config", {}))
+  except Exception as e:  # noqa: BLE001 (a meta item that parses but is not ours)
+    raise _read_error(ckdir, step, "meta", e) from e
   model = Transformer(model_config) if model_config is not None else None
   first = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
-  def target(name_md):
-    abstract = _abstract(getattr(name_md, "tree", name_md), first)
+  def target(tree_md):
+    abstract = _abstract(tree_md, first)
     if mesh is not None and model is not None:
       axes = logical_axes(model)
       sub_axes = {k: axes[k] for k in abstract if k in axes}
@@ -316,21 +407,22 @@ def load_checkpoint(directory: str | os.PathLike, step: int | None = None, *, me
                                    abstract[k], shardings[k])
     return abstract
 
-  md = ck.manager.item_metadata(step)
-  items = {"params": ocp.args.StandardRestore(target(md["params"]))}
-  arrays = None
+  items = {"params": ocp.args.StandardRestore(target(ck.item_metadata(step, "params")))}
   if ck._has_item(step, "arrays"):
-    items["arrays"] = ocp.args.StandardRestore(_abstract(getattr(md["arrays"], "tree", md["arrays"]), first))
-  r = ck.manager.restore(step, args=ocp.args.Composite(**items))
-  arrays = r["arrays"] if "arrays" in items else None
-  ck.manager.close()
-  trainable = r["params"]
+    items["arrays"] = ocp.args.StandardRestore(_abstract(ck.item_metadata(step, "arrays"), first))
+  r = _restore_items(ck.manager, ckdir, step, items)
+  arrays = r.get("arrays")
   base = None
   if (workdir / BASE_DIR).exists():
     ckptr = ocp.StandardCheckpointer()
-    bmd = ckptr.metadata(workdir / BASE_DIR)
-    base = ckptr.restore(workdir / BASE_DIR, target(getattr(bmd, "item_metadata", bmd)))
-    ckptr.close()
-  return LoadedCheckpoint(variables=merge_variables(trainable, base), config=config_from_json(meta.get("config", {})),
-                          model_config=model_config, model=model, extra=extra, arrays=arrays, step=step,
-                          directory=ckdir)
+    try:
+      bmd = ckptr.metadata(workdir / BASE_DIR)
+      bmd = getattr(bmd, "item_metadata", bmd)
+      base = ckptr.restore(workdir / BASE_DIR, target(getattr(bmd, "tree", bmd)))
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointReadError(f"{workdir / BASE_DIR}: the run's base variables cannot be read "
+                                f"({type(e).__name__}: {e})", directory=workdir, item=BASE_DIR) from e
+    finally:
+      ckptr.close()
+  return LoadedCheckpoint(variables=merge_variables(r["params"], base), config=cfg, model_config=model_config,
+                          model=model, extra=extra, arrays=arrays, step=step, directory=ckdir)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pro_jax.configs import list_configs, load_config
 from pro_jax.sharding import initialize_distributed
 from pro_jax.train.config import validate_config
+from pro_jax.train.checkpoint import CheckpointReadError
 from pro_jax.train.tasks import build_task
 from pro_jax.train.trainer import NonFiniteError, WorkdirError, train
 
@@ -82,6 +83,9 @@ def _train_run(args: argparse.Namespace) -> int:
     return EXIT_USAGE
   except NonFiniteError as e:
     print(f"pro-jax train: stopped: {e}", file=sys.stderr)
+    return EXIT_FAIL
+  except CheckpointReadError as e:
+    print(f"pro-jax train: error: {e}", file=sys.stderr)
     return EXIT_FAIL
   m = {k: float(v) for k, v in result.last_metrics.items() if k in ("loss", "accuracy", "grad_norm")}
   print(json.dumps({"status": result.status, "step": result.step, **m}))

@@ -9,8 +9,10 @@ from typing import Any
 import ml_collections as mc
 
 from pro_jax.configs import ConfigError
+from pro_jax.configs.base import base_config
 from pro_jax.models import LoRAConfig, ModelConfig, RopeScaling
 from pro_jax.sharding import MeshError, resolve_mesh_shape, rules_from_config
+from pro_jax.train.guards import guard_config_errors, optimizer_hparam_errors
 from pro_jax.train.optimizer import DECAYS
 from pro_jax.train.state import TRAINABLE
 
@@ -33,6 +35,16 @@ def model_config_from(model_cfg: Any) -> ModelConfig:
     return ModelConfig.from_dict(d)
   except (TypeError, ValueError) as e:
     raise ConfigError(f"model: {e}") from None
+
+
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def dtype_errors(field: str, name: Any) -> list[str]:
+  """[] when `name` is a floating-point dtype name the model can compute / store in."""
+  if name not in FLOAT_DTYPES:
+    return [f"{field}={name!r} is not a floating-point dtype; use one of {', '.join(FLOAT_DTYPES)}"]
+  return []
 
 
 def validate_config(cfg: mc.ConfigDict, num_devices: int | None = None) -> list[str]:
@@ -82,8 +94,13 @@ def validate_config(cfg: mc.ConfigDict, num_devices: int | None = None) -> list[
             f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={mc_.max_seq_len}")
   except ConfigError as e:
     errors.append(str(e))
+  for name in ("dtype", "param_dtype"):
+    errors.extend(dtype_errors(f"model.{name}", cfg.model[name]))
+  if "reference" in cfg and cfg.reference.get("param_dtype"):
+    errors.extend(dtype_errors("reference.param_dtype", cfg.reference.param_dtype))
   o = cfg.optim
-  check(o.lr > 0 and math.isfinite(o.lr), f"optim.lr must be a positive number, got {o.lr}")
+  check(isinstance(o.lr, (int, float)) and o.lr > 0 and math.isfinite(o.lr),
+        f"optim.lr must be a positive number, got {o.lr}")
   check(0 <= o.warmup_steps <= cfg.total_steps,
         f"optim.warmup_steps must be in [0, total_steps={cfg.total_steps}], got {o.warmup_steps}")
   check(o.decay in DECAYS, f"optim.decay must be one of {DECAYS}, got {o.decay!r}")
@@ -91,8 +108,8 @@ def validate_config(cfg: mc.ConfigDict, num_devices: int | None = None) -> list[
   check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optim.b1 / b2 must be in [0, 1), got {o.b1}, {o.b2}")
   check(o.eps > 0, f"optim.eps must be > 0, got {o.eps}")
   check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
-  check(cfg.guards.nonfinite in ("skip", "stop"),
-        f"guards.nonfinite must be 'skip' or 'stop', got {cfg.guards.nonfinite!r}")
+  errors.extend(e for e in optimizer_hparam_errors(o, cfg.model.param_dtype) if e not in errors)
+  errors.extend(guard_config_errors(cfg.guards))
   check(cfg.checkpoint.every_steps >= 1, f"checkpoint.every_steps must be >= 1, got {cfg.checkpoint.every_steps}")
   check(cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
   check(cfg.log.every_steps >= 1, f"log.every_steps must be >= 1, got {cfg.log.every_steps}")
@@ -118,3 +135,24 @@ def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
   elif old != new:
     out.append(f"{prefix.rstrip('.')}: {old!r} -> {new!r}")
   return out
+
+
+def with_new_defaults(old: dict, new: dict) -> dict:
+  """`old` (a saved run's config) plus every key the base schema gained since, where `new` holds that
+  key at its base default: a run saved before a setting existed is the same run with its default
+  (e.g. `guards.max_skipped_fraction`), so it still resumes without --resume."""
+  defaults = config_to_dict(base_config())
+
+  def fill(o: dict, n: dict, d: dict) -> dict:
+    out = dict(o)
+    for k, dv in d.items():
+      if k not in n:
+        continue
+      if k not in o:
+        if n[k] == dv:
+          out[k] = dv
+      elif isinstance(o[k], dict) and isinstance(n[k], dict) and isinstance(dv, dict):
+        out[k] = fill(o[k], n[k], dv)
+    return out
+
+  return fill(old, new, defaults)

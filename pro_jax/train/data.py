@@ -105,22 +105,17 @@ class SyntheticPairs(_Source):
 
 
 class TokenFileLM(_Source):
-  """Random windows of seq_len tokens from a flat token file (`.npy` of ints, or `.bin` of uint16)."""
+  """Random windows of seq_len tokens from a flat token file (`.npy` of ints, or `.bin` of uint16).
+
+  The file is checked when opened (`validate=True`): readable, integer ids, 1-D, longer than
+  seq_len, and EVERY id in [0, vocab_size) (a chunked scan of the whole file, ~1 s per 10^9 ids);
+  a problem is a ConfigError naming the file (and the first bad token's position).
+  """
 
   def __init__(self, path: str, seed: int, global_batch: int, seq_len: int, vocab_size: int,
-               rows: slice | None = None):
+               rows: slice | None = None, validate: bool = True):
     super().__init__(seed, global_batch, rows)
-    p = pathlib.Path(path)
-    if not p.is_file():
-      raise ConfigError(f"data.path: token file {path} does not exist")
-    self.tokens = np.load(p, mmap_mode="r") if p.suffix == ".npy" else np.memmap(p, dtype=np.uint16, mode="r")
-    if self.tokens.ndim != 1 or len(self.tokens) <= seq_len:
-      raise ConfigError(f"{path}: expected a flat token array longer than seq_len={seq_len}, "
-                       f"got shape {self.tokens.shape}")
-    head = np.asarray(self.tokens[: min(len(self.tokens), 1 << 20)])
-    bad = np.flatnonzero((head < 0) | (head >= vocab_size))
-    if bad.size:
-      raise ConfigError(f"{path}: token #{bad[0]} has id {head[bad[0]]}, outside [0, model.vocab_size={vocab_size})")
+    self.tokens = open_token_file(path, seq_len, vocab_size if validate else None)
     self.seq_len = int(seq_len)
 
   def batch(self, k: int) -> dict[str, np.ndarray]:
@@ -130,3 +125,39 @@ class TokenFileLM(_Source):
     loss_mask = mask.copy()
     loss_mask[:, 0] = 0
     return {"tokens": tokens, "mask": mask, "loss_mask": loss_mask}
+
+
+SCAN_CHUNK = 1 << 24
+
+
+def open_token_file(path: str, seq_len: int, vocab_size: int | None) -> np.ndarray:
+  """The token ids of `path` (memory-mapped), checked; ConfigError naming the file on any problem.
+
+  vocab_size: check every id is in [0, vocab_size) (None: skip the scan, e.g. already checked).
+  """
+  p = pathlib.Path(path)
+  if not p.is_file():
+    raise ConfigError(f"data.path: token file {path} does not exist")
+  if p.suffix == ".npy":
+    try:
+      tokens = np.load(p, mmap_mode="r", allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 (numpy raises ValueError / OSError / EOFError / UnpicklingError)
+      raise ConfigError(f"{path}: not a readable .npy array of token ids ({type(e).__name__}: {e})") from None
+  else:
+    size = p.stat().st_size
+    if size == 0 or size % 2:
+      raise ConfigError(f"{path}: {size} bytes; a .bin token file is raw uint16 ids (a positive, even number "
+                        "of bytes): truncated, or not a .bin token file")
+    tokens = np.memmap(p, dtype=np.uint16, mode="r")
+  if not np.issubdtype(tokens.dtype, np.integer):
+    raise ConfigError(f"{path}: token ids must be integers, the file holds dtype {tokens.dtype}")
+  if tokens.ndim != 1 or len(tokens) <= seq_len:
+    raise ConfigError(f"{path}: expected a flat token array longer than seq_len={seq_len}, "
+                      f"got shape {tokens.shape}")
+  if vocab_size is not None:
+    for a in range(0, len(tokens), SCAN_CHUNK):
+      chunk = np.asarray(tokens[a:a + SCAN_CHUNK])
+      if chunk.min() < 0 or chunk.max() >= vocab_size:
+        i = int(np.flatnonzero((chunk < 0) | (chunk >= vocab_size))[0])
+        raise ConfigError(f"{path}: token #{a + i} has id {chunk[i]}, outside [0, model.vocab_size={vocab_size})")
+  return tokens

@@ -15,8 +15,12 @@
    dropped) and the progress bar;
 4. SIGTERM (the TPU preemption notice; multi-host: JAX's preemption sync point): a checkpoint at the
    next step boundary, then `status="preempted"`;
-5. the non-finite guard (`guards.nonfinite="stop"`: `NonFiniteError`, nothing saved for that step);
-6. a checkpoint every `checkpoint.every_steps` and at the end.
+5. the non-finite guards (`pro_jax.train.guards`): `guards.nonfinite="stop"` raises `NonFiniteError`
+   (nothing saved for that step); no state holding a non-finite value is ever saved (checked before
+   every save); a run that skipped more than `guards.max_skipped_fraction` of its updates fails with
+   `TooManySkippedError` (at a log step once the limit can no longer be met, or at the end);
+6. a checkpoint every `checkpoint.every_steps` and at the end (an unreadable newest checkpoint is
+   moved aside by `Checkpointer.restore`, so a rerun never fails on it again).
 
 `body(step)` runs one step (1-based) on `loop.state` and returns a `StepOutput`: metrics to log (or
 None), the progress bar's fields, and the step's non-finite flag (a device scalar may be checked
@@ -36,9 +40,12 @@ from typing import Any
 import jax
 from jax.experimental import multihost_utils
 
+from pro_jax.train import guards
 from pro_jax.train import logging as train_logging
-from pro_jax.train.checkpoint import CHECKPOINTS_DIR, Checkpointer, as_path, base_for_fresh_run, restore_base
-from pro_jax.train.config import config_diff
+from pro_jax.train.checkpoint import (CHECKPOINTS_DIR, DAMAGED_SUFFIX, Checkpointer, as_path, base_for_fresh_run,
+                                     restore_base)
+from pro_jax.train.config import config_diff, with_new_defaults
+from pro_jax.train.guards import NonFiniteError, TooManySkippedError  # noqa: F401 (re-exported)
 from pro_jax.train.state import TrainState, init_state, split_variables
 
 log = logging.getLogger("pro_jax")
@@ -47,10 +54,6 @@ CONFIG_FILE = "config.json"
 
 class WorkdirError(RuntimeError):
   """The workdir holds another run; pass existing='resume' or 'overwrite', or use another workdir."""
-
-
-class NonFiniteError(RuntimeError):
-  """guards.nonfinite='stop' and a step produced a non-finite loss or gradient."""
 
 
 class Preempted(RuntimeError):
@@ -67,6 +70,26 @@ def raise_if_preempted(result: Any, workdir: Any, unit: str = "step") -> None:
 # Workdir guard
 
 
+def check_workdir(workdir: Any) -> None:
+  """WorkdirError unless `workdir` is a directory or absent (its parents too)."""
+  for p in (workdir, *workdir.parents):
+    if p.exists() and not p.is_dir():
+      raise WorkdirError(f"workdir {workdir}: {p} exists and is not a directory")
+
+
+def read_run_config(cfg_path: Any) -> dict:
+  """The JSON dict in a workdir's config.json; WorkdirError naming the file when it is not one."""
+  try:
+    old = json.loads(cfg_path.read_text())
+  except (ValueError, UnicodeDecodeError) as e:
+    raise WorkdirError(f"{cfg_path} is not a valid JSON config ({e}); restore it, or pass --overwrite to "
+                       "delete the run in this workdir, or use another workdir") from None
+  if not isinstance(old, dict):
+    raise WorkdirError(f"{cfg_path}: expected a JSON object, got {type(old).__name__}; restore it, or pass "
+                       "--overwrite to delete the run in this workdir")
+  return old
+
+
 def prepare_workdir(workdir: str | os.PathLike, cfg_json: dict, existing: str = "auto") -> None:
   """Make `workdir` hold this run's config; refuse to mix two runs in one directory.
 
@@ -79,10 +102,11 @@ def prepare_workdir(workdir: str | os.PathLike, cfg_json: dict, existing: str = 
   workdir = as_path(workdir)
   cfg_path = workdir / CONFIG_FILE
   ck_dir = workdir / CHECKPOINTS_DIR
+  check_workdir(workdir)
   has_run = cfg_path.exists() or (ck_dir.is_dir() and any(ck_dir.iterdir()))
   if has_run and existing == "overwrite":
     if jax.process_index() == 0:
-      for name in (CHECKPOINTS_DIR, "base", "tb"):
+      for name in (CHECKPOINTS_DIR, CHECKPOINTS_DIR + DAMAGED_SUFFIX, "base", "tb"):
         if (workdir / name).exists():
           (workdir / name).rmtree()
       for name in (CONFIG_FILE, train_logging.METRICS_FILE):
@@ -95,8 +119,8 @@ def prepare_workdir(workdir: str | os.PathLike, cfg_json: dict, existing: str = 
         raise WorkdirError(f"{workdir} holds checkpoints but no {CONFIG_FILE}; pass --resume to continue "
                            "them with this config, --overwrite to delete them, or use another workdir")
     else:
-      old = json.loads(cfg_path.read_text())
-      diff = config_diff(old, cfg_json)
+      old = read_run_config(cfg_path)
+      diff = config_diff(with_new_defaults(old, cfg_json), cfg_json)
       if diff and existing == "auto":
         raise WorkdirError(
             f"{workdir} holds a run with a different config:\n  " + "\n  ".join(diff[:20]) +
@@ -212,9 +236,16 @@ class RunLoop:
                          donate_argnums=(0,) if donate else ())(trainable, rng)
     self.start = 0
 
+  def _check_skipped(self, s: int, max_fraction: float, *, final: bool) -> None:
+    """`guards.check_skipped` over the state's updates (PPO: several per iteration; the total is
+    extrapolated from the updates per `unit` so far)."""
+    skipped, updates = (int(x) for x in jax.device_get((self.state.nonfinite_count, self.state.step)))
+    total_updates = updates if final or s <= 0 else round(updates * self.total / s)
+    guards.check_skipped(skipped, updates, total_updates, max_fraction, final=final)
+
   def _check_finite(self, step: int, flag: Any) -> None:
     if float(flag) > 0:
-      raise NonFiniteError(f"{self.unit} {step}: non-finite loss or gradient (guards.nonfinite='stop'); "
+      raise NonFiniteError(f"{self.unit} {step}: non-finite loss, gradient or update (guards.nonfinite='stop'); "
                            "its update was skipped, later steps were not saved")
 
   def run(self, body: Callable[[int], StepOutput], *,
@@ -228,10 +259,12 @@ class RunLoop:
     bar = train_logging.ProgressBar(total, desc=self.desc, initial=self.start,
                                     disable=None if cfg.log.progress else True)
     guard = cfg.guards.nonfinite == "stop"
+    max_skipped = float(cfg.guards.get("max_skipped_fraction", 0.1))
     pending: list[tuple[int, Any]] = []
     status, step = "done", self.start
 
-    def save(s: int):
+    def save(s: int, nonfinite: Any = None):
+      guards.check_before_save(self.state, f"{self.unit} {s}", nonfinite, cfg.guards.nonfinite)  # never non-finite
       self.event("save_started", s)
       data_state, extra, arrays = checkpoint(s)
       self.ckpt.save(s, self.state, data_state=data_state, extra=extra, arrays=arrays, meta=self.meta)
@@ -248,10 +281,11 @@ class RunLoop:
               self._check_finite(*pending.pop(0))
           if out.log is not None:
             logger.log(s, out.log)
+            self._check_skipped(s, max_skipped, final=False)
           bar.update(s, **out.bar)
           stop = preempt.reached(s)
           if s % cfg.checkpoint.every_steps == 0 or s == total or stop:
-            save(s)
+            save(s, out.nonfinite)
           if stop:
             status = "preempted"
             self.event("preempted", s)
@@ -260,6 +294,8 @@ class RunLoop:
           self._check_finite(*s_flag)
       self.ckpt.wait()
       self.event("save_finished", step)
+      if status == "done":
+        self._check_skipped(step, max_skipped, final=True)
     finally:
       bar.close()
       logger.close()
@@ -268,4 +304,4 @@ class RunLoop:
 
 
 __all__ = ["RunLoop", "StepOutput", "LoopResult", "Preemption", "prepare_workdir", "WorkdirError",
-           "NonFiniteError", "Preempted", "raise_if_preempted", "CONFIG_FILE"]
+           "NonFiniteError", "TooManySkippedError", "Preempted", "raise_if_preempted", "CONFIG_FILE"]

@@ -26,7 +26,8 @@ Inside the step, in order:
    sum_j w_j * grad(loss_j), sum_j w_j * loss_j, sum_j w_j * metrics_j and sum_j w_j, divided by
    sum_j w_j at the end (w_j = metrics_j["loss_weight"], 1 when absent). Metrics are therefore
    weighted like the loss; "loss_weight" itself is reported summed.
-3. Guard: if the loss or the gradient global norm is not finite, params and optimizer state stay as
+3. Guard: if the loss, the gradient global norm, or any updated parameter or optimizer-state value
+   is not finite (`guards.all_finite`: one scalar reduction), params and optimizer state stay as
    they were and `nonfinite_count` grows by one. `step` counts batches consumed, so it advances either
    way (the data iterator and the checkpoint step stay in line); Optax's own update count (which
    drives the learning-rate schedule) only advances on applied updates.
@@ -47,6 +48,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pro_jax.sharding import BATCH_AXES, RULES, activation_sharding, data_parallel_size
+from pro_jax.train.guards import all_finite
 from pro_jax.train.state import TrainState, merge_variables
 
 LossFn = Callable[[Any, Any, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
@@ -155,9 +157,10 @@ def build_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *
       w = w_sum
 
     grad_norm = optax.tree.norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
+    # the update itself too: hyperparameters that overflow in the params' dtype, overflowing moments
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite((new_params, new_opt_state))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
     new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
                            opt_state=keep(new_opt_state, state.opt_state), rng=rng,

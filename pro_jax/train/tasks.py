@@ -32,7 +32,8 @@ def _lm_data(cfg, vocab: int):
     if not cfg.data.path:
       raise ConfigError("data.kind='tokens' needs data.path (a .npy of token ids or a .bin of uint16)")
     tdata.TokenFileLM(cfg.data.path, cfg.seed, cfg.batch_size, cfg.data.seq_len, vocab)  # check it now
-    return lambda rows: tdata.TokenFileLM(cfg.data.path, cfg.seed, cfg.batch_size, cfg.data.seq_len, vocab, rows)
+    return lambda rows: tdata.TokenFileLM(cfg.data.path, cfg.seed, cfg.batch_size, cfg.data.seq_len, vocab, rows,
+                                          validate=False)  # checked just above
   raise ConfigError(f"data.kind={kind!r} is not usable with loss.name='lm' (use 'synthetic' or 'tokens')")
 
 

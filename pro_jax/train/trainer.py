@@ -12,8 +12,10 @@ initialize them, frozen inputs, data, the batch's shapes); the engine does the r
 5. metrics (JSONL / TensorBoard / W&B, progress bar with step/s, tokens/s, loss, MFU) every
    `log.every_steps`; an async checkpoint every `checkpoint.every_steps` and at the end;
 6. SIGTERM (the TPU preemption notice) saves a checkpoint at the next step boundary and returns with
-   `status="preempted"`; a non-finite loss / gradient skips the update (counted in the state) and,
-   with `guards.nonfinite="stop"`, stops the run with `NonFiniteError` (nothing is saved for it).
+   `status="preempted"`; a non-finite loss / gradient / update skips the update (counted in the
+   state) and, with `guards.nonfinite="stop"`, stops the run with `NonFiniteError` (nothing is saved
+   for it); no non-finite state is ever saved, and a run that skipped more than
+   `guards.max_skipped_fraction` of its steps fails with `TooManySkippedError` (see `guards`).
 
 `setup(cfg, task, mesh)` builds steps 1 and 4 from abstract shapes only; `pro-jax aot` uses it to
 compile the same step for a TPU topology.

@@ -197,7 +197,9 @@ def _kept_records(paths: Sequence[str], policy: RowPolicy,
   counted as read; a DataError raised by ``keep_row`` rejects its row. ``obj`` may be a DataError
   (an unreadable record), for the caller to reject."""
   for path in paths:
+    n_records = 0
     for row, obj in iter_records(path):
+      n_records += 1
       if keep_row is not None and not isinstance(obj, DataError):
         try:
           if not keep_row(obj, file=path, row=row):
@@ -208,15 +210,29 @@ def _kept_records(paths: Sequence[str], policy: RowPolicy,
           continue
       policy.read()
       yield path, row, obj
+    if n_records == 0:
+      empty_file(path, policy)
+
+
+def empty_file(path: str, policy: RowPolicy) -> None:
+  """A file without a single row: an error in strict mode (usually a failed export or a wrong
+  path), a warning in lenient mode."""
+  if policy.strict:
+    raise DataError("the file holds no rows (strict mode; pass mode='lenient' to accept an empty file)",
+                    file=path, reason="empty_file")
+  log.warning("%s: the file holds no rows", path)
 
 
 def convert_rows(paths: Sequence[str], parse_row: Callable[..., dict | None], policy: RowPolicy,
-                 *, keep_row: Callable[[Any], bool] | None = None) -> Iterator[dict]:
+                 *, keep_row: Callable[[Any], bool] | None = None,
+                 user_field: Callable[[str | None, Any], str | None] | None = None) -> Iterator[dict]:
   """Reads every row of ``paths``, converts it with ``parse_row(obj, file=, row=)`` into a schema
   dict, validates it, and yields it; bad rows go to ``policy`` (raise or drop and count).
 
   ``keep_row(obj)`` (optional) skips rows silently (e.g. rows of another split). ``parse_row``
   may return None to skip a row silently too. Ids must be unique within the split.
+  ``user_field(schema_field, obj)`` (optional) renames the schema field a validation error names
+  (e.g. ``prompt[1].role``) to the raw row's own column (e.g. ``q[1].role``).
   """
   seen_ids: set[str] = set()
   for path, row, obj in _kept_records(paths, policy, keep_row):
@@ -226,10 +242,16 @@ def convert_rows(paths: Sequence[str], parse_row: Callable[..., dict | None], po
       example = parse_row(obj, file=path, row=row)
       if example is None:
         continue
-      policy.check(example, file=path, row=row)
+      try:
+        policy.check(example, file=path, row=row)
+      except DataError as err:
+        if user_field is None:
+          raise
+        raise DataError(err.message, file=err.file, row=err.row, field=user_field(err.field, obj),
+                        reason=err.reason) from None
       if example["id"] in seen_ids:
         raise DataError(f"id {example['id']!r} already used in this split", file=path, row=row,
-                        field="id", reason="duplicate_id")
+                        field=user_field("id", obj) if user_field else "id", reason="duplicate_id")
     except DataError as err:
       policy.reject(err.located(file=path, row=row))
       continue
@@ -254,13 +276,14 @@ class Scored:
 def group_scored(paths: Sequence[str], parse_row: Callable[..., Scored | None], policy: RowPolicy,
                  *, source: str, objectives: Sequence[str],
                  make_pair: Callable[[list[Scored]], tuple[int, int, list[float]] | None] | None = None,
-                 keep_row: Callable[..., bool] | None = None) -> Iterator[dict]:
+                 keep_row: Callable[..., bool] | None = None,
+                 user_field: Callable[[str | None, Any], str | None] | None = None) -> Iterator[dict]:
   """Rows with one scored response each, grouped by prompt into examples with responses [N].
 
   Each row is validated on its own first (as a one-response example), so a bad row is dropped
   alone; groups keep the order of their first row. ``make_pair(group)`` may return
   ``(i_chosen, i_rejected, pair_objectives)`` to also set a pair. Example id = the first row's
-  ``<file name>:<row>``.
+  ``<file name>:<row>``. ``user_field``: as in ``convert_rows`` (for the one-row check).
   """
   groups: dict[str, list[Scored]] = {}
   k = len(objectives)
@@ -278,7 +301,13 @@ def group_scored(paths: Sequence[str], parse_row: Callable[..., Scored | None], 
           id=f"{os.path.basename(path)}:{row}", source=source, objectives=objectives,
           prompt=item.prompt, responses=[item.response], scores=[item.scores],
           score_mask=[item.mask])
-      policy.check(single, file=path, row=row)
+      try:
+        policy.check(single, file=path, row=row)
+      except DataError as err:
+        if user_field is None:
+          raise
+        raise DataError(err.message, file=err.file, row=err.row, field=user_field(err.field, obj),
+                        reason=err.reason) from None
     except DataError as err:
       policy.reject(err.located(file=path, row=row))
       continue

@@ -34,7 +34,8 @@ With a pair, ``chosen_score_columns`` / ``rejected_score_columns`` ({objective: 
 from __future__ import annotations
 
 import os
-from typing import Iterator, Mapping, Sequence
+import re
+from typing import Any, Iterator, Mapping, Sequence
 
 from pro_jax.data import schema
 from pro_jax.data.builders.common import (Files, PreferenceBuilder, PreferenceConfig, Scored,
@@ -240,6 +241,58 @@ def parse_scored(obj: dict, *, file: str, row: int, config: GenericConfig) -> Sc
                 row=row)
 
 
+_INDEXED = re.compile(r"^(?P<name>[a-z_]+)(?:\[(?P<i>\d+)\])?(?:\[(?P<j>\d+)\])?(?P<rest>.*)$")
+
+
+def user_field(field: str | None, obj: Any, config: GenericConfig) -> str | None:
+  """The user's column for a schema field a validation error names: ``prompt[1].role`` -> ``q[1].role``
+  (shifted when a ``system`` column added a leading turn), ``chosen`` -> the chosen column, ...
+  Fields with no column of their own (objectives, source) are named as the GenericConfig option."""
+  if field is None:
+    return None
+  m = _INDEXED.match(field)
+  if m is None:
+    return field
+  name, i, j, rest = m["name"], m["i"], m["j"], m["rest"]
+  cols = config.columns
+  if name == "prompt":
+    system = cols.get("system")
+    raw_system = get(obj, system, file="", row=0, required=False) if system else None
+    offset = 1 if isinstance(raw_system, str) and raw_system.strip() else 0
+    if i is None:
+      return cols["prompt"]
+    if int(i) < offset:
+      return system
+    if isinstance(get(obj, cols["prompt"], file="", row=0, required=False), str):
+      return cols["prompt"]  # one text -> one user turn
+    return f"{cols['prompt']}[{int(i) - offset}]{rest}"
+  if name in ("chosen", "rejected", "id") and name in cols:
+    return cols[name] + rest
+  if name == "pair_objectives":
+    return (cols["pair_objectives"] if "pair_objectives" in cols else "GenericConfig.pair_objectives") + \
+        (f"[{i}]" if i is not None else "")
+  if name == "responses" and i is not None:
+    if "response" in cols:  # one scored response per row (checked alone, before grouping)
+      return cols["response"]
+    if "responses" in cols:
+      return f"{cols['responses']}[{i}]"
+    if config.chosen_score_columns and int(i) < 2:
+      return cols["chosen" if int(i) == 0 else "rejected"]
+  if name in ("scores", "score_mask") and i is not None:
+    if "scores" in cols:
+      return f"{cols['scores']}[{i}]" + (f"[{j}]" if j is not None else "")
+    if j is not None:
+      objective = config.objectives[int(j)]
+      if config.chosen_score_columns and int(i) < 2:
+        by = config.chosen_score_columns if int(i) == 0 else config.rejected_score_columns
+        return by.get(objective, field)
+      if objective in config.score_columns:
+        return config.score_columns[objective] + ("" if "response" in cols else f"[{i}]")
+  if name in ("objectives", "source"):
+    return f"GenericConfig.{name}"
+  return field
+
+
 def read_split(paths: Sequence[str], split: str, config: GenericConfig,
                policy: RowPolicy) -> Iterator[dict]:
   del split
@@ -247,10 +300,12 @@ def read_split(paths: Sequence[str], split: str, config: GenericConfig,
     make_pair = pair_by(config.objectives.index(config.pair_by)) if config.pair_by else None
     yield from group_scored(
         paths, lambda obj, file, row: parse_scored(obj, file=file, row=row, config=config),
-        policy, source=config.source, objectives=config.objectives, make_pair=make_pair)
+        policy, source=config.source, objectives=config.objectives, make_pair=make_pair,
+        user_field=lambda field, obj: user_field(field, obj, config))
   else:
     yield from convert_rows(
-        paths, lambda obj, file, row: parse_row(obj, file=file, row=row, config=config), policy)
+        paths, lambda obj, file, row: parse_row(obj, file=file, row=row, config=config), policy,
+        user_field=lambda field, obj: user_field(field, obj, config))
 
 
 class GenericPreferences(PreferenceBuilder):
