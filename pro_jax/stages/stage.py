@@ -76,7 +76,8 @@ def _frozen_inputs(frozen: Mapping[str, tuple[Transformer, str]], values: Mappin
       abstract[key] = _abstract_params(model, dtype)
       continue
     params = values[key]["params"]
-    variables[key] = {"params": {k: params[k] for k in model_axes["params"]}}
+    variables[key] = {"params": {k: v for k, v in params.items() if k in model_axes["params"]}}
+    axes[key] = {"params": {k: model_axes["params"][k] for k in variables[key]["params"]}}
     abstract[key] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), variables[key])
   return abstract, axes, variables
 

@@ -21,7 +21,7 @@ checkpoint, the SFT run, ...). Without weights it comes from the config's ``mode
 must therefore describe the checkpoint (`experiments/preflight.py` compares the two on a machine
 that has the files). Runtime settings (dtypes, remat, scanned layers, LoRA) follow the pipeline:
 sft / policy use their own section's ``model``; the reward model and the adapter's frozen backbone
-inherit their source's (`stage:sft` -> the sft section's; `hf:` / `llama2c:` / `gguf:` -> float32, no remat,
+inherit their source's (`stage:sft` -> the sft section's; `hf:` / `llama2c:` -> float32, no remat,
 as `load_source` loads them; `checkpoint:DIR` -> assumed to be the stage's own section's).
 
 Model FLOPs per step (for MFU): 3 F per token of a fully trained model (PaLM convention), 2 F for a
@@ -41,6 +41,7 @@ import jax.numpy as jnp
 
 from pro_jax.configs import ConfigError
 from pro_jax.models import ModelConfig
+from pro_jax.models.sources import SOURCES
 from pro_jax.stages.adapter import adapter_task
 from pro_jax.stages.policy import DPO_TYPE, dpo_task, sft_task
 from pro_jax.stages.ppo_loss import ppo_batch_spec, ppo_task
@@ -91,12 +92,12 @@ def source_runtime(cfg: Any, source: str, own: Any, _seen: tuple = ()) -> dict:
     if rest == "rm":  # the reward model inherits its own source's runtime
       return source_runtime(cfg, section.pro.source, section, _seen + (rest,))
     return _runtime(section)
-  if kind in ("hf", "llama2c", "gguf"):
-    return dict(LOADED_RUNTIME)
   if kind in ("checkpoint", "scratch"):
     return _runtime(own)
-  raise ConfigError(f"model source {source!r}: expected scratch, stage:NAME, checkpoint:DIR, hf:DIR, llama2c:FILE "
-                    "or gguf:FILE")
+  if kind in SOURCES:  # imported weights (hf:, llama2c:, kinds added with register_source) load in float32
+    return dict(LOADED_RUNTIME)
+  kinds = ", ".join(["'stage:NAME'"] + [entry.usage for entry in SOURCES.values()])
+  raise ConfigError(f"model source {source!r}: expected one of {kinds}")
 
 
 def stage_model_config(cfg: Any, stage: str) -> ModelConfig:
