@@ -10,22 +10,22 @@ Stages (a progress line each; WORKDIR/report.md, report.json and plots at the en
    conversation opener, on both sides: asserted). Train pairs are cut into two halves by group:
    half A trains the reward model PRO uses, half B the independent EVALUATION reward model. Prompts
    are schema messages (user / assistant turns), rendered with the model's ChatML template.
-1. features (seed-independent, cached in WORKDIR/cache): the frozen lower `n_layers - top_layers`
-   blocks of SmolLM2 run ONCE over every pair sequence (prompt + response + EOS) and every sampled
-   candidate; their residual-stream states are stored (float16). Everything trained per seed runs
-   on top of them, so no seed pays for the 30-layer forward again.
+1. features (seed-independent, cached in WORKDIR/cache-KEY): ONE forward of the frozen SmolLM2 over
+   every pair sequence (prompt + response + EOS): the final hidden state at the last token, the final
+   hidden states and the block-`mid_layer` residual stream mean-pooled over the response, and the final
+   hidden states mean-pooled over the prompt (the adapter's h(x)).
 2. candidates (seed-independent, cached): n sampled responses per held-out generation prompt from
-   the instruct model (`pro_jax.models.generate`, KV cache, temperature / top-p).
+   the instruct model (`pro_jax.models.generate` through `pro_jax.pro.evaluate.generate_texts`: KV
+   cache, temperature / top-p) and their features.
 Per seed:
-3. reward models: 2 heads (helpful, harmless) + the top `top_layers` blocks (initialised from
-   SmolLM2's) trained with the masked Bradley-Terry loss (`pro_jax.pro.losses.bradley_terry_multi`,
-   through the engine's jitted train step) on cached states; helpful-base pairs speak for
-   "helpful", harmless-base for "harmless". RM = half A, seed s; eval RM = half B, seed s + 1000.
-   Held-out pair accuracy per objective for both.
+3. reward models: 2 linear heads (helpful, harmless) on the standardized frozen features, trained with
+   the masked Bradley-Terry loss (`pro_jax.pro.losses.bradley_terry_multi`) through the engine's
+   jitted train step (`build_train_step`, AdamW); helpful-base pairs speak for "helpful",
+   harmless-base for "harmless". RM = half A, seed s; eval RM = half B, seed s + 1000. Held-out pair
+   accuracy per objective for both.
 4. z-score statistics (`fit_norm_stats`) of each RM over its own training responses; targets
-   w*(x) = softmax(r~(x, y_w) / tau) (`compute_targets`).
-5. adapter (`AdapterMLP` + `adapter_kl`) on frozen prompt features (mean-pooled final hidden states
-   over the prompt tokens, from the cached states through the frozen top blocks): held-out KL,
+   w*(x) = softmax(r~(x, y_w) / tau) (`compute_targets`) for every training prompt.
+5. adapter (`AdapterMLP` + `adapter_kl`, engine step) on the cached prompt features: held-out KL,
    top-1, Spearman vs the RM's held-out targets, and the AUC with which its harmless weight
    separates held-out harmless-base from helpful-base prompts.
 6. PRO at inference: best-of-n among the cached candidates by sum_k w_k r~_k (RM) with w = the
@@ -33,10 +33,15 @@ Per seed:
    the held-out chosen response); utility U = sum_k w*_E,k(x) r~_E,k(x, y) from the EVALUATION RM
    (w*_E = softmax(r~_E(x, y_w) / tau) of the held-out chosen response). Paired bootstrap of
    PRO - best fixed vector (the best one re-picked in every resample).
-7. PRO in training: a weight-conditioned LoRA policy (RiC-style text conditioning, `best_of`
-   conditioning over the simplex: `pro_jax.pro.policy.best_of_examples` + the engine's SFT loss) on
-   half A's chosen / rejected responses, scored by the RM; evaluated by generating on held-out
-   prompts conditioned on the adapter's weights vs each fixed grid vector, scored by the eval RM.
+7. PRO in training (seeds in `policy_seeds`): a weight-conditioned LoRA policy (RiC-style text
+   conditioning with `best_of` draws over the simplex: `pro_jax.pro.policy.best_of_examples` and the
+   engine's SFT loss via `make_task` / `train`) on half A's chosen / rejected responses scored by the
+   RM; evaluated by generating on held-out prompts conditioned on the adapter's weights vs each
+   vector of a fixed grid, scored by the eval RM.
+
+Why frozen features: one SmolLM2 forward costs ~0.27 GFLOP per token and the CPU is 2 shared cores;
+reward heads and the adapter on features computed once make every seed cost seconds instead of a
+30-layer forward + backward per step (docs/results.md has the timings).
 
 See docs/results.md ("Real model") for the choices, sizes and timings.
 """
@@ -69,8 +74,8 @@ class SmolConfig:
   seeds: str = "0,1,2"
   data_seed: int = 0  # the split, the subsets and the candidates (seed-independent, cached)
   held_out_fraction: float = 0.3  # of the first-turn groups of each file
-  train_pairs_per_file: int = 160  # split by group into half A (RM) and half B (eval RM)
-  held_pairs_per_file: int = 80  # RM accuracy, adapter metrics; generation prompts come from here
+  train_pairs_per_file: int = 200  # split by group into half A (RM) and half B (eval RM)
+  held_pairs_per_file: int = 60  # RM accuracy, adapter metrics; generation prompts come from here
   gen_prompts_per_file: int = 40  # held-out prompts per file for best-of-n
   max_prompt_len: int = 64  # tokens, cut from the left (the end of the dialogue)
   max_response_len: int = 48  # tokens incl. EOS; longer responses are cut (as text)
@@ -93,8 +98,8 @@ class SmolConfig:
   grid_step: float = 0.1
   bootstrap: int = 2000
   # the trained weight-conditioned policy
-  policy_seeds: str = "0,1,2"  # "" = skip
-  policy_steps: int = 24
+  policy_seeds: str = "0"  # "" = skip (a LoRA step on 2 shared cores costs ~10-30 s: one seed by default)
+  policy_steps: int = 20
   policy_batch: int = 8
   policy_lr: float = 1e-3
   lora_rank: int = 8
@@ -108,11 +113,11 @@ class SmolConfig:
 
 PRESETS = {
     # the test's quick variant: same code, small sizes (minutes)
-    "quick": dict(seeds="0", train_pairs_per_file=24, held_pairs_per_file=24, gen_prompts_per_file=6,
-                  max_prompt_len=48, max_response_len=24, rm_steps=100, rm_batch=16,
-                  adapter_steps=60, adapter_batch=16, n_samples=2, gen_batch=24, bootstrap=500, policy_seeds="0",
-                  policy_steps=2, policy_batch=4, policy_samples=1, policy_prompts_per_file=4,
-                  policy_grid_step=0.5, feature_batch=16),
+    "quick": dict(seeds="0", train_pairs_per_file=24, held_pairs_per_file=20, gen_prompts_per_file=4,
+                  max_prompt_len=48, max_response_len=20, rm_steps=100, rm_batch=16, adapter_steps=60,
+                  adapter_batch=16, n_samples=2, gen_batch=16, bootstrap=500, policy_seeds="0", policy_steps=1,
+                  policy_batch=4, policy_samples=1, policy_prompts_per_file=2, policy_grid_step=0.5,
+                  feature_batch=16),
 }
 
 
@@ -690,7 +695,7 @@ def run_seed(sh: Shared, seed: int, out_dir: str, do_policy: bool) -> dict[str, 
                                          for k, v in U.items()}
   diff = [i for i in range(N) if picks["PRO"][i] != picks[best][i]][:3]
   res["best_of_n"]["samples"] = [{"file": rows["gen"][i]["file"],
-                                  "prompt": rows["gen"][i]["prompt"][-1]["content"],
+                                  "prompt": _dialogue(rows["gen"][i]["prompt"]),
                                   "adapter_weights": np.round(w_held[gi][i], 3).tolist(),
                                   "PRO": sh.cands[i][picks["PRO"][i]], "best_fixed": sh.cands[i][picks[best][i]],
                                   "U_PRO": float(U["PRO"][i]), "U_best_fixed": float(U[best][i])} for i in diff]
@@ -776,7 +781,7 @@ def run_policy(sh: Shared, seed: int, out_dir: str, norm: Any, *, z_rm: tuple[np
           "normalized_eval": {n: np.asarray(z_e[j * N:(j + 1) * N]).mean(0).tolist() for j, n in enumerate(names)},
           "best_fixed": best, "pro_minus_best_fixed": boot, "pro_win_rate_vs_best_fixed": win_rate(U["PRO"], U[best]),
           "per_prompt_utility": {n: u.tolist() for n, u in U.items()},
-          "samples": [{"file": rows["gen"][pi[i]]["file"], "prompt": prompts[i][-1]["content"],
+          "samples": [{"file": rows["gen"][pi[i]]["file"], "prompt": _dialogue(prompts[i]),
                        "adapter_weights": np.round(settings["PRO"][i], 2).tolist(), "PRO": by["PRO"][i],
                        "best_fixed": by[best][i], "fixed[1.00,0.00]": by.get("fixed[1.00,0.00]", [""] * N)[i],
                        "fixed[0.00,1.00]": by.get("fixed[0.00,1.00]", [""] * N)[i]} for i in range(min(3, N))]}
@@ -937,7 +942,12 @@ def report_markdown(rep: dict[str, Any]) -> str:
   return "\n".join(md) + "\n"
 
 
-def _q(text: str, n: int = 240) -> str:
+def _dialogue(prompt: list[dict], turns: int = 3) -> str:
+  """The last `turns` messages as 'Human: ... Assistant: ...' text (for the report)."""
+  return " ".join(("Human: " if m["role"] == "user" else "Assistant: ") + str(m["content"]) for m in prompt[-turns:])
+
+
+def _q(text: str, n: int = 300) -> str:
   t = " ".join(str(text).split())
   return "\"" + (t if len(t) <= n else t[:n] + " ...") + "\""
 
