@@ -75,8 +75,8 @@ class SmolConfig:
   data_seed: int = 0  # the split, the subsets and the candidates (seed-independent, cached)
   held_out_fraction: float = 0.3  # of the first-turn groups of each file
   train_pairs_per_file: int = 200  # split by group into half A (RM) and half B (eval RM)
-  held_pairs_per_file: int = 60  # RM accuracy, adapter metrics; generation prompts come from here
-  gen_prompts_per_file: int = 40  # held-out prompts per file for best-of-n
+  held_pairs_per_file: int = 50  # RM accuracy, adapter metrics; generation prompts come from here
+  gen_prompts_per_file: int = 32  # held-out prompts per file for best-of-n
   max_prompt_len: int = 64  # tokens, cut from the left (the end of the dialogue)
   max_response_len: int = 48  # tokens incl. EOS; longer responses are cut (as text)
   feature_batch: int = 32
@@ -94,12 +94,12 @@ class SmolConfig:
   n_samples: int = 4  # candidates per prompt
   temperature: float = 0.8
   top_p: float = 0.95
-  gen_batch: int = 80
+  gen_batch: int = 64
   grid_step: float = 0.1
   bootstrap: int = 2000
   # the trained weight-conditioned policy
   policy_seeds: str = "0"  # "" = skip (a LoRA step on 2 shared cores costs ~10-30 s: one seed by default)
-  policy_steps: int = 20
+  policy_steps: int = 16
   policy_batch: int = 8
   policy_lr: float = 1e-3
   lora_rank: int = 8
@@ -107,7 +107,7 @@ class SmolConfig:
   lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
   policy_samples: int = 2  # Dirichlet weight draws per training pair (best_of conditioning)
   policy_concentration: float = 0.5
-  policy_prompts_per_file: int = 16  # held-out prompts per file the policy generates for
+  policy_prompts_per_file: int = 12  # held-out prompts per file the policy generates for
   policy_grid_step: float = 0.25
 
 
@@ -116,7 +116,7 @@ PRESETS = {
     "quick": dict(seeds="0", train_pairs_per_file=24, held_pairs_per_file=20, gen_prompts_per_file=4,
                   max_prompt_len=48, max_response_len=20, rm_steps=100, rm_batch=16, adapter_steps=60,
                   adapter_batch=16, n_samples=2, gen_batch=16, bootstrap=500, policy_seeds="0", policy_steps=1,
-                  policy_batch=4, policy_samples=1, policy_prompts_per_file=2, policy_grid_step=0.5,
+                  policy_batch=8, policy_samples=1, policy_prompts_per_file=2, policy_grid_step=0.5,
                   feature_batch=16),
 }
 
@@ -460,29 +460,25 @@ class Shared:
 
     # frozen features of every pair sequence (chosen and rejected of rm_a, rm_b, held)
     t = time.perf_counter()
-    path = os.path.join(self.dir, "pairs.npz")
     self.pairs: dict[str, dict[str, np.ndarray]] = {}
-    names = FEATURES + ("prompt",)
-    if os.path.exists(path):
-      z = np.load(path)
-      for k in ("rm_a", "rm_b", "held"):
-        self.pairs[k] = {f: z[f"{k}/{f}"] for f in ("chosen", "rejected", "prompt", "obj")}
-    else:
-      save = {}
-      for k in ("rm_a", "rm_b", "held"):
-        rows = r[k]
-        prompts = [x["prompt"] for x in rows]
-        side = {}
-        for which in ("chosen", "rejected"):
-          tk = tokenize_pairs(self.tok, prompts, [x[which] for x in rows], c)
-          side[which] = self.bb.features(tk["tokens"], tk["mask"], tk["prompt_len"], c.feature_batch)
-        self.pairs[k] = {"chosen": rm_inputs(side["chosen"]), "rejected": rm_inputs(side["rejected"]),
-                         "prompt": side["chosen"]["prompt"],
-                         "obj": np.asarray([x["pair_objectives"] for x in rows], np.float32)}
-        save.update({f"{k}/{f}": v for f, v in self.pairs[k].items()})
-        _say(f"  features of {k}: {2 * len(rows)} sequences ({time.perf_counter() - t:.0f} s)")
-      np.savez(path + ".tmp.npz", **save)
+    for k in ("rm_a", "rm_b", "held"):  # one file each: a stopped run keeps what it finished
+      path = os.path.join(self.dir, f"pairs-{k}.npz")
+      if os.path.exists(path):
+        z = np.load(path)
+        self.pairs[k] = {f: z[f] for f in ("chosen", "rejected", "prompt", "obj")}
+        continue
+      rows = r[k]
+      prompts = [x["prompt"] for x in rows]
+      side = {}
+      for which in ("chosen", "rejected"):
+        tk = tokenize_pairs(self.tok, prompts, [x[which] for x in rows], c)
+        side[which] = self.bb.features(tk["tokens"], tk["mask"], tk["prompt_len"], c.feature_batch)
+      self.pairs[k] = {"chosen": rm_inputs(side["chosen"]), "rejected": rm_inputs(side["rejected"]),
+                       "prompt": side["chosen"]["prompt"],
+                       "obj": np.asarray([x["pair_objectives"] for x in rows], np.float32)}
+      np.savez(path + ".tmp.npz", **self.pairs[k])
       os.replace(path + ".tmp.npz", path)
+      _say(f"  features of {k}: {2 * len(rows)} sequences ({time.perf_counter() - t:.0f} s)")
     timings["features_pairs"] = time.perf_counter() - t
     n_seq = 2 * sum(len(v["chosen"]) for v in self.pairs.values())
     _say(f"features: one frozen forward of {n_seq} pair sequences ({timings['features_pairs']:.0f} s)")
@@ -607,7 +603,7 @@ def best_of_n(z_sel_NxSxK: np.ndarray, w_NxK: np.ndarray) -> np.ndarray:
   return np.argmax(np.einsum("nsk,nk->ns", z_sel_NxSxK, w_NxK), axis=1)
 
 
-def run_seed(sh: Shared, seed: int, out_dir: str, do_policy: bool) -> dict[str, Any]:
+def run_seed(sh: Shared, seed: int, out_dir: str) -> dict[str, Any]:
   from pro_jax.pro.adapter import compute_targets, evaluate_adapter
   from pro_jax.pro.metrics import utility, win_rate
   from pro_jax.pro.normalize import fit_norm_stats
@@ -704,33 +700,32 @@ def run_seed(sh: Shared, seed: int, out_dir: str, do_policy: bool) -> dict[str, 
        f"{U[best].mean():.3f}, uniform {U['uniform'].mean():.3f}, w* {U['w* (RM target)'].mean():.3f}; PRO - best "
        f"fixed {boot['delta']:+.3f} [{boot['lo']:+.3f}, {boot['hi']:+.3f}] ({T['best_of_n']:.0f} s)")
 
-  # 7. the weight-conditioned policy
-  if do_policy:
-    t = time.perf_counter()
-    res["policy"] = run_policy(sh, seed, out_dir, norm, z_rm=(own["rm"]["chosen"], own["rm"]["rejected"]),
-                               ev=ev, norm_e=norm_e, w_pro=w_held[gi], w_star_e=w_star_e)
-    T["policy"] = time.perf_counter() - t
-    p = res["policy"]
-    _say(f"seed {seed} policy ({c.policy_steps} LoRA steps, {len(p['utility'])} settings x {p['num_prompts']} "
-         f"prompts): U(PRO) {p['utility']['PRO']:.3f}, best fixed {p['best_fixed']} "
-         f"{p['utility'][p['best_fixed']]:.3f}; PRO - best fixed {p['pro_minus_best_fixed']['delta']:+.3f} "
-         f"[{p['pro_minus_best_fixed']['lo']:+.3f}, {p['pro_minus_best_fixed']['hi']:+.3f}] ({T['policy']:.0f} s)")
+  # what the policy stage needs later (it runs after every seed's inference results)
+  np.savez(os.path.join(out_dir, "state.npz"), rm_kernel=np.asarray(rm["head"]["kernel"]),
+           rm_bias=np.asarray(rm["head"]["bias"]), rm_mu=rm["mu"], rm_sd=rm["sd"],
+           ev_kernel=np.asarray(ev["head"]["kernel"]), ev_bias=np.asarray(ev["head"]["bias"]), ev_mu=ev["mu"],
+           ev_sd=ev["sd"], own_chosen=own["rm"]["chosen"], own_rejected=own["rm"]["rejected"], w_pro=w_held[gi],
+           w_star_e=w_star_e)
   return res
 
 
-def run_policy(sh: Shared, seed: int, out_dir: str, norm: Any, *, z_rm: tuple[np.ndarray, np.ndarray], ev: Any,
-               norm_e: Any, w_pro: np.ndarray, w_star_e: np.ndarray) -> dict[str, Any]:
+def run_policy(sh: Shared, seed: int, out_dir: str, res: dict[str, Any], pdir: str) -> dict[str, Any]:
   """RiC-style weight-conditioned LoRA policy (best_of conditioning over the simplex) trained with the
-  engine on half A's chosen / rejected responses (scored by the RM); evaluated with the adapter's
-  weights vs the fixed grid on held-out prompts, scored by the eval RM."""
+  engine on half A's chosen / rejected responses (scored by the seed's RM); evaluated with the
+  adapter's weights vs the fixed grid on held-out prompts, scored by the seed's eval RM."""
   from pro_jax.data.pipeline import Pipeline, PipelineConfig
   from pro_jax.models import LoRAConfig, Transformer, init_variables
   from pro_jax.pro.backbone import load_source
   from pro_jax.pro.evaluate import GenerationConfig, generate_texts
   from pro_jax.pro.metrics import utility, win_rate
+  from pro_jax.pro.normalize import NormStats
   from pro_jax.pro.policy import best_of_examples, condition_prompt, policy_loss
   from pro_jax.pro.stage import engine_config, make_task
   from pro_jax.train.trainer import train
+  st = np.load(os.path.join(out_dir, "state.npz"))
+  norm, norm_e = NormStats.from_dict(res["norm"]["rm"]), NormStats.from_dict(res["norm"]["eval_rm"])
+  ev = {"head": {"kernel": st["ev_kernel"], "bias": st["ev_bias"]}, "mu": st["ev_mu"], "sd": st["ev_sd"]}
+  z_rm, w_pro, w_star_e = (st["own_chosen"], st["own_rejected"]), st["w_pro"], st["w_star_e"]
   c, rows = sh.c, sh.rows
   half = rows["rm_a"]
   z = [np.stack([norm.apply(z_rm[0][i]), norm.apply(z_rm[1][i])]) for i in range(len(half))]
@@ -754,7 +749,6 @@ def run_policy(sh: Shared, seed: int, out_dir: str, norm: Any, *, z_rm: tuple[np
                           "checkpoint.every_steps": c.policy_steps, "checkpoint.keep": 1,
                           "log.every_steps": max(1, c.policy_steps // 4), "log.progress": False,
                           "log.tensorboard": False})
-  pdir = os.path.join(out_dir, "policy")
   result = train(ecfg, pdir, task, existing="auto")
   bb = load_source(f"checkpoint:{pdir}")  # LoRA merged
   pol_model = Transformer(bb.config)
@@ -805,29 +799,61 @@ def run(workdir: str, data_dir: str, config: SmolConfig | None = None) -> dict[s
   data_dir = pathlib.Path(data_dir).expanduser()
   timings: dict[str, float] = {}
   sh = Shared(workdir, data_dir, c, timings)
-  seeds, pol_seeds = _seeds(c.seeds), set(_seeds(c.policy_seeds))
-  per_seed = []
-  run_key = hashlib.sha256(json.dumps(dataclasses.asdict(c), sort_keys=True).encode()).hexdigest()[:12]
-  for s in seeds:
-    out_dir = os.path.join(workdir, f"seed{s}-{run_key}")
+  seeds, pol_seeds = _seeds(c.seeds), _seeds(c.policy_seeds)
+  cfg = dataclasses.asdict(c)
+  main_key = _key({k: v for k, v in cfg.items() if not k.startswith(("policy_", "lora_"))})
+  per_seed = {}
+  for s in seeds:  # inference results of every seed first (cheap), then the trained policies
+    out_dir = os.path.join(workdir, f"seed{s}-{main_key}")
     path = os.path.join(out_dir, "result.json")
     if os.path.exists(path):
       with open(path) as f:
-        per_seed.append(json.load(f))
+        per_seed[s] = json.load(f)
       _say(f"seed {s}: reusing {path}")
       continue
     t = time.perf_counter()
-    res = run_seed(sh, s, out_dir, s in pol_seeds)
+    res = run_seed(sh, s, out_dir)
     res["timings_s"]["total"] = time.perf_counter() - t
-    with open(path + ".tmp", "w") as f:
-      json.dump(res, f, default=float)
-    os.replace(path + ".tmp", path)
-    per_seed.append(res)
+    _write_json(path, res)
+    per_seed[s] = res
+  pol_key = _key(cfg)
+  for s in pol_seeds:
+    if s not in per_seed:
+      raise ValueError(f"policy seed {s} is not one of the seeds {seeds}")
+    out_dir = os.path.join(workdir, f"seed{s}-{main_key}")
+    path = os.path.join(out_dir, f"policy-{pol_key}.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        per_seed[s]["policy"] = json.load(f)
+      _say(f"seed {s}: reusing {path}")
+      continue
+    t = time.perf_counter()
+    pol = run_policy(sh, s, out_dir, per_seed[s], os.path.join(out_dir, f"policy-{pol_key}"))
+    pol["seconds"] = time.perf_counter() - t
+    _write_json(path, pol)
+    per_seed[s]["policy"] = pol
+    per_seed[s]["timings_s"]["policy"] = pol["seconds"]
+    _say(f"seed {s} policy ({c.policy_steps} LoRA steps, {len(pol['utility'])} settings x {pol['num_prompts']} "
+         f"prompts): U(PRO) {pol['utility']['PRO']:.3f}, best fixed {pol['best_fixed']} "
+         f"{pol['utility'][pol['best_fixed']]:.3f}; PRO - best fixed {_fmt_iv(pol['pro_minus_best_fixed'])} "
+         f"({pol['seconds']:.0f} s)")
+  per_seed = [per_seed[s] for s in seeds]
   timings["total"] = time.perf_counter() - t0
   report = summarize(c, sh, per_seed, timings)
   write_report(report, workdir)
   _say(f"done in {timings['total']:.0f} s: {os.path.join(workdir, 'report.md')}")
   return report
+
+
+def _key(d: dict) -> str:
+  return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _write_json(path: str, obj: Any) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(obj, f, default=float)
+  os.replace(path + ".tmp", path)
 
 
 def summarize(c: SmolConfig, sh: Shared, per_seed: list[dict], timings: dict[str, float]) -> dict[str, Any]:
