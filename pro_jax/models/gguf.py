@@ -18,10 +18,12 @@ What llama.cpp's converter changed is undone here, as transformers' own GGUF loa
   from the `{arch}.*` metadata; head_dim from `{arch}.attention.key_length` (else d / heads).
 
 Architectures: `llama` (Llama 1-3, SmolLM, TinyLlama, and Mistral-7B, which llama.cpp writes as
-`llama` and runs with full attention) and `qwen2`. Not supported (a `CheckpointError` naming the file
-and the field): other architectures, mixtures of experts, YaRN / LongRoPE scaling, a `rope_freqs`
-tensor (Llama 3.1-style frequency factors), partial rotary dimensions, and tensor types the `gguf`
-package cannot dequantize.
+`llama` and runs with full attention) and `qwen2`. A `rope_freqs` tensor (how llama.cpp stores
+Llama 3.1 / 3.2's llama3 RoPE scaling) becomes HF's llama3 rope_scaling when it matches that formula
+(llama.cpp applies it; transformers' own GGUF loader ignores the tensor). Not supported (a
+`CheckpointError` naming the file and the field): other architectures, mixtures of experts, YaRN /
+LongRoPE scaling, other `rope_freqs`, partial rotary dimensions, and tensor types the `gguf` package
+cannot dequantize.
 
 The tokenizer is built from the file's metadata by transformers' GGUF tokenizer builders
 (`transformers.integrations.gguf`: vocabulary, merges, pre-tokenizer regex, control tokens), with
@@ -118,6 +120,16 @@ class GGUFFile:
       raise CheckpointError(f"{self.path}: missing metadata field {key!r}")
     return default
 
+  def number(self, key: str, kind: type = int, default: Any = dataclasses.MISSING) -> Any:
+    """`field(key)` as one int / float (per-layer arrays are refused, naming the field)."""
+    value = self.field(key, default)
+    if isinstance(value, (bool, str, list, tuple)) or value is None:
+      if value is None and default is None:
+        return None
+      raise CheckpointError(f"{self.path}: metadata field {key!r} is {value!r}, expected one number "
+                            "(per-layer values are not supported)")
+    return kind(value)
+
 
 def read_gguf(path: PathLike) -> GGUFFile:
   """Open a GGUF file (memory-mapped; no tensor data is read)."""
@@ -153,41 +165,45 @@ def gguf_hf_config(f: GGUFFile) -> dict:
                        f"{sorted(SUPPORTED_GGUF_ARCHITECTURES)})")
   a = arch + "."
   for key in (a + "expert_count", a + "expert_used_count"):
-    if int(f.field(key, 0) or 0) > 0:
+    if f.number(key, int, 0) > 0:
       raise _unsupported(f, key, f"mixture of experts ({key}={f.field(key)})")
-  n_heads = int(f.field(a + "attention.head_count"))
-  d = int(f.field(a + "embedding_length"))
-  n_kv = int(f.field(a + "attention.head_count_kv", n_heads))
-  head_dim = int(f.field(a + "attention.key_length", d // n_heads if n_heads and d % n_heads == 0 else 0))
+  n_heads = f.number(a + "attention.head_count")
+  d = f.number(a + "embedding_length")
+  n_kv = f.number(a + "attention.head_count_kv", int, n_heads)
+  head_dim = f.number(a + "attention.key_length", int, d // n_heads if n_heads and d % n_heads == 0 else 0)
   if head_dim <= 0:
     raise CheckpointError(f"{f.path}: missing metadata field {a + 'attention.key_length'!r} "
                           f"({a}embedding_length={d} is not a multiple of {a}attention.head_count={n_heads})")
-  value_dim = int(f.field(a + "attention.value_length", head_dim))
+  value_dim = f.number(a + "attention.value_length", int, head_dim)
   if value_dim != head_dim:
     raise _unsupported(f, a + "attention.value_length", f"value_length {value_dim} != key_length {head_dim}")
-  rot = int(f.field(a + "rope.dimension_count", head_dim))
+  rot = f.number(a + "rope.dimension_count", int, head_dim)
   if rot != head_dim:
     raise _unsupported(f, a + "rope.dimension_count", f"partial rotary embedding ({rot} of {head_dim} dims)")
-  if "rope_freqs.weight" in f.tensors:
-    raise _unsupported(f, "rope_freqs.weight", "RoPE frequency factors (Llama 3.1-style scaling)")
+  theta = f.number(a + "rope.freq_base", float, 10000.0)
   rope_type = str(f.field(a + "rope.scaling.type", "none"))
   rope_scaling = None
   if rope_type == "linear":
-    rope_scaling = {"rope_type": "linear", "factor": float(f.field(a + "rope.scaling.factor"))}
+    rope_scaling = {"rope_type": "linear", "factor": f.number(a + "rope.scaling.factor", float)}
   elif rope_type != "none":
     raise _unsupported(f, a + "rope.scaling.type", f"RoPE scaling {rope_type!r} (supported: none, linear)")
-  vocab = f.field(a + "vocab_size", None)
+  if "rope_freqs.weight" in f.tensors:
+    if rope_scaling is not None:
+      raise _unsupported(f, "rope_freqs.weight", f"RoPE frequency factors together with {rope_type} scaling")
+    rope_scaling = _llama3_rope_from_factors(f, theta, head_dim)
+  vocab = f.number(a + "vocab_size", int, None)
   if vocab is None:
-    tokens = f.field("tokenizer.ggml.tokens", None)
-    vocab = len(tokens) if tokens is not None else _hf_shape(f, "token_embd.weight")[0]
+    if "token_embd.weight" not in f.tensors:
+      raise CheckpointError(f"{f.path}: missing tensor 'token_embd.weight'")
+    vocab = _hf_shape(f, "token_embd.weight")[0]
   names = set(f.tensors)
   hf = dict(
       architectures=[SUPPORTED_GGUF_ARCHITECTURES[arch]], model_type=arch, vocab_size=int(vocab), hidden_size=d,
-      intermediate_size=int(f.field(a + "feed_forward_length")), num_hidden_layers=int(f.field(a + "block_count")),
+      intermediate_size=f.number(a + "feed_forward_length"), num_hidden_layers=f.number(a + "block_count"),
       num_attention_heads=n_heads, num_key_value_heads=n_kv, head_dim=head_dim,
-      max_position_embeddings=int(f.field(a + "context_length")),
-      rms_norm_eps=float(f.field(a + "attention.layer_norm_rms_epsilon")),
-      rope_theta=float(f.field(a + "rope.freq_base", 10000.0)), rope_scaling=rope_scaling, hidden_act="silu",
+      max_position_embeddings=f.number(a + "context_length"),
+      rms_norm_eps=f.number(a + "attention.layer_norm_rms_epsilon", float),
+      rope_theta=theta, rope_scaling=rope_scaling, hidden_act="silu",
       tie_word_embeddings="output.weight" not in names,
       bos_token_id=f.field("tokenizer.ggml.bos_token_id", None),
       eos_token_id=f.field("tokenizer.ggml.eos_token_id", None),
@@ -197,6 +213,41 @@ def gguf_hf_config(f: GGUFFile) -> dict:
   else:
     hf.update(use_sliding_window=False)
   return hf
+
+
+# Llama 3.1 / 3.2's rope_scaling values besides `factor` (their config.json files all use these)
+_LLAMA3_ROPE_CANDIDATES = (
+    {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},)
+
+
+def llama3_rope_factors(theta: float, head_dim: int, factor: float, low_freq_factor: float,
+                        high_freq_factor: float, original_max_position_embeddings: int) -> np.ndarray:
+  """llama.cpp's `rope_freqs` [head_dim / 2] for HF's llama3 RoPE scaling: each base frequency is
+  divided by its entry (1 for short wavelengths, `factor` for long ones, interpolated between), as
+  llama.cpp's convert_hf_to_gguf computes it."""
+  freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+  wavelen = 2 * np.pi / freqs
+  low_wavelen = original_max_position_embeddings / low_freq_factor
+  high_wavelen = original_max_position_embeddings / high_freq_factor
+  smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+  mid = 1.0 / ((1 - smooth) / factor + smooth)
+  return np.where(wavelen < high_wavelen, 1.0, np.where(wavelen > low_wavelen, factor, mid))
+
+
+def _llama3_rope_from_factors(f: GGUFFile, theta: float, head_dim: int) -> dict:
+  """HF llama3 rope_scaling from a `rope_freqs` tensor, when it is one (llama.cpp writes Llama 3.1's
+  scaling only as these per-frequency factors; `factor` is their maximum, the rest is matched
+  against Llama 3.1 / 3.2's values)."""
+  t = f.tensors["rope_freqs.weight"]
+  got = np.asarray(_gguf_module().quants.dequantize(t.data, t.tensor_type), np.float64).reshape(-1)
+  if got.shape != (head_dim // 2,):
+    raise _unsupported(f, "rope_freqs.weight", f"shape {list(got.shape)} (expected [{head_dim // 2}])")
+  factor = float(got.max())
+  for cand in _LLAMA3_ROPE_CANDIDATES:
+    if np.allclose(got, llama3_rope_factors(theta, head_dim, factor, **cand), rtol=1e-5, atol=1e-6):
+      return {"rope_type": "llama3", "factor": factor, **cand}
+  raise _unsupported(f, "rope_freqs.weight", "RoPE frequency factors that are not Llama 3.1-style llama3 scaling "
+                     f"(factor {factor:g} with {_LLAMA3_ROPE_CANDIDATES})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,6 +282,8 @@ class _GGUFTensors:
     self.gguf_names: dict[str, str] = {}
     self.shapes: dict[str, tuple[int, ...]] = {}
     for name, t in f.tensors.items():
+      if name == "rope_freqs.weight":  # RoPE scaling, read into the config by gguf_hf_config
+        continue
       hf_name = hf_tensor_name(name)
       if hf_name is None:
         raise CheckpointError(f"{f.path}: unexpected tensor {name!r} (shape {list(_hf_shape(f, name))}) for "
@@ -291,7 +344,7 @@ def gguf_tokenizer(f: GGUFFile | PathLike) -> Any:
                                                                         convert_gguf_tokenizer)
     from transformers.tokenization_utils_tokenizers import TokenizersBackend
   except ImportError as e:
-    raise ImportError("building a tokenizer from a GGUF file needs transformers >= 5.25 "
+    raise ImportError("building a tokenizer from a GGUF file needs transformers 5.24 or newer "
                       "(transformers.integrations.gguf)") from e
   md = f.metadata
   if "tokenizer.ggml.tokens" not in md:
