@@ -34,7 +34,7 @@ from pro_jax.train.trainer import setup
 REPO = pathlib.Path(__file__).resolve().parents[1]
 EXP = REPO / "experiments"
 SETTINGS = {"helpful_assistant": ("ppo", 3, 128), "reddit_summary": ("ppo", 2, 48),
-            "ultrafeedback_aspects": ("wdpo", 4, 256)}  # default loss, K, max_new_tokens
+            "ultrafeedback_aspects": ("wdpo", 4, 256), "hh_smollm2_tpu": ("ric", 2, 128)}  # default loss, K, max_new_tokens
 STAGE_ARGS = ("sft", "rm", "adapter", "policy", "eval")
 LOSS_ARGS = ("ppo", "ric", "modpo", "wdpo", "dpo")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
