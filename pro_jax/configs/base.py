@@ -15,7 +15,9 @@ Sections
   data        the generic `train` command's data ("synthetic", "synthetic_pairs" or a token file)
   guards      non-finite loss / gradient: "skip" the update (counted) or "stop" the run
   checkpoint  Orbax checkpoints: every N steps, keep N, async
-  log         metrics every N steps, TensorBoard, Weights & Biases, progress bar
+  log         metrics every N steps, TensorBoard, Weights & Biases, progress (a bar on a terminal,
+              log lines otherwise; `pro_jax.train.progress`)
+  profile     a jax.profiler trace of steps start_step .. start_step+num_steps-1 into WORKDIR/profile
 """
 
 from __future__ import annotations
@@ -62,5 +64,6 @@ def base_config() -> mc.ConfigDict:
   c.guards = mc.ConfigDict(dict(nonfinite="skip"))  # "skip" | "stop"
   c.checkpoint = mc.ConfigDict(dict(every_steps=50, keep=3, async_save=True))
   c.log = mc.ConfigDict(dict(every_steps=10, tensorboard=True, wandb_project="", progress=True))
+  c.profile = mc.ConfigDict(dict(start_step=0, num_steps=0))  # 0: off (pro_jax.train.profile)
   c.lock()
   return c

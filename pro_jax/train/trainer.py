@@ -42,6 +42,8 @@ from pro_jax.train import logging as tlog
 from pro_jax.train.checkpoint import CHECKPOINTS_DIR, Checkpointer, as_path, base_for_fresh_run, restore_base
 from pro_jax.train.config import config_diff, config_to_dict, validate_config
 from pro_jax.train.optimizer import make_optimizer
+from pro_jax.train.profile import StepProfiler
+from pro_jax.train.progress import ProgressLog
 from pro_jax.train.state import (TrainState, abstract_state, init_state, split_variables, state_shardings,
                                  with_shardings)
 from pro_jax.train.step import LossFn, TrainStep, build_train_step
@@ -251,6 +253,17 @@ def _check_batch(batch: dict, spec: dict, rows: slice) -> None:
                        "(static shapes: a different shape would recompile the step)")
 
 
+def _defaults_json() -> dict:
+  from pro_jax.configs.base import base_config
+
+  return config_to_dict(base_config())
+
+
+def _profile_args(cfg: Any) -> dict:
+  p = cfg.get("profile") if hasattr(cfg, "get") else None
+  return {"start_step": int(p.start_step), "num_steps": int(p.num_steps)} if p is not None else {}
+
+
 def train(cfg: Any, workdir: str | os.PathLike, task: Task, *, existing: str = "auto",
           mesh: Mesh | None = None, on_event: Callable[[str, int], None] | None = None) -> TrainResult:
   """Run (or resume) training to `cfg.total_steps`. See the module docstring.
@@ -302,6 +315,10 @@ def train(cfg: Any, workdir: str | os.PathLike, task: Task, *, existing: str = "
                          disable=None if cfg.log.progress else True)
   peak = tlog.peak_flops(jax.devices()[0].device_kind)
   total = int(cfg.total_steps)
+  progress = ProgressLog(task.name, total, start, every_steps=cfg.log.every_steps, tokens_per_step=task.tokens_per_step,
+                         enabled=None if cfg.log.progress else False)  # lines when stderr is not a TTY
+  progress.start(workdir, cfg_json, _defaults_json(), tensorboard=cfg.log.tensorboard)
+  profiler = StepProfiler(workdir, **_profile_args(cfg))
   last_metrics: dict = {}
   status = "done"
   prev_metrics = None
@@ -321,8 +338,11 @@ def train(cfg: Any, workdir: str | os.PathLike, task: Task, *, existing: str = "
           raise RuntimeError(f"the data ran out at step {s} of {total}") from None
         _check_batch(host_batch, task.batch_spec, rows)
         batch = shd.host_local_to_global(host_batch, mesh, cfg.batch_size)
+        profiler.before_step(s)
         state, metrics = su.step(state, frozen, batch)
         event("step_dispatched", s)
+        progress.step_done(s, metrics)
+        profiler.after_step(s, metrics)
         if cfg.guards.nonfinite == "stop":  # checked one step behind: the device stays busy
           if prev_metrics is not None and float(prev_metrics["nonfinite"]) > 0:
             raise NonFiniteError(f"step {s - 1}: non-finite loss or gradient (guards.nonfinite='stop'); "
@@ -341,6 +361,7 @@ def train(cfg: Any, workdir: str | os.PathLike, task: Task, *, existing: str = "
             host["mfu"] = tlog.mfu(task.flops_per_step, sec, jax.device_count(), peak)
           host["nonfinite_count"] = int(jax.device_get(state.nonfinite_count))
           logger.log(s, host)
+          progress.log(s, host)
           bar.update(s, loss=host["loss"], extra={"skipped": host["nonfinite_count"]} if host["nonfinite_count"] else None)
           last_metrics = host
         stop = preempt.reached(s)
@@ -354,7 +375,10 @@ def train(cfg: Any, workdir: str | os.PathLike, task: Task, *, existing: str = "
         raise NonFiniteError(f"step {s}: non-finite loss or gradient (guards.nonfinite='stop')")
     ckpt.wait()
     event("save_finished", s if total > start else start)
+    final = s if total > start else start
+    progress.end(final, status, ckpt.directory / str(final) if final in ckpt.all_steps() else None)
   finally:
+    profiler.close()
     bar.close()
     logger.close()
     ckpt.close()
