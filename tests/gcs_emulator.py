@@ -5,9 +5,12 @@ uploads, listing with prefix / delimiter, ranged downloads, copy / rewrite / com
 a pure-Python wheel, so `pip install -e '.[test]'` brings it; fake-gcs-server (the more complete Go
 server) needs a Go toolchain or a container. What it lacks (and what our code does not rely on):
 preconditions (`ifGenerationMatch`, so no protection against two concurrent writers of one object),
-pagination of listings, HTTP/2, and the `objects.move` call (`.../o/SRC/moveTo/o/DST`, which gcsfs
-uses for every rename): `_add_move()` adds it as the server-side copy + delete it stands for (without
-it gcsfs retries the 501 for ~30 s, then falls back to copy + delete itself).
+pagination of listings, HTTP/2. Two gaps matter to the clients and are filled in `_patch_server()`:
+the `objects.move` call (`.../o/SRC/moveTo/o/DST`, which gcsfs uses for every rename; added as the
+server-side copy + delete it stands for; without it gcsfs retries the 501 for ~30 s, then copies and
+deletes itself), and the `x-goog-generation` / `x-goog-metageneration` headers of media downloads,
+which GCS always sends and tensorstore requires (it fails with "Malformed StorageGeneration" when
+it reads an object that already exists, e.g. a checkpoint step rewritten after a crash).
 
 `GcsEmulator.start()` runs `python tests/gcs_emulator.py` in a child process which binds
 127.0.0.1 on a free port (chosen by the OS, printed on stdout), keeps objects in memory (nothing on
@@ -100,8 +103,9 @@ class GcsEmulator:
     self.stop()
 
 
-def _add_move() -> None:
-  """Add `POST /storage/v1/b/B/o/SRC/moveTo/o/DST` (objects.move) to the emulator's routes."""
+def _patch_server() -> None:
+  """Add `POST /storage/v1/b/B/o/SRC/moveTo/o/DST` (objects.move) to the emulator's routes and the
+  generation headers to its media downloads."""
   from http import HTTPStatus
 
   from gcp_storage_emulator import server as srv
@@ -121,7 +125,21 @@ def _add_move() -> None:
   api = re.escape(srv.settings.API_ENDPOINT)
   route = (rf"^{api}/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)/moveTo/o/(?P<dest_object_id>.*[^/]+)$",
            {srv.POST: move})
-  srv.HANDLERS = (route, *srv.HANDLERS)
+  download = objects.download
+
+  def download_with_generation(request, response, storage, *args, **kwargs):
+    try:
+      obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+      response["x-goog-generation"] = str(obj["generation"])
+      response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
+    except NotFound:
+      pass
+    return download(request, response, storage, *args, **kwargs)
+
+  objects.download = download_with_generation  # objects.get(alt=media) calls it by this name
+  handlers = [(regex, {m: download_with_generation if h is download else h for m, h in hs.items()})
+              if isinstance(hs, dict) else (regex, hs) for regex, hs in srv.HANDLERS]
+  srv.HANDLERS = (route, *handlers)
 
 
 def _serve(parent_pid: int) -> None:
@@ -131,7 +149,7 @@ def _serve(parent_pid: int) -> None:
 
   from gcp_storage_emulator.server import create_server
 
-  _add_move()
+  _patch_server()
   if os.environ.get("GCS_EMULATOR_VERBOSE"):  # every request on stderr (the log file)
     logging.basicConfig(level=logging.INFO)
   else:
