@@ -43,6 +43,7 @@ def stories260k(shared_data) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def gcs_emulator(tmp_path_factory):
   """A local GCS JSON-API server (tests/gcs_emulator.py) for the session; stopped at the end."""
+  os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # read when gcsfs is imported
   pytest.importorskip("gcp_storage_emulator", reason="pip install -e '.[test]' (gcp-storage-emulator)")
   pytest.importorskip("gcsfs", reason="pip install -e '.[test]' (gcsfs: etils.epath's gs:// backend)")
   from gcs_emulator import GcsEmulator

@@ -328,6 +328,7 @@ def train(cfg: Any, workdir: str | os.PathLike, task: Task, *, existing: str = "
     event("save_started", s)
     ckpt.save(s, state, data_state=data.get_state(), extra=task.extra, arrays=task.extra_arrays, meta=meta)
     event("save_dispatched", s)  # arrays copied to host; files being written in the background
+    logger.sync()  # gs:// workdir: the metrics up to this checkpoint reach the bucket with it (a new VM resumes)
 
   try:
     with _Preemption() as preempt:
