@@ -21,33 +21,38 @@ class _Clock:
 
 def test_eta_leaves_out_compile_time_and_lines_carry_the_figures():
   clock, out = _Clock(), io.StringIO()
-  p = ProgressLog("sft", 100, 0, every_steps=10, tokens_per_step=1000, stream=out, time_fn=clock)
+  p = ProgressLog("sft", 100, 0, every_steps=10, stream=out, time_fn=clock)
   assert p.enabled  # a StringIO is not a terminal
   p.start("gs://b/run", {"total_steps": 100, "optim": {"lr": 1e-5}, "sft": {}},
           {"total_steps": 20, "optim": {"lr": 3e-4}})
   clock.t += 30.0  # compile + first step: 30 s
-  p.step_done(1)
+  p.step_done(1, tokens=1000)
   for s in range(2, 11):
     clock.t += 0.5  # then 2 steps/s
-    p.step_done(s)
-  p.log(10, {"loss": 2.5, "steps_per_s": 0.34, "tokens_per_s": 340.0, "mfu": 0.412})
+    p.step_done(s, tokens=1000)
+  p.log(10, {"loss": 2.5, "mfu": 0.412, "nonfinite_count": 0}, extra={"kl": 0.0123})
   p.log(11, {"loss": 2.4})  # not a log step: no line
-  clock.t += 45.0  # 90 more steps at 2 step/s
+  for s in range(11, 101):
+    clock.t += 0.5
+    p.step_done(s, tokens=1000)
+  p.log(100, loss=2.0)
   p.end(100, "done", "gs://b/run/checkpoints/100")
   lines = out.getvalue().splitlines()
-  assert len(lines) == 6, lines
+  assert len(lines) == 7, lines
   assert "[sft] workdir gs://b/run; steps 1-100" in lines[0]
   assert "tensorboard --logdir gs://b/run/tb" in lines[1]
   assert "total_steps: 20 -> 100" in lines[2] and "optim.lr: 0.0003 -> 1e-05" in lines[2]
   assert "+ sections: sft" in lines[2]
   assert "step 1 compiled and ran in 30.0 s" in lines[3]
   step = lines[4]
-  assert "step 10/100 (10%) loss 2.5" in step and "0.34 step/s" in step and "340 tok/s" in step
-  assert "MFU 41.2%" in step and "elapsed 0:00:34" in step
+  # 10 steps in 34.5 s since the start (compile included): 0.29 step/s, 290 tok/s
+  assert "step 10/100 (10%) loss 2.5" in step and "| 0.29 step/s | 290 tok/s | MFU 41.2% | kl 0.0123" in step
+  assert "elapsed 0:00:34" in step and "skipped" not in step
   # 9 steps in 4.5 s after the first -> 2 step/s -> 90 steps left = 45 s (with compile in: 90 / (10/34.5) = 310 s)
   assert step.endswith("ETA 0:00:45"), step
-  assert "done: steps 1-100 in 0:01:20 (compile 30.0 s)" in lines[5]
-  assert "2 step/s" in lines[5] and "100k tokens" in lines[5] and "checkpoint gs://b/run/checkpoints/100" in lines[5]
+  assert "step 100/100 (100%) loss 2 | 2 step/s | 2k tok/s" in lines[5] and lines[5].endswith("ETA 0:00:00")
+  assert "done: steps 1-100 in 0:01:20 (compile 30.0 s)" in lines[6]
+  assert "2 step/s" in lines[6] and "100k tokens" in lines[6] and "checkpoint gs://b/run/checkpoints/100" in lines[6]
 
 
 def test_progress_lines_off_on_a_terminal_and_on_other_processes():

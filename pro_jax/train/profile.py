@@ -21,6 +21,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import jax
+from etils import epath
+
 log = logging.getLogger("pro_jax")
 PROFILE_DIR = "profile"
 
@@ -30,8 +33,6 @@ class StepProfiler:
 
   def __init__(self, workdir: Any, start_step: int = 0, num_steps: int = 0, *, process_index: int | None = None,
                local_dir: str | None = None):
-    import jax
-
     self.workdir = str(workdir)
     self.first = int(start_step)
     self.last = int(start_step) + int(num_steps) - 1
@@ -49,8 +50,6 @@ class StepProfiler:
     """Start the trace when `step` is the first profiled step (or a resumed run starts inside the window)."""
     if not self.enabled or self.active or self.done or not (self.first <= step <= self.last):
       return
-    import jax
-
     self.local_dir.mkdir(parents=True, exist_ok=True)
     jax.profiler.start_trace(str(self.local_dir))
     self.active = True
@@ -59,16 +58,12 @@ class StepProfiler:
   def after_step(self, step: int, outputs: Any) -> None:
     """Stop the trace once the last profiled step's `outputs` are ready."""
     if self.active and step >= self.last:
-      import jax
-
       jax.block_until_ready(outputs)
       self.stop()
 
   def stop(self) -> None:
     if not self.active:
       return
-    import jax
-
     jax.profiler.stop_trace()
     self.active, self.done = False, True
     if self.remote:
@@ -77,8 +72,6 @@ class StepProfiler:
              self.workdir.rstrip("/"), PROFILE_DIR)
 
   def _upload(self) -> None:
-    from etils import epath
-
     dst_root = epath.Path(self.workdir) / PROFILE_DIR
     try:
       for path in sorted(self.local_dir.rglob("*")):
@@ -96,8 +89,6 @@ class StepProfiler:
 
 def trace_files(directory: Any) -> list[str]:
   """The `*.xplane.pb` files under `directory`/plugins/profile (local or gs://), as strings."""
-  from etils import epath
-
   root = epath.Path(directory) / "plugins" / "profile"
   if not root.exists():
     return []

@@ -14,8 +14,9 @@ counterpart for a log file: process 0 writes whole lines to stderr (flushed, tim
 
 The ETA leaves out compile time: it divides the steps left by the rate measured since the first
 step finished (the loop calls `step_done` for every step; only the first one waits for the device).
-Rates and MFU in a line are the loop's own figures for the last `log.every_steps` steps (MFU only
-where the device's peak is known, i.e. on TPUs and listed GPUs; see `pro_jax.train.logging.peak_flops`).
+step/s and tok/s in a line are over the steps since the previous line; MFU is the engine's figure
+(only where the device's peak is known, i.e. on TPUs and listed GPUs; `pro_jax.train.flops.peak_flops`).
+The engine and PPO get these lines from the run loop (`pro_jax.train.loop.RunLoop`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
+
+import jax
+
+from pro_jax.train.config import config_diff
 
 
 def _hms(seconds: float) -> str:
@@ -41,8 +46,6 @@ def _human(x: float) -> str:
 def config_vs_defaults(config: Mapping[str, Any], defaults: Mapping[str, Any], limit: int = 40) -> str:
   """`a.b: default -> value; ...` for keys present in both that differ, then `+ sections: x, y` for
   top-level sections the defaults lack (a stage's own sections); "defaults" when nothing differs."""
-  from pro_jax.train.config import config_diff
-
   common = {k: v for k, v in config.items() if k in defaults}
   diff = [d for d in config_diff(dict(defaults), common) if "(absent)" not in d]
   extra = sorted(k for k in config if k not in defaults)
@@ -58,7 +61,7 @@ class ProgressLog:
     name: the run's label ("train", "sft", "ppo", ...), shown in brackets.
     total_steps: the run's last step; start_step: the step it resumes from (0 for a fresh run).
     every_steps: write a step line when `step % every_steps == 0` and at the last step.
-    tokens_per_step: for the totals line (0: no token count).
+    tokens_per_step: tokens per step for the totals line when `step_done` is not given them.
     enabled: None = process 0 and `stream` is not a terminal (the bar draws on a terminal).
   """
 
@@ -68,8 +71,6 @@ class ProgressLog:
     self.stream = sys.stderr if stream is None else stream
     if enabled is None:
       if process_index is None:
-        import jax
-
         process_index = jax.process_index()
       isatty = getattr(self.stream, "isatty", None)
       enabled = process_index == 0 and not (callable(isatty) and isatty())
@@ -82,6 +83,8 @@ class ProgressLog:
     self.t_first: float | None = None  # when the first step of this invocation finished
     self.compile_s: float | None = None
     self.last_step = self.start_step
+    self.tokens = 0.0  # tokens processed by this invocation (from step_done)
+    self._mark = (self.t_start, self.start_step, 0.0)  # (time, step, tokens) of the previous step line
     self.lines: list[str] = []  # what was written (tests, and the caller's own summary)
 
   def write(self, text: str) -> None:
@@ -103,14 +106,15 @@ class ProgressLog:
     if config is not None and defaults is not None:
       self.write("config vs defaults: " + config_vs_defaults(config, defaults))
 
-  def step_done(self, step: int, outputs: Any = None) -> None:
-    """After step `step` is dispatched. For the first step of this invocation it waits for `outputs`
-    (compile + first run), so the ETA can leave compile time out; later calls cost nothing."""
+  def step_done(self, step: int, outputs: Any = None, tokens: float | None = None) -> None:
+    """After step `step` is dispatched (`tokens`: tokens it processed). For the first step of this
+    invocation it waits for `outputs` (compile + first run), so the ETA can leave compile time out;
+    later calls cost nothing."""
     self.last_step = int(step)
+    if tokens:
+      self.tokens += float(tokens)
     if self.t_first is None and self.enabled:
       if outputs is not None:
-        import jax
-
         jax.block_until_ready(outputs)
       self.t_first = self.time_fn()
       self.compile_s = self.t_first - self.t_start
@@ -119,22 +123,31 @@ class ProgressLog:
   def due(self, step: int) -> bool:
     return self.enabled and (step % self.every_steps == 0 or step == self.total)
 
-  def log(self, step: int, metrics: Mapping[str, Any]) -> None:
-    """A step line from host metrics (`loss`, `steps_per_s`, `tokens_per_s`, `mfu` used when present)."""
+  def log(self, step: int, metrics: Mapping[str, Any] | None = None, *, loss: Any = None,
+          extra: Mapping[str, Any] | None = None) -> None:
+    """A step line at a log step: loss (`loss`, else `metrics["loss"]`), step/s and tok/s since the
+    previous line (own clock; the first interval includes compilation), `metrics["mfu"]` when present,
+    skipped updates, `extra` figures, elapsed, ETA. Call it once the step's outputs were fetched."""
     if not self.due(step):
       return
+    metrics = metrics or {}
     now = self.time_fn()
+    mark_t, mark_s, mark_tok = self._mark
+    self._mark = (now, step, self.tokens)
+    loss = metrics.get("loss") if loss is None else loss
     parts = [f"step {step}/{self.total} ({100.0 * step / max(self.total, 1):.0f}%)"]
-    if "loss" in metrics:
-      parts[0] += f" loss {float(metrics['loss']):.4g}"
-    if metrics.get("steps_per_s"):
-      parts.append(f"{float(metrics['steps_per_s']):.3g} step/s")
-    if metrics.get("tokens_per_s"):
-      parts.append(f"{_human(float(metrics['tokens_per_s']))} tok/s")
+    if loss is not None:
+      parts[0] += f" loss {float(loss):.4g}"
+    if now > mark_t and step > mark_s:
+      parts.append(f"{(step - mark_s) / (now - mark_t):.3g} step/s")
+      if self.tokens > mark_tok:
+        parts.append(f"{_human((self.tokens - mark_tok) / (now - mark_t))} tok/s")
     if metrics.get("mfu") is not None:
       parts.append(f"MFU {100.0 * float(metrics['mfu']):.1f}%")
     if metrics.get("nonfinite_count"):
       parts.append(f"skipped {int(metrics['nonfinite_count'])}")
+    for k, v in (extra or {}).items():
+      parts.append(f"{k} {float(v):.4g}")
     parts.append(f"elapsed {_hms(now - self.t_start)}")
     parts.append(f"ETA {self.eta(step, now)}")
     self.write(" | ".join(parts))
@@ -159,8 +172,9 @@ class ProgressLog:
       parts[0] += f" (compile {self.compile_s:.1f} s)"
     if ran > 1 and self.t_first is not None and now > self.t_first:
       parts.append(f"{(ran - 1) / (now - self.t_first):.3g} step/s")
-    if ran > 0 and self.tokens_per_step:
-      parts.append(f"{_human(ran * self.tokens_per_step)} tokens")
+    tokens = self.tokens or ran * self.tokens_per_step
+    if ran > 0 and tokens:
+      parts.append(f"{_human(tokens)} tokens")
     if checkpoint is not None:
       parts.append(f"checkpoint {checkpoint}")
     self.write(", ".join(parts))
