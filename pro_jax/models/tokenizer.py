@@ -14,6 +14,8 @@ import os
 import pathlib
 from typing import Any
 
+from pro_jax.data import files
+
 PathLike = str | os.PathLike
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -66,7 +68,10 @@ def load_sentencepiece_tokenizer(path: PathLike, *, add_bos_token: bool = True, 
 
 
 def load_tokenizer(path: PathLike, **kwargs) -> Any:
-  """A transformers tokenizer from a local checkpoint directory or a SentencePiece `.model` file."""
+  """A transformers tokenizer from a checkpoint directory or a SentencePiece `.model` file (local or
+  gs://; a remote one is downloaded to a local temp folder first, see `pro_jax.data.files`)."""
+  if files.is_remote(path):
+    path = files.local_copy(path)
   path = pathlib.Path(path)
   if path.is_dir():
     if not any((path / f).is_file() for f in _TOKENIZER_FILES):

@@ -20,6 +20,7 @@ go into a JSON and a markdown report and a PNG plot of the fixed-weight front wi
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -30,7 +31,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from pro_jax.data import synthetic
+from pro_jax.data import files, synthetic
 from pro_jax.data.pipeline import pad_right, prompt_arrays, round_up
 from pro_jax.data.tokenize import eos_id, normalize_messages, pad_id
 from pro_jax.models import Transformer
@@ -259,19 +260,19 @@ def plot_front(report: dict[str, Any], path: str | os.PathLike) -> None:
   axes[0][0].legend(loc="best", fontsize=8)
   fig.suptitle("fixed-weight policies (blue: Pareto front, gray: dominated) and PRO")
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=110)
   plt.close(fig)
+  files.write_bytes(path, buf.getvalue())  # local or gs://
 
 
 def write_report(report: dict[str, Any], out_dir: str | os.PathLike, title: str = "PRO evaluation") -> dict[str, str]:
-  """report.json, report.md and front.png in `out_dir` (written to temp names, then renamed)."""
-  os.makedirs(out_dir, exist_ok=True)
-  paths = {k: os.path.join(out_dir, f) for k, f in (("json", "report.json"), ("md", "report.md"),
-                                                      ("png", "front.png"))}
-  tmp = paths["json"] + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(report, f, indent=2, sort_keys=True, default=float)
-  os.replace(tmp, paths["json"])
+  """report.json, report.md and front.png in `out_dir` (local or gs://; each file written whole)."""
+  paths = {k: files.join(out_dir, f) for k, f in (("json", "report.json"), ("md", "report.md"),
+                                                    ("png", "front.png"))}
+  if jax.process_index() != 0:  # multi-host: one writer of the shared files
+    return paths
+  files.write_text(paths["json"], json.dumps(report, indent=2, sort_keys=True, default=float))
   md = [f"# {title}", "", f"{report['num_prompts']} held-out prompts; objectives: {', '.join(report['objectives'])}.",
         "U = sum_k w*_k(x) r~_k(x, y) with each prompt's true weights; r~ = normalized rewards.", "",
         markdown_table(report), ""]
@@ -287,10 +288,7 @@ def write_report(report: dict[str, Any], out_dir: str | os.PathLike, title: str 
                  if "hypervolume_with_pro" in pa else "") + ".")
   md.append("")
   md.append("![front](front.png)")
-  tmp = paths["md"] + ".tmp"
-  with open(tmp, "w") as f:
-    f.write("\n".join(md) + "\n")
-  os.replace(tmp, paths["md"])
+  files.write_text(paths["md"], "\n".join(md) + "\n")
   plot_front(report, paths["png"])
   return paths
 

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pro_jax.data import files
 from pro_jax.data.pipeline import Pipeline, PipelineConfig
 from pro_jax.data.tokenize import encode, normalize_messages
 from pro_jax.models import LoRAConfig, ModelConfig, Transformer, abstract_variables, init_variables, logical_axes
@@ -209,9 +210,9 @@ def _lora_config(engine_cfg: Any):
 def _save_tokenizer(tokenizer: Any, workdir: str, replace: bool = False) -> str:
   """Save `tokenizer` as WORKDIR/tokenizer (atomically). An existing one must tokenize the same,
   unless `replace` (the run was started with existing="overwrite")."""
-  target = pathlib.Path(workdir).absolute() / TOKENIZER_DIR
+  target = files.join(workdir, TOKENIZER_DIR)  # local (absolute) or gs://
   probe = "Hello, world!\n\nHuman: what is 2 + 2? \u00e9\u4e2d"
-  if target.exists():
+  if files.as_path(target).exists():
     old = load_tokenizer(target)
     if old(probe)["input_ids"] == tokenizer(probe)["input_ids"] and len(old) == len(tokenizer):
       return str(target)
@@ -219,17 +220,24 @@ def _save_tokenizer(tokenizer: Any, workdir: str, replace: bool = False) -> str:
       raise ValueError(f"{target} holds another tokenizer than this run's; use another workdir or "
                        "existing='overwrite'")
   if jax.process_index() == 0:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / (TOKENIZER_DIR + ".tmp")
+    # saved into a local folder first (save_pretrained writes plain files), checked, then moved (local)
+    # or uploaded (gs://) into place
+    remote = files.is_remote(target)
+    tmp = files.cache_dir(target, "save") if remote else pathlib.Path(target + ".tmp")
     if tmp.exists():
       shutil.rmtree(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(tmp))
     if load_tokenizer(tmp)(probe)["input_ids"] != tokenizer(probe)["input_ids"]:
       raise ValueError(f"the tokenizer does not round-trip through save_pretrained ({tmp}); pass tokenizer_path")
-    if target.exists():
-      shutil.rmtree(target)
-    os.replace(tmp, target)
-  return str(target)
+    if files.as_path(target).exists():
+      files.as_path(target).rmtree()
+    if remote:
+      files.upload(tmp, target)
+      shutil.rmtree(tmp, ignore_errors=True)
+    else:
+      os.replace(tmp, target)
+  return target
 
 
 def reward_model_metadata(*, objectives: Sequence[str], tokenizer_path: str, template: str, max_prompt_len: int,
@@ -325,13 +333,13 @@ def load_reward_model(directory: str, step: int | None = None, *, batch_size: in
   """
   model, variables, meta = load_reward_model_variables(directory, step)
   tok_path = meta["tokenizer"]
-  if not pathlib.Path(tok_path).exists():
-    local = pathlib.Path(directory) / TOKENIZER_DIR
-    if not local.exists():
+  if not files.as_path(tok_path).exists():  # moved workdir: the copy saved next to the checkpoints
+    own = files.join(directory, TOKENIZER_DIR)
+    if not files.as_path(own).exists():
       raise FileNotFoundError(f"{directory}: the reward model's tokenizer {tok_path} is missing")
-    tok_path = str(local)
+    tok_path = own
   tokenizer = load_tokenizer(tok_path)
   return RewardModelScorer(model, variables, tokenizer, meta["objectives"], batch_size=batch_size,
                            max_prompt_len=meta["max_prompt_len"],
                            max_len=meta["max_prompt_len"] + meta["max_response_len"], template=meta["template"],
-                           name=name or f"rm:{os.path.abspath(directory)}")
+                           name=name or f"rm:{files.as_path(directory)}")
