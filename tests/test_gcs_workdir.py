@@ -98,7 +98,7 @@ def test_pro_pipeline_on_gs_killed_mid_stage_resumes_and_finishes(gcs_bucket, gc
   assert (w / "report" / "front.png").read_bytes()[:4] == b"\x89PNG"
   assert json.loads((w / "norm.json").read_text())["objectives"] == report["objectives"]
   assert (w / "scores.sqlite").read_bytes()[:16] == b"SQLite format 3\x00"
-  assert (w / "tokenizer" / "tokenizer.json").exists() and (w / "rm" / "tokenizer" / "tokenizer.json").exists()
+  assert (w / "tokenizer" / "tokenizer.json").exists()  # the task's tokenizer, which the rm run records
   logged = [json.loads(line)["step"] for line in (w / "policy" / "metrics.jsonl").read_text().splitlines()]
   assert logged == [2, 4, 6, 8]  # every log step once, across the kill
 

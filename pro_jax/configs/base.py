@@ -63,7 +63,9 @@ def base_config() -> mc.ConfigDict:
   c.data = mc.ConfigDict(dict(kind="synthetic", seq_len=64, path="", prompt_len=16))
   c.guards = mc.ConfigDict(dict(nonfinite="skip"))  # "skip" | "stop"
   c.checkpoint = mc.ConfigDict(dict(every_steps=50, keep=3, async_save=True))
-  c.log = mc.ConfigDict(dict(every_steps=10, tensorboard=True, wandb_project="", progress=True))
+  # eval_every_steps: held-out loss / metrics under eval/ every N steps and at the end (0: off; the
+  # stages hold out their eval split, see docs/stages.md)
+  c.log = mc.ConfigDict(dict(every_steps=10, tensorboard=True, wandb_project="", progress=True, eval_every_steps=0))
   c.profile = mc.ConfigDict(dict(start_step=0, num_steps=0))  # 0: off (pro_jax.train.profile)
   c.lock()
   return c

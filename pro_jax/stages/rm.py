@@ -252,7 +252,8 @@ def train_reward_model(engine_cfg: Any, workdir: str, train_examples: Sequence[d
                        backbone_source: str, objectives: Sequence[str], model_config: ModelConfig | None = None,
                        max_prompt_len: int, max_response_len: int, template: str = "auto", bucket_multiple: int = 8,
                        existing: str = "auto", name: str = "train", tokenizer_path: str | None = None,
-                       strict: bool = True, mesh: Any = None) -> tuple[Transformer, dict]:
+                       strict: bool = True, mesh: Any = None,
+                       eval_examples: Sequence[dict] | None = None) -> tuple[Transformer, dict]:
   """Stage 1 end to end: a K-head reward model on the backbone, trained with masked Bradley-Terry.
 
   engine_cfg: the engine config of the run (batch_size, total_steps, optim, mesh, trainable
@@ -262,6 +263,8 @@ def train_reward_model(engine_cfg: Any, workdir: str, train_examples: Sequence[d
     num_labels are replaced). The backbone's LM head is dropped; K score heads are initialized fresh.
   tokenizer_path: recorded for `load_reward_model`; None = save `tokenizer` into WORKDIR/tokenizer.
   strict: over-long responses raise (True) or their pairs are dropped (see `fit_responses`).
+  eval_examples: held-out pairs: with `log.eval_every_steps > 0` their loss and per-objective pair
+    accuracy are logged under eval/ during training.
   Returns (model, variables): the trained plain model (LoRA merged) with head="score", num_labels=K.
   An existing finished run in `workdir` with the same config is loaded, not retrained (`existing`);
   a run stopped by SIGTERM raises `pro_jax.train.trainer.Preempted` (rerun to resume).
@@ -281,6 +284,9 @@ def train_reward_model(engine_cfg: Any, workdir: str, train_examples: Sequence[d
   pipe = pair_pipeline(train_examples, tokenizer, batch_size=engine_cfg.batch_size, max_prompt_len=max_prompt_len,
                        max_response_len=max_response_len, template=template, bucket_multiple=bucket_multiple,
                        train=True, seed=int(engine_cfg.seed), strict=strict, name=name)
+  held = pair_pipeline(eval_examples, tokenizer, batch_size=engine_cfg.batch_size, max_prompt_len=max_prompt_len,
+                       max_response_len=max_response_len, template=template, bucket_multiple=bucket_multiple,
+                       train=False, strict=strict, name="eval") if eval_examples else None
   width = pipe.batch_spec()["pair_objectives"].shape[1]
   if width != K:
     raise ValueError(f"{name}: pair_objectives have {width} entries, objectives are {objectives} ({K})")
@@ -291,7 +297,7 @@ def train_reward_model(engine_cfg: Any, workdir: str, train_examples: Sequence[d
                                 max_prompt_len=max_prompt_len, max_response_len=max_response_len,
                                 backbone_source=backbone_source)
   task = rm_task(engine_cfg, cfg, pipe.batch_spec(), objectives,
-                 inputs=StageInputs(init=bb.params, data=pipe, extra=extra))
+                 inputs=StageInputs(init=bb.params, data=pipe, extra=extra, eval_data=held))
   result = train(engine_cfg, workdir, task, existing=existing, mesh=mesh)
   raise_if_preempted(result, workdir)
   model, variables, _ = load_reward_model_variables(workdir)

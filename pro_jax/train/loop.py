@@ -159,11 +159,13 @@ class Preemption:
 @dataclasses.dataclass
 class StepOutput:
   """What one step of a run reports: `log` (host metrics for the logger, or None this step), `bar`
-  (keyword arguments of `ProgressBar.update`), `nonfinite` (the step's non-finite flag, device or host)."""
+  (keyword arguments of `ProgressBar.update`), `nonfinite` (the step's non-finite flag, device or host),
+  `eval` (held-out metrics, logged with the prefix `eval/`, or None)."""
 
   log: dict | None = None
   bar: dict = dataclasses.field(default_factory=dict)
   nonfinite: Any = None
+  eval: dict | None = None  # held-out metrics this step (logged under eval/)
 
 
 @dataclasses.dataclass
@@ -271,6 +273,9 @@ class RunLoop:
           if out.log is not None:
             logger.log(s, out.log)
             progress.log(s, out.log, loss=out.bar.get("loss"), extra=out.bar.get("extra"))
+          if out.eval:
+            logger.log(s, out.eval, prefix="eval")
+            progress.write(f"eval at step {s}: " + ", ".join(f"{k} {v:.4g}" for k, v in out.eval.items()))
           bar.update(s, **out.bar)
           stop = preempt.reached(s)
           if s % cfg.checkpoint.every_steps == 0 or s == total or stop:

@@ -100,7 +100,8 @@ class ProgressLog:
             defaults: Mapping[str, Any] | None = None, tensorboard: bool = True) -> None:
     """The run's header: workdir (and the resume step), how to watch it, what differs from the defaults."""
     resumed = f" (resuming from step {self.start_step})" if self.start_step else ""
-    self.write(f"workdir {workdir}{resumed}; steps {self.start_step + 1}-{self.total}")
+    todo = f"steps {self.start_step + 1}-{self.total}" if self.start_step < self.total else "nothing left to run"
+    self.write(f"workdir {workdir}{resumed}; {todo}")
     if tensorboard:
       self.write(f"TensorBoard: tensorboard --logdir {str(workdir).rstrip('/')}/tb")
     if config is not None and defaults is not None:
