@@ -343,5 +343,6 @@ def run_pipeline(cfg: Any, workdir: str, *, stages: tuple[str, ...] | None = Non
   if report:
     report.update(extra)
     report["timings_s"] = timings
-    evaluate.write_report(report, ctx.path("report"), title=f"PRO evaluation (seed {int(cfg.seed)})")
+    evaluate.write_report(report, ctx.path("report"), title=f"PRO evaluation (seed {int(cfg.seed)})",
+                          wandb_project=cfg.policy.log.wandb_project or None)
   return report
