@@ -67,7 +67,7 @@ def test_rm_stage_as_two_processes_on_one_gs_workdir(gcs_bucket, gcs_emulator, t
                              "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"],
                             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
-  outs = [p.communicate(timeout=600) for p in procs]
+  outs = _wait_all(procs, timeout=600)
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, (out[-2000:], err[-3000:])
 
@@ -95,6 +95,29 @@ def test_rm_stage_as_two_processes_on_one_gs_workdir(gcs_bucket, gcs_emulator, t
   assert any("/ocdbt.process_0/" in n for n in names) and any("/ocdbt.process_1/" in n for n in names)
   assert json.loads(_read(gcs_bucket, "hh/rm/heldout.json")) == held0[0]
   assert os.listdir(cwd) == []
+
+
+def _wait_all(procs, timeout):
+  """Both outputs; when one process fails the other (stuck in a collective) is killed, not waited for."""
+  import threading
+  import time
+
+  outs = [None] * len(procs)
+  threads = [threading.Thread(target=lambda i=i: outs.__setitem__(i, procs[i].communicate()), daemon=True)
+             for i in range(len(procs))]
+  for t in threads:
+    t.start()
+  t0 = time.time()
+  while any(p.poll() is None for p in procs) and time.time() - t0 < timeout:
+    if any(p.poll() not in (None, 0) for p in procs):
+      break
+    time.sleep(0.5)
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+  for t in threads:
+    t.join(30)
+  return [o or ("", "") for o in outs]
 
 
 def _read(bucket_url, name):

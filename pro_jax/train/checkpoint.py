@@ -198,7 +198,7 @@ class Checkpointer:
     if self._has_item(step, "arrays"):
       if abstract_arrays is None:
         md = self.manager.item_metadata(step)["arrays"]
-        abstract_arrays = _abstract(getattr(md, "tree", md), jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        abstract_arrays = _abstract(getattr(md, "tree", md), jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
       items["arrays"] = ocp.args.StandardRestore(abstract_arrays)
     r = self.manager.restore(step, args=ocp.args.Composite(**items))
     t = r["train"]
@@ -228,7 +228,7 @@ def restore_base(workdir: str | os.PathLike, abstract_base: Any = None) -> Any |
   if abstract_base is None:
     md = ckptr.metadata(path)
     md = getattr(md, "item_metadata", md)
-    abstract_base = _abstract(getattr(md, "tree", md), jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    abstract_base = _abstract(getattr(md, "tree", md), jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
   out = ckptr.restore(path, abstract_base)
   ckptr.close()
   return out
@@ -300,7 +300,7 @@ def load_checkpoint(directory: str | os.PathLike, step: int | None = None, *, me
   extra = ck.read_json(step, "extra") or {}
   model_config = ModelConfig.from_dict(meta["model_config"]) if meta.get("model_config") else None
   model = Transformer(model_config) if model_config is not None else None
-  first = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  first = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
   def target(name_md):
     abstract = _abstract(getattr(name_md, "tree", name_md), first)
