@@ -31,6 +31,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 
 from pro_jax.data import files
@@ -93,7 +94,8 @@ def pair_accuracy(model: Transformer, variables: Any, pipeline: Pipeline,
   """Per-objective held-out accuracy (chosen scored strictly higher) over one pass of `pipeline`.
 
   Returns {"accuracy": {objective: acc}, "count": {objective: n_pairs}, "mean_accuracy": float}
-  (the mean over objectives that have pairs).
+  (the mean over objectives that have pairs). Multi-host: every process returns the totals over all
+  hosts (the pipeline gives each host its rows of each batch).
   """
   fn = jax.jit(lambda variables, batch: _pair_scores(model, variables, batch))
   correct = np.zeros(len(objectives))
@@ -103,6 +105,8 @@ def pair_accuracy(model: Transformer, variables: Any, pipeline: Pipeline,
     m = batch["pair_objectives"] * (batch["example_id"] >= 0)[:, None]
     correct += ((rc > rr) * m).sum(0)
     count += m.sum(0)
+  if jax.process_count() > 1:  # each host scored its rows of every batch: add the hosts' counts
+    correct, count = multihost_utils.process_allgather(np.stack([correct, count])).sum(0)
   acc = {o: (float(c / n) if n else float("nan")) for o, c, n in zip(objectives, correct, count)}
   present = [a for a, n in zip(acc.values(), count) if n]
   return {"accuracy": acc, "count": {o: int(n) for o, n in zip(objectives, count)},
