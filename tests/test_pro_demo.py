@@ -45,7 +45,8 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path):
   assert (tmp_path / "report" / "utility.png").read_bytes()[:4] == b"\x89PNG"
   (events,) = (tmp_path / "report" / "tb").glob("events.out.tfevents.*")
   scalars, images = _read_events(events)
-  assert {f"report/U/{n}" for n in report["settings"]} <= set(scalars)
+  tag = lambda n: "report/U/" + "".join(c if c.isalnum() or c in "_./-" else "_" for c in n)  # noqa: E731
+  assert {tag(n) for n in report["settings"]} <= set(scalars) and tag("fixed(0.50,0.50,0.00)") in set(scalars)
   assert abs(scalars["report/U/PRO"] - report["settings"]["PRO"]["utility"]) < 1e-6
   assert abs(scalars["report/margin"] - report["pro"]["margin"]) < 1e-6
   assert {"report/front", "report/utility"} <= images

@@ -24,6 +24,7 @@ import io
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -292,12 +293,13 @@ def plot_utility(report: dict[str, Any]) -> bytes:
 def log_report(report: dict[str, Any], out_dir: str | os.PathLike, images: dict[str, bytes],
                wandb_project: str | None = None) -> None:
   """The report's figures to TensorBoard (`out_dir/tb`, replaced) and, with `wandb_project`, W&B:
-  scalars report/U/<setting>, report/margin, report/hypervolume_*; images report/<name>."""
+  scalars report/U/<setting> (other characters than [A-Za-z0-9_./-] as "_"), report/margin, report/hypervolume_*; images report/<name>."""
   import tempfile
 
   from tensorboardX import SummaryWriter
 
-  scalars = {f"U/{n}": float(r["utility"]) for n, r in report["settings"].items()}
+  # TensorBoard tags keep [A-Za-z0-9_./-]: "fixed(0.50,0.50,0.00)" -> "fixed_0.50_0.50_0.00_"
+  scalars = {"U/" + re.sub(r"[^A-Za-z0-9_./-]", "_", n): float(r["utility"]) for n, r in report["settings"].items()}
   pro, pareto = report.get("pro") or {}, report.get("pareto") or {}
   scalars.update({k: float(v) for k, v in (("margin", pro.get("margin")),
                                            ("hypervolume_fixed", pareto.get("hypervolume_fixed")),
