@@ -120,7 +120,7 @@ preflight_argv() {
   ARGV=(experiments/preflight.py --config "$(config_spec policy)" --stages "$(
     IFS=,
     echo "${STAGES[*]}"
-  )" "${PASSTHROUGH[@]}")
+  )" --workdir "$WORKDIR" "${PASSTHROUGH[@]}")
 }
 
 setting_stage_argv() {

@@ -13,7 +13,10 @@ listings); loads no weights and no data. Checks, for the stages listed:
   safetensors weights are present, and the architecture equals the config's ``model`` section (which
   `pro-jax aot` compiled; a mismatch is a warning: the pipeline uses the checkpoint's own);
 * every ``hf:DIR=NAME`` scorer (stages adapter, policy, eval): a supported *sequence classifier* with
-  one label, safetensors present; the scorers cover every objective.
+  one label, safetensors present; the scorers cover every objective;
+* with ``--workdir``: a local workdir on a multi-host slice (``--hosts N``, the TPU VM's metadata,
+  ``distributed.num_processes`` or a multi-host environment) is an error: the hosts must share one
+  ``gs://`` workdir.
 
 Exit code 0 when nothing blocks the run, 1 otherwise (every problem is listed), 2 on a bad config.
 """
@@ -183,10 +186,44 @@ def check(cfg: Any, stages: list[str]) -> Report:
   return r
 
 
+def tpu_worker_count() -> int:
+  """Workers of this TPU VM's slice from the GCE metadata server (1 when not on a TPU VM / unknown)."""
+  if not (os.path.exists("/dev/accel0") or os.path.isdir("/dev/vfio")):
+    return 1
+  import urllib.request
+
+  url = "http://metadata.google.internal/computeMetadata/v1/instance/attributes/worker-network-endpoints"
+  try:
+    req = urllib.request.Request(url, headers={"Metadata-Flavor": "Google"})
+    with urllib.request.urlopen(req, timeout=2) as r:
+      return max(1, len([e for e in r.read().decode().split(",") if e.strip()]))
+  except Exception:  # noqa: BLE001 (no metadata server: not a Cloud TPU VM)
+    return 1
+
+
+def check_workdir(cfg: Any, workdir: str, hosts: int, report: Report) -> None:
+  """A multi-host run needs one shared workdir: refuse a local path (each host would write its own)."""
+  from pro_jax.data.files import is_remote
+  from pro_jax.sharding import _multihost_env
+
+  n = max(hosts, int(cfg.distributed.num_processes) if "distributed" in cfg else 1)
+  multi = n > 1 or _multihost_env()
+  if is_remote(workdir):
+    report.ok(f"workdir {workdir}")
+  elif multi:
+    report.error(f"workdir {workdir} is local, but this is a multi-host run ({n if n > 1 else 'several'} hosts): "
+                 "every host would write its own checkpoints; use a gs://BUCKET/PATH workdir (docs/tpu.md)")
+  else:
+    report.warn(f"workdir {workdir} is local: lost with the VM (use gs:// on a TPU VM)")
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--config", required=True, help="CONFIG_FILE[:ARG], e.g. experiments/helpful_assistant.py:policy,ppo")
   parser.add_argument("--stages", default="sft,rm,adapter,policy,eval", help="comma-separated stages to check for")
+  parser.add_argument("--workdir", default="", help="the run's workdir: must be gs:// on a multi-host slice")
+  parser.add_argument("--hosts", type=int, default=0,
+                      help="hosts of the slice (default: from the TPU VM's metadata, else 1)")
   args, overrides = parser.parse_known_args(argv)
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from pro_jax.configs import ConfigError, load_config
@@ -197,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   stages = [s for s in args.stages.split(",") if s]
   report = check(cfg, stages)
+  if args.workdir:
+    check_workdir(cfg, args.workdir, args.hosts or tpu_worker_count(), report)
   print(f"preflight of {args.config} for stages {','.join(stages)}:")
   report.print()
   if report.errors:

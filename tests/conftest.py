@@ -52,3 +52,28 @@ def smollm2_gguf(shared_data) -> pathlib.Path:
       pytest.fail(msg)
     pytest.skip(msg)
   return path
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory):
+  """A local GCS JSON-API server (tests/gcs_emulator.py) for the session; stopped at the end."""
+  os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # read when gcsfs is imported
+  pytest.importorskip("gcp_storage_emulator", reason="pip install -e '.[test]' (gcp-storage-emulator)")
+  pytest.importorskip("gcsfs", reason="pip install -e '.[test]' (gcsfs: etils.epath's gs:// backend)")
+  from gcs_emulator import GcsEmulator
+
+  emu = GcsEmulator(log_path=tmp_path_factory.mktemp("gcs_emulator") / "server.log").start()
+  yield emu
+  emu.stop()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_emulator, monkeypatch, request) -> str:
+  """A fresh, empty bucket on the emulator, and this process's GCS clients pointed at it: "gs://<name>"."""
+  import re
+  import uuid
+
+  for k, v in gcs_emulator.env().items():
+    monkeypatch.setenv(k, v)
+  name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:6]
+  return gcs_emulator.create_bucket(name)

@@ -291,7 +291,7 @@ def test_dry_run_launches_the_stages_in_order_on_every_worker(tmp_path):
   cfg = "experiments/helpful_assistant.py"
   venv = "$HOME/pro_jax_venv/bin"
   assert chain[0] == [f"{venv}/python", "experiments/preflight.py", "--config", f"{cfg}:policy,ppo", "--stages",
-                      "sft,adapter,policy,eval", "--config.seed=1"]
+                      "sft,adapter,policy,eval", "--workdir", "gs://bucket/hh", "--config.seed=1"]
   expected = [[f"{venv}/pro-jax", s, "--config", f"{cfg}:{s},ppo", "--workdir", "gs://bucket/hh", "--config.seed=1"]
               for s in ("sft", "adapter", "policy", "eval")]
   assert chain[1:] == expected
@@ -314,7 +314,7 @@ def test_dry_run_options_stages_loss_and_local(tmp_path):
                                                       "no_humor", "--dry-run"], tmp_path)
   assert [shlex.split(x[2:]) for x in proc.stdout.splitlines()] == [
       ["python", "experiments/preflight.py", "--config", "experiments/helpful_assistant.py:policy,ppo,no_humor",
-       "--stages", "adapter"],
+       "--stages", "adapter", "--workdir", "gs://bucket/hh"],
       ["pro-jax", "adapter", "--config", "experiments/helpful_assistant.py:adapter,ppo,no_humor", "--workdir",
        "gs://bucket/hh"]]
 
@@ -337,3 +337,25 @@ def test_launch_help(tmp_path):
   proc = run_launcher("launch_reddit_summary.sh", ["--help"], tmp_path)
   assert proc.stdout.startswith("usage: launch_reddit_summary.sh --name NAME --zone ZONE --workdir DIR")
   assert "--dry-run" in proc.stdout and "experiments/reddit_summary.py" in proc.stdout
+
+
+def test_preflight_refuses_a_local_workdir_on_a_multi_host_slice(tmp_path, capsys, monkeypatch):
+  from pro_jax.configs import load_module_file
+
+  mod = load_module_file(EXP / "preflight.py", "_pro_jax_preflight")
+  monkeypatch.chdir(tmp_path)
+
+  def preflight(*args):
+    rc = mod.main(["--config", "demo", "--stages", "sft", *args])
+    return rc, capsys.readouterr().out
+
+  local = str(tmp_path / "run")
+  rc, out = preflight("--workdir", local, "--hosts", "4")
+  assert rc == 1 and f"ERROR    workdir {local} is local, but this is a multi-host run (4 hosts)" in out
+  rc, out = preflight("--workdir", local, "--config.distributed.num_processes=2")
+  assert rc == 1 and "multi-host run (2 hosts)" in out
+  rc, out = preflight("--workdir", local, "--hosts", "1")
+  assert rc == 0 and f"warning  workdir {local} is local" in out
+  rc, out = preflight("--workdir", "gs://bucket/hh", "--hosts", "4")
+  assert rc == 0 and "ok       workdir gs://bucket/hh" in out
+  assert list(tmp_path.iterdir()) == []  # preflight writes nothing

@@ -47,6 +47,34 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
   assert np.isfinite([r["utility"] for r in report["settings"].values()]).all()
   norm = json.loads((tmp_path / "norm.json").read_text())
   assert norm["objectives"] == report["objectives"]
+  # the report's figures also go to TensorBoard: U per setting as scalars, the two plots as images
+  assert (tmp_path / "report" / "utility.png").read_bytes()[:4] == b"\x89PNG"
+  (events,) = (tmp_path / "report" / "tb").glob("events.out.tfevents.*")
+  scalars, images = _read_events(events)
+  tag = lambda n: "report/U/" + "".join(c if c.isalnum() or c in "_./-" else "_" for c in n)  # noqa: E731
+  assert {tag(n) for n in report["settings"]} <= set(scalars) and tag("fixed(0.50,0.50,0.00)") in set(scalars)
+  assert abs(scalars["report/U/PRO"] - report["settings"]["PRO"]["utility"]) < 1e-6
+  assert abs(scalars["report/margin"] - report["pro"]["margin"]) < 1e-6
+  assert {"report/front", "report/utility"} <= images
+
+
+def _read_events(path):
+  """(scalar tag -> value, image tags) of a TensorBoard event file (TFRecord framing, tensorboardX protos)."""
+  import struct
+
+  from tensorboardX.proto import event_pb2
+
+  data, pos, scalars, images = path.read_bytes(), 0, {}, set()
+  while pos < len(data):
+    (n,) = struct.unpack("<Q", data[pos:pos + 8])
+    event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+    pos += 12 + n + 4
+    for v in event.summary.value:
+      if v.HasField("image"):
+        images.add(v.tag)
+      elif v.HasField("simple_value"):
+        scalars[v.tag] = v.simple_value
+  return scalars, images
 
 
 def test_downstream_loading_with_the_public_api_only(tmp_path):

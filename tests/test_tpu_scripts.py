@@ -556,3 +556,28 @@ while not os.path.exists({str(stop)!r}) and time.time() < deadline:
     stop.write_text("")  # the fake run exits by itself
   log = (home / "pro_jax_logs" / "train.log").read_text().splitlines()
   assert log[0].startswith("=== launch ") and log[1:3] == ["step 1 loss 2.5", "step 2 loss 2.25"]
+
+
+def test_logs_progress_shows_only_the_progress_lines(tmp_path, empty_path):
+  """`logs.sh --progress` on a worker's log: the ProgressLog lines, not the library chatter between them."""
+  import io
+
+  from pro_jax.train.progress import ProgressLog
+
+  out = io.StringIO()
+  p = ProgressLog("sft", 20, 0, every_steps=10, stream=out)
+  p.start("gs://b/hh/sft")
+  p.step_done(1)
+  p.log(10, {"loss": 2.5, "steps_per_s": 3.0})
+  p.end(20, "done", "gs://b/hh/sft/checkpoints/20")
+  wanted = out.getvalue().splitlines()
+  noise = ["2026-12-08 00:10:31,123 INFO pro_jax: resumed from step 5", "WARNING:absl: waiting for save",
+           "Traceback (most recent call last):", "  [sft] indented"]
+  home = tmp_path / "home"
+  (home / "pro_jax_logs").mkdir(parents=True)
+  (home / "pro_jax_logs" / "sft.log").write_text("\n".join([noise[0], wanted[0], noise[1], *wanted[1:3], noise[2],
+                                                            noise[3], *wanted[3:]]) + "\n")
+  cmd = _remote_command("logs.sh", [*BASE, "--run-name", "sft", "--no-follow", "--progress"], empty_path)
+  r = _run_remote(cmd, home)
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.splitlines() == wanted and len(wanted) == 5

@@ -52,6 +52,7 @@ ENV_VARS=()
 WORKER=""
 LINES=100
 NO_FOLLOW=0
+PROGRESS=0
 # delete
 YES=0
 # resume

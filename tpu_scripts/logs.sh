@@ -7,7 +7,7 @@ _here=${BASH_SOURCE[0]%/*}
 source "$_here/common.sh"
 
 USAGE="usage: $SCRIPT_NAME --name NAME --zone ZONE [--run-name NAME | --stage STAGE] [--worker 0|N|all]
-               [--lines 100] [--no-follow] [--project ID] [--dry-run]
+               [--lines 100] [--no-follow] [--progress] [--project ID] [--dry-run]
 
   gcloud compute tpus tpu-vm ssh NAME --worker=W --command='tail -n LINES -F ~/pro_jax_logs/RUN.log'
 With --worker=all every line is prefixed with the worker's hostname. Ctrl-C stops streaming
@@ -17,6 +17,8 @@ With --worker=all every line is prefixed with the worker's hostname. Ctrl-C stop
   --worker     0 (default), a worker index, or all
   --lines      lines of history to show first (default 100)
   --no-follow  print and exit instead of following
+  --progress   only the progress lines ('DATE TIME [stage] workdir ... / step N/M ... ETA ... / done: ...',
+               written when the output is not a terminal), without warnings and library logs
   --dry-run    print the gcloud command (one line, '+ ' prefix) and run nothing
 "
 
@@ -27,6 +29,7 @@ script_flag() {
     --worker) _set WORKER value ;;
     --lines) _set LINES value ;;
     --no-follow) _set NO_FOLLOW bool ;;
+    --progress) _set PROGRESS bool ;;
     *) return 1 ;;
   esac
 }
@@ -42,6 +45,9 @@ RUN_NAME=${RUN_NAME:-${STAGE:-train}}
 follow=-F
 ((NO_FOLLOW)) && follow=""
 remote_cmd="tail -n $LINES${follow:+ $follow} ~/$LOG_DIR/$RUN_NAME.log"
+if ((PROGRESS)); then
+  remote_cmd+=" | grep --line-buffered -E '^[0-9-]+ [0-9:]+ \\[[A-Za-z0-9_.:-]+\\] '"
+fi
 if [[ $WORKER == all ]]; then
   remote_cmd+=" | sed -u \"s/^/[\$(hostname)] /\""
 fi

@@ -16,7 +16,9 @@ Sections
   guards      non-finite loss / gradient / update: "skip" the update (counted) or "stop" the run;
               max_skipped_fraction: more skipped steps than this fraction fail the run (exit 1)
   checkpoint  Orbax checkpoints: every N steps, keep N, async
-  log         metrics every N steps, TensorBoard, Weights & Biases, progress bar
+  log         metrics every N steps, TensorBoard, Weights & Biases, progress (a bar on a terminal,
+              log lines otherwise; `pro_jax.train.progress`)
+  profile     a jax.profiler trace of steps start_step .. start_step+num_steps-1 into WORKDIR/profile
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ def base_config() -> mc.ConfigDict:
   # nonfinite: "skip" | "stop"; a run that skipped more than max_skipped_fraction of its steps fails
   c.guards = mc.ConfigDict(dict(nonfinite="skip", max_skipped_fraction=0.1))
   c.checkpoint = mc.ConfigDict(dict(every_steps=50, keep=3, async_save=True))
-  c.log = mc.ConfigDict(dict(every_steps=10, tensorboard=True, wandb_project="", progress=True))
+  # eval_every_steps: held-out loss / metrics under eval/ every N steps and at the end (0: off; the
+  # stages hold out their eval split, see docs/stages.md)
+  c.log = mc.ConfigDict(dict(every_steps=10, tensorboard=True, wandb_project="", progress=True, eval_every_steps=0))
+  c.profile = mc.ConfigDict(dict(start_step=0, num_steps=0))  # 0: off (pro_jax.train.profile)
   c.lock()
   return c

@@ -15,6 +15,7 @@ import os
 import pathlib
 from typing import Any
 
+from pro_jax.data import files
 from pro_jax.models.gguf import gguf_tokenizer
 from pro_jax.models.hub import TOKENIZER_PATTERNS, resolve_pretrained
 
@@ -71,10 +72,12 @@ def load_sentencepiece_tokenizer(path: PathLike, *, add_bos_token: bool = True, 
 
 def load_tokenizer(path: PathLike, *, revision: str | None = None, cache_dir: PathLike | None = None,
                    **kwargs) -> Any:
-  """A transformers tokenizer from a local checkpoint directory, a SentencePiece `.model` file, a `.gguf`
-  file (its own tokenizer and chat template), or a
-  Hugging Face Hub id ``ORG/NAME[@REVISION]`` (only the tokenizer files are fetched, through
-  `pro_jax.models.hub.resolve_pretrained`; the directory is then read with local_files_only)."""
+  """A transformers tokenizer from a checkpoint directory (local or gs://: a remote one is downloaded to a
+  local temp folder first, see `pro_jax.data.files`), a SentencePiece `.model` file, a `.gguf` file (its
+  own tokenizer and chat template), or a Hugging Face Hub id ``ORG/NAME[@REVISION]`` (only the tokenizer
+  files are fetched, through `pro_jax.models.hub.resolve_pretrained`; then read with local_files_only)."""
+  if files.is_remote(path):
+    path = files.local_copy(path)
   path = resolve_pretrained(path, revision=revision, cache_dir=cache_dir, allow_patterns=TOKENIZER_PATTERNS)
   if path.is_dir():
     if not any((path / f).is_file() for f in _TOKENIZER_FILES):

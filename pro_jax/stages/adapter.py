@@ -186,7 +186,8 @@ def train_adapter(engine_cfg: Any, workdir: str, examples: Sequence[dict], targe
                   tokenizer: Any, *, backbone_source: str, tokenizer_path: str, objectives: Sequence[str],
                   hidden: int = 256, layers: int = 2, max_prompt_len: int = 256, template: str = "auto",
                   bucket_multiple: int = 8, existing: str = "auto", name: str = "train",
-                  norm: NormStats | None = None) -> PreferenceAdapter:
+                  norm: NormStats | None = None, eval_examples: Sequence[dict] | None = None,
+                  eval_targets: np.ndarray | None = None) -> PreferenceAdapter:
   """Stage 4 end to end: train f_psi on (prompt, w*) with the engine, return the deployable adapter.
 
   engine_cfg: the engine config of the run (batch_size, total_steps, optim, mesh, checkpoint, ...).
@@ -194,6 +195,8 @@ def train_adapter(engine_cfg: Any, workdir: str, examples: Sequence[dict], targe
     the reference policy's checkpoint). tokenizer_path: saved in the checkpoint for `load_adapter`
     ("builtin" = the tokenizer that comes with a llama2.c source). norm: the normalization
     statistics the targets were computed with, saved with the checkpoint (`extra["norm"]`).
+    eval_examples / eval_targets: held-out prompts and their w*: with `log.eval_every_steps > 0` the
+    held-out KL(w* || f(x)) and its metrics are logged under eval/ during training.
   """
   targets_NxK = np.asarray(targets_NxK, np.float32)
   K = len(objectives)
@@ -209,12 +212,19 @@ def train_adapter(engine_cfg: Any, workdir: str, examples: Sequence[dict], targe
                       extra_fields=("target_weights",), shuffle=True, seed=int(engine_cfg.seed),
                       num_epochs=None, static_shapes=True)
   pipe = Pipeline(rows, tokenizer, pc, name=name)
+  held = None
+  if eval_examples:
+    eval_targets = np.asarray(eval_targets, np.float32)
+    eval_rows = [dict(ex, target_weights=eval_targets[i].tolist()) for i, ex in enumerate(eval_examples)]
+    held = Pipeline(eval_rows, tokenizer, dataclasses.replace(pc, shuffle=False, num_epochs=1, drop_remainder=False),
+                    name="eval")
   extra = dict(adapter_metadata(backbone_source=backbone_source, tokenizer_path=tokenizer_path, objectives=objectives,
                                 hidden=hidden, layers=layers, max_prompt_len=max_prompt_len, template=template,
                                 d_model=backbone_config.d_model),
                **({"norm": norm.to_dict()} if norm is not None else {}))
   task = adapter_task(engine_cfg, backbone_config, pipe.batch_spec(), K, hidden=hidden, layers=layers,
-                      inputs=StageInputs(frozen={"backbone": {"params": bb.params}}, data=pipe, extra=extra))
+                      inputs=StageInputs(frozen={"backbone": {"params": bb.params}}, data=pipe, extra=extra,
+                                         eval_data=held))
   result = train(engine_cfg, workdir, task, existing=existing)
   raise_if_preempted(result, workdir)
   return load_adapter(workdir)

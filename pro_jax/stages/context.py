@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
 
+import jax
 import numpy as np
 
-from pro_jax.data import synthetic
+from pro_jax.data import files, synthetic
 from pro_jax.models.encoder_scorer import PRESETS as ENCODER_PRESETS
 from pro_jax.models.encoder_scorer import encoder_reward_scorer
 from pro_jax.models.encoders import ENCODER_ARCHITECTURES, ENCODER_MODEL_TYPES
@@ -49,13 +49,14 @@ class Context:
     return len(self.objectives)
 
   def path(self, *parts: str) -> str:
-    return os.path.join(self.workdir, *parts)
+    """`workdir/part/...` (a gs:// workdir gives gs:// paths)."""
+    return files.join(self.workdir, *parts)
 
   def source(self, spec: str) -> str:
     """Resolve "stage:NAME" to this workdir's stage run."""
     if spec.startswith("stage:"):
       name = spec.partition(":")[2]
-      if not os.path.isdir(self.path(name, "checkpoints")):
+      if not files.as_path(self.path(name, "checkpoints")).is_dir():
         raise FileNotFoundError(f"{self.path(name)} holds no checkpoint: run `pro-jax {name}` with this "
                                 "workdir first")
       return f"checkpoint:{self.path(name)}"
@@ -102,8 +103,9 @@ def remap_objectives(ex: dict, objectives: list[str]) -> dict:
 
 
 def load_context(cfg: Any, workdir: str) -> Context:
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = str(files.as_path(workdir))  # local: absolute; gs://...: as is
+  if jax.process_index() == 0:
+    files.as_path(workdir).mkdir(parents=True, exist_ok=True)
   objectives = list(cfg.objectives)
   d = cfg.data
   task_cfg = None
@@ -143,10 +145,15 @@ def _tokenizer(cfg: Any, workdir: str, task_cfg: synthetic.SyntheticTaskConfig |
   if not cfg.tokenizer:
     if task_cfg is None:
       raise ValueError("config.tokenizer is empty: only the synthetic task brings its own tokenizer")
-    path = os.path.join(workdir, "tokenizer")
-    if not os.path.exists(os.path.join(path, "tokenizer.json")):
-      synthetic.build_tokenizer(task_cfg, path)
-    return AutoTokenizer.from_pretrained(path), path
+    path = files.join(workdir, "tokenizer")
+    if not files.as_path(path).joinpath("tokenizer.json").exists():
+      # built locally (deterministic: every process gets the same), saved to the workdir by process 0
+      local = files.cache_dir(path, "build") if files.is_remote(path) else path
+      synthetic.build_tokenizer(task_cfg, local)
+      if files.is_remote(path) and jax.process_index() == 0:
+        files.upload(local, path)
+      return AutoTokenizer.from_pretrained(str(local)), path
+    return AutoTokenizer.from_pretrained(str(files.local_copy(path))), path
   return load_tokenizer(cfg.tokenizer), str(cfg.tokenizer)
 
 
@@ -206,14 +213,15 @@ def responses_of(ex: dict) -> list[str]:
 
 def fit_or_load_norm(ctx: Context) -> NormStats:
   path = ctx.path("norm.json")
-  if os.path.exists(path):
-    norm = NormStats.load(path)
+  if files.as_path(path).exists():
+    norm = NormStats.from_dict(json.loads(files.as_path(path).read_text()), source=path)
     if list(norm.objectives) == ctx.objectives and norm.method == ctx.cfg.norm.method:
       return norm
   prompts = [ex["prompt"] for ex in ctx.train for _ in responses_of(ex)]
   responses = [r for ex in ctx.train for r in responses_of(ex)]
   norm = fit_norm_stats(ctx.score(prompts, responses), ctx.objectives, method=ctx.cfg.norm.method)
-  norm.save(path)
+  if jax.process_index() == 0:
+    files.write_text(path, json.dumps(norm.to_dict(), indent=2, sort_keys=True) + "\n")
   return norm
 
 
@@ -266,8 +274,6 @@ def soft_conditioning(ctx: Context) -> tuple[str, int, int]:
 
 
 def write_json(path: str, obj: Any) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=float)
-  os.replace(tmp, path)
+  """`obj` as JSON to `path` (local or gs://), whole; only process 0 writes."""
+  if jax.process_index() == 0:
+    files.write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=float))

@@ -20,9 +20,11 @@ go into a JSON and a markdown report and a PNG plot of the fixed-weight front wi
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,7 +32,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from pro_jax.data import synthetic
+from pro_jax.data import files, synthetic
 from pro_jax.data.pipeline import pad_right, prompt_arrays, round_up
 from pro_jax.data.tokenize import eos_id, normalize_messages, pad_id
 from pro_jax.models import Transformer
@@ -280,19 +282,87 @@ def plot_front(report: dict[str, Any], path: str | os.PathLike) -> None:
   axes[0][0].legend(loc="best", fontsize=8)
   fig.suptitle("fixed-weight policies (blue: Pareto front, gray: dominated) and PRO; right: U per setting")
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=110)
   plt.close(fig)
+  files.write_bytes(path, buf.getvalue())  # local or gs://
 
 
-def write_report(report: dict[str, Any], out_dir: str | os.PathLike, title: str = "PRO evaluation") -> dict[str, str]:
-  """report.json, report.md and front.png in `out_dir` (written to temp names, then renamed)."""
-  os.makedirs(out_dir, exist_ok=True)
-  paths = {k: os.path.join(out_dir, f) for k, f in (("json", "report.json"), ("md", "report.md"),
-                                                      ("png", "front.png"))}
-  tmp = paths["json"] + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(report, f, indent=2, sort_keys=True, default=float)
-  os.replace(tmp, paths["json"])
+def plot_utility(report: dict[str, Any]) -> bytes:
+  """PNG bytes of a bar chart: U (mean +- sem) per setting, PRO and the oracle highlighted."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  names = sorted(report["settings"], key=lambda n: -report["settings"][n]["utility"])
+  u = [report["settings"][n]["utility"] for n in names]
+  err = [report["settings"][n].get("utility_sem", 0.0) for n in names]
+  colors = ["tab:red" if n == "PRO" else "tab:green" if n == "oracle" else "tab:blue" for n in names]
+  fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * len(names) + 1.5), 3.6))
+  ax.bar(range(len(names)), u, yerr=err, color=colors, capsize=2)
+  ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+  ax.set_ylabel("U (true weights)")
+  ax.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=110)
+  plt.close(fig)
+  return buf.getvalue()
+
+
+def log_report(report: dict[str, Any], out_dir: str | os.PathLike, images: dict[str, bytes],
+               wandb_project: str | None = None) -> None:
+  """The report's figures to TensorBoard (`out_dir/tb`, replaced) and, with `wandb_project`, W&B:
+  scalars report/U/<setting> (other characters than [A-Za-z0-9_./-] as "_"), report/margin, report/hypervolume_*; images report/<name>."""
+  import tempfile
+
+  from tensorboardX import SummaryWriter
+
+  # TensorBoard tags keep [A-Za-z0-9_./-]: "fixed(0.50,0.50,0.00)" -> "fixed_0.50_0.50_0.00_"
+  scalars = {"U/" + re.sub(r"[^A-Za-z0-9_./-]", "_", n): float(r["utility"]) for n, r in report["settings"].items()}
+  pro, pareto = report.get("pro") or {}, report.get("pareto") or {}
+  scalars.update({k: float(v) for k, v in (("margin", pro.get("margin")),
+                                           ("hypervolume_fixed", pareto.get("hypervolume_fixed")),
+                                           ("hypervolume_with_pro", pareto.get("hypervolume_with_pro")))
+                  if isinstance(v, (int, float))})
+  arrays = {name: _png_array(png) for name, png in images.items()}
+  tb = files.join(out_dir, "tb")
+  with tempfile.TemporaryDirectory(prefix="pro_jax_report_tb_") as local:
+    writer = SummaryWriter(local)
+    for tag, v in scalars.items():
+      writer.add_scalar(f"report/{tag}", v, 0)
+    for name, arr in arrays.items():
+      writer.add_image(f"report/{name}", arr, 0, dataformats="HWC")
+    writer.close()
+    if files.as_path(tb).exists():
+      files.as_path(tb).rmtree()
+    files.upload(local, tb)
+  if wandb_project:
+    import wandb  # type: ignore[import-not-found]
+
+    run = wandb.init(project=wandb_project, job_type="eval", name=f"report-seed{report.get('seed', 0)}")
+    run.log({**{f"report/{k}": v for k, v in scalars.items()},
+             **{f"report/{n}": wandb.Image(a) for n, a in arrays.items()}})
+    run.finish()
+
+
+def _png_array(png: bytes):
+  import matplotlib.image
+
+  arr = matplotlib.image.imread(io.BytesIO(png), format="png")
+  return (np.asarray(arr)[..., :3] * 255).astype(np.uint8)
+
+
+def write_report(report: dict[str, Any], out_dir: str | os.PathLike, title: str = "PRO evaluation",
+                 wandb_project: str | None = None) -> dict[str, str]:
+  """report.json, report.md, front.png and utility.png in `out_dir` (local or gs://; each file written
+  whole), and the figures to TensorBoard (`out_dir/tb`) / W&B (`log_report`)."""
+  paths = {k: files.join(out_dir, f) for k, f in (("json", "report.json"), ("md", "report.md"),
+                                                    ("png", "front.png"), ("utility", "utility.png"))}
+  if jax.process_index() != 0:  # multi-host: one writer of the shared files
+    return paths
+  files.write_text(paths["json"], json.dumps(report, indent=2, sort_keys=True, default=float))
   md = [f"# {title}", "", f"{report['num_prompts']} held-out prompts; objectives: {', '.join(report['objectives'])}.",
         "U = sum_k w*_k(x) r~_k(x, y) with each prompt's true weights; r~ = normalized rewards.", "",
         markdown_table(report), ""]
@@ -308,11 +378,14 @@ def write_report(report: dict[str, Any], out_dir: str | os.PathLike, title: str 
                  if "hypervolume_with_pro" in pa else "") + ".")
   md.append("")
   md.append("![front](front.png)")
-  tmp = paths["md"] + ".tmp"
-  with open(tmp, "w") as f:
-    f.write("\n".join(md) + "\n")
-  os.replace(tmp, paths["md"])
+  md.append("")
+  md.append("![U per setting](utility.png)")
+  files.write_text(paths["md"], "\n".join(md) + "\n")
   plot_front(report, paths["png"])
+  utility_png = plot_utility(report)
+  files.write_bytes(paths["utility"], utility_png)
+  log_report(report, out_dir, {"front": files.as_path(paths["png"]).read_bytes(), "utility": utility_png},
+             wandb_project)
   return paths
 
 
@@ -412,5 +485,6 @@ def run_eval(ctx: Context) -> dict[str, Any]:
     report["theorem"] = {"oracle_candidates": res["oracle"], "best_fixed_candidates": res["best_fixed"],
                          "per_prompt_best": res["theorem"]["per_prompt_best"], "gap": res["theorem"]["gap"]}
   report["seed"] = int(ctx.cfg.seed)
-  write_report(report, ctx.path("report"), title=f"PRO evaluation (seed {int(ctx.cfg.seed)})")
+  write_report(report, ctx.path("report"), title=f"PRO evaluation (seed {int(ctx.cfg.seed)})",
+               wandb_project=ctx.cfg.policy.log.wandb_project or None)
   return report

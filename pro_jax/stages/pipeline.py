@@ -99,6 +99,14 @@ def _pipeline(ctx: Context, rows: list[dict], stage_cfg: Any, kind: str, *, name
   return Pipeline(rows, ctx.tokenizer, pc, name=name)
 
 
+def _held_out(ctx: Context, rows: list[dict], stage_cfg: Any, kind: str, **kwargs) -> Pipeline | None:
+  """One ordered pass over held-out `rows` (the last batch padded; the losses mask padded rows) for the
+  engine's eval/ metrics, or None when `log.eval_every_steps` is 0 or nothing is held out."""
+  if not rows or int(stage_cfg.log.get("eval_every_steps", 0)) <= 0:
+    return None
+  return _pipeline(ctx, rows, stage_cfg, kind, name="eval", epochs=1, shuffle=False, **kwargs)
+
+
 def _lap(timings: dict, name: str, t0: float) -> None:
   timings[name] = round(time.perf_counter() - t0, 1)
 
@@ -115,9 +123,12 @@ def run_sft(ctx: Context, existing: str = "auto") -> str:
   seq = scfg.pro.responses
   rows = ctx.train if seq == "chosen" else [ex for ex in ctx.train if len(ex.get("responses", []))]
   pipe = _pipeline(ctx, rows, scfg, "sequence", name="train", seq=seq)
+  held = _held_out(ctx, ctx.eval if seq == "chosen" else [ex for ex in ctx.eval if len(ex.get("responses", []))],
+                   scfg, "sequence", seq=seq)
   ecfg = stage_engine_config(scfg, ctx.cfg.seed, mcfg)
   task = sft_task(ecfg, mcfg, pipe.batch_spec(), name="sft",
-                  inputs=StageInputs(init=bb.params, data=pipe, extra={"tokenizer": ctx.tokenizer_path}))
+                  inputs=StageInputs(init=bb.params, data=pipe, extra={"tokenizer": ctx.tokenizer_path},
+                                     eval_data=held))
   say(f"stage sft: {mcfg.num_params():,} params from {scfg.pro.source}, {scfg.total_steps} steps")
   _train(ecfg, ctx.path("sft"), task, existing)
   return ctx.path("sft")
@@ -136,7 +147,7 @@ def run_rm(ctx: Context, existing: str = "auto") -> dict[str, Any]:
       objectives=objectives, model_config=stage_model_config(ctx, rcfg, Backbone(None, None, "scratch")),
       max_prompt_len=ctx.cfg.data.max_prompt_len, max_response_len=ctx.cfg.data.max_response_len,
       template=ctx.cfg.data.template, bucket_multiple=ctx.cfg.data.bucket_multiple, existing=existing,
-      tokenizer_path=ctx.tokenizer_path)
+      tokenizer_path=ctx.tokenizer_path, eval_examples=rows_ev if rcfg.log.eval_every_steps > 0 else None)
   pipe = _pipeline(ctx, rows_ev, rcfg, "pair", name="eval", epochs=1, shuffle=False)
   acc = pair_accuracy(model, variables, pipe, objectives)
   say("rm held-out accuracy: " + ", ".join(f"{o} {a:.3f} (n={acc['count'][o]})" for o, a in acc["accuracy"].items()))
@@ -154,7 +165,9 @@ def run_adapter(ctx: Context, existing: str = "auto") -> dict[str, float]:
                          objectives=ctx.objectives, hidden=acfg.pro.hidden, layers=acfg.pro.layers,
                          max_prompt_len=ctx.cfg.data.max_prompt_len, template=ctx.cfg.data.template,
                          bucket_multiple=ctx.cfg.data.bucket_multiple, existing=existing, name="train",
-                         norm=ctx.norm)
+                         norm=ctx.norm, **({"eval_examples": ctx.eval, "eval_targets": targets_for(ctx, ctx.eval,
+                                                                                                 acfg.pro.tau)}
+                                           if acfg.log.eval_every_steps > 0 and ctx.eval else {}))
   w = pref([ex["prompt"] for ex in ctx.eval])
   metrics = evaluate_adapter(w, targets_for(ctx, ctx.eval, acfg.pro.tau))
   true_w = true_weights(ctx.eval)
@@ -188,8 +201,10 @@ def run_policy(ctx: Context, existing: str = "auto") -> str:
     rows = _ric_rows(ctx)
     pipe = _pipeline(ctx, rows, pcfg, "sequence", name="train-conditioned", max_prompt_len=pro.max_prompt_len,
                      extra_fields=("weights",) if n_soft else ())
+    held = _held_out(ctx, _ric_rows(ctx, ctx.eval) if pcfg.log.eval_every_steps > 0 and ctx.eval else [], pcfg,
+                     "sequence", max_prompt_len=pro.max_prompt_len, extra_fields=("weights",) if n_soft else ())
     task = sft_task(ecfg, mcfg, pipe.batch_spec(), name="policy",
-                    inputs=StageInputs(init=init.params, data=pipe, extra=extra))
+                    inputs=StageInputs(init=init.params, data=pipe, extra=extra, eval_data=held))
   elif kind == "sft":
     pipe = _pipeline(ctx, ctx.train, pcfg, "sequence", name="train")
     task = sft_task(ecfg, mcfg, pipe.batch_spec(), name="policy",
@@ -215,10 +230,13 @@ def run_policy(ctx: Context, existing: str = "auto") -> str:
       fields += ("ref_chosen_logp", "ref_rejected_logp")
       ref_key, frozen = "batch", {}
     pipe = _pipeline(ctx, rows, pcfg, "pair", name="train", extra_fields=fields)
+    # held-out pairs (reward accuracy / margins under eval/); not with precomputed reference log-probs
+    held = _held_out(ctx, _dpo_rows(ctx, pro, ctx.eval)[0] if pcfg.log.eval_every_steps > 0 and ctx.eval
+                     and not pro.precompute_reference else [], pcfg, "pair", extra_fields=fields)
     # the pair pipeline keeps responses within max_response_len: the LM head runs on those slots only
     task = dpo_task(ecfg, mcfg, pipe.batch_spec(), kind, beta=pro.beta, ref_key=ref_key, ref_config=ref_config,
                     response_window=ctx.cfg.data.max_response_len, name="policy",
-                    inputs=StageInputs(init=init.params, frozen=frozen, data=pipe, extra=extra))
+                    inputs=StageInputs(init=init.params, frozen=frozen, data=pipe, extra=extra, eval_data=held))
   else:
     raise ValueError(f"policy.pro.loss must be one of sft, ric, dpo, wdpo, modpo, ppo; got {kind!r}")
   say(f"stage policy: {kind} with weights {pro.weights_source}, from {pro.init}, {pcfg.total_steps} steps")
@@ -226,8 +244,8 @@ def run_policy(ctx: Context, existing: str = "auto") -> str:
   return ctx.path(pro.name)
 
 
-def _dpo_rows(ctx: Context, pro: Any) -> tuple[list[dict], tuple[str, ...]]:
-  rows = [dict(ex) for ex in ctx.train if ex.get("chosen") and ex.get("rejected")]
+def _dpo_rows(ctx: Context, pro: Any, examples: list[dict] | None = None) -> tuple[list[dict], tuple[str, ...]]:
+  rows = [dict(ex) for ex in (ctx.train if examples is None else examples) if ex.get("chosen") and ex.get("rejected")]
   norm = ctx.norm
   rc = norm.apply(ctx.score([r["prompt"] for r in rows], [r["chosen"] for r in rows]))
   rr = norm.apply(ctx.score([r["prompt"] for r in rows], [r["rejected"] for r in rows]))
@@ -237,11 +255,11 @@ def _dpo_rows(ctx: Context, pro: Any) -> tuple[list[dict], tuple[str, ...]]:
   return rows, ("weights", "reward_chosen", "reward_rejected")
 
 
-def _ric_rows(ctx: Context) -> list[dict]:
+def _ric_rows(ctx: Context, examples: list[dict] | None = None) -> list[dict]:
   pro = ctx.cfg.policy.pro
   placeholder, _, n_soft = soft_conditioning(ctx)
   soft = dict(soft_placeholder=placeholder, soft_tokens=n_soft)
-  rows = [ex for ex in ctx.train if len(responses_of(ex)) >= 1]
+  rows = [ex for ex in (ctx.train if examples is None else examples) if len(responses_of(ex)) >= 1]
   scored = []
   for ex in rows:
     resp = responses_of(ex)
@@ -326,5 +344,6 @@ def run_pipeline(cfg: Any, workdir: str, *, stages: tuple[str, ...] | None = Non
   if report:
     report.update(extra)
     report["timings_s"] = timings
-    evaluate.write_report(report, ctx.path("report"), title=f"PRO evaluation (seed {int(cfg.seed)})")
+    evaluate.write_report(report, ctx.path("report"), title=f"PRO evaluation (seed {int(cfg.seed)})",
+                          wandb_project=cfg.policy.log.wandb_project or None)
   return report

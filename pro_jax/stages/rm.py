@@ -31,8 +31,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 
+from pro_jax.data import files
 from pro_jax.data.pipeline import Pipeline, PipelineConfig
 from pro_jax.data.tokenize import encode, normalize_messages
 from pro_jax.models import LoRAConfig, ModelConfig, Transformer, abstract_variables, init_variables, logical_axes
@@ -92,7 +94,8 @@ def pair_accuracy(model: Transformer, variables: Any, pipeline: Pipeline,
   """Per-objective held-out accuracy (chosen scored strictly higher) over one pass of `pipeline`.
 
   Returns {"accuracy": {objective: acc}, "count": {objective: n_pairs}, "mean_accuracy": float}
-  (the mean over objectives that have pairs).
+  (the mean over objectives that have pairs). Multi-host: every process returns the totals over all
+  hosts (the pipeline gives each host its rows of each batch).
   """
   fn = jax.jit(lambda variables, batch: _pair_scores(model, variables, batch))
   correct = np.zeros(len(objectives))
@@ -102,6 +105,8 @@ def pair_accuracy(model: Transformer, variables: Any, pipeline: Pipeline,
     m = batch["pair_objectives"] * (batch["example_id"] >= 0)[:, None]
     correct += ((rc > rr) * m).sum(0)
     count += m.sum(0)
+  if jax.process_count() > 1:  # each host scored its rows of every batch: add the hosts' counts
+    correct, count = multihost_utils.process_allgather(np.stack([correct, count])).sum(0)
   acc = {o: (float(c / n) if n else float("nan")) for o, c, n in zip(objectives, correct, count)}
   present = [a for a, n in zip(acc.values(), count) if n]
   return {"accuracy": acc, "count": {o: int(n) for o, n in zip(objectives, count)},
@@ -209,9 +214,9 @@ def _lora_config(engine_cfg: Any):
 def _save_tokenizer(tokenizer: Any, workdir: str, replace: bool = False) -> str:
   """Save `tokenizer` as WORKDIR/tokenizer (atomically). An existing one must tokenize the same,
   unless `replace` (the run was started with existing="overwrite")."""
-  target = pathlib.Path(workdir).absolute() / TOKENIZER_DIR
+  target = files.join(workdir, TOKENIZER_DIR)  # local (absolute) or gs://
   probe = "Hello, world!\n\nHuman: what is 2 + 2? \u00e9\u4e2d"
-  if target.exists():
+  if files.as_path(target).exists():
     old = load_tokenizer(target)
     if old(probe)["input_ids"] == tokenizer(probe)["input_ids"] and len(old) == len(tokenizer):
       return str(target)
@@ -219,17 +224,24 @@ def _save_tokenizer(tokenizer: Any, workdir: str, replace: bool = False) -> str:
       raise ValueError(f"{target} holds another tokenizer than this run's; use another workdir or "
                        "existing='overwrite'")
   if jax.process_index() == 0:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / (TOKENIZER_DIR + ".tmp")
+    # saved into a local folder first (save_pretrained writes plain files), checked, then moved (local)
+    # or uploaded (gs://) into place
+    remote = files.is_remote(target)
+    tmp = files.cache_dir(target, "save") if remote else pathlib.Path(target + ".tmp")
     if tmp.exists():
       shutil.rmtree(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(tmp))
     if load_tokenizer(tmp)(probe)["input_ids"] != tokenizer(probe)["input_ids"]:
       raise ValueError(f"the tokenizer does not round-trip through save_pretrained ({tmp}); pass tokenizer_path")
-    if target.exists():
-      shutil.rmtree(target)
-    os.replace(tmp, target)
-  return str(target)
+    if files.as_path(target).exists():
+      files.as_path(target).rmtree()
+    if remote:
+      files.upload(tmp, target)
+      shutil.rmtree(tmp, ignore_errors=True)
+    else:
+      os.replace(tmp, target)
+  return target
 
 
 def reward_model_metadata(*, objectives: Sequence[str], tokenizer_path: str, template: str, max_prompt_len: int,
@@ -244,7 +256,8 @@ def train_reward_model(engine_cfg: Any, workdir: str, train_examples: Sequence[d
                        backbone_source: str, objectives: Sequence[str], model_config: ModelConfig | None = None,
                        max_prompt_len: int, max_response_len: int, template: str = "auto", bucket_multiple: int = 8,
                        existing: str = "auto", name: str = "train", tokenizer_path: str | None = None,
-                       strict: bool = True, mesh: Any = None) -> tuple[Transformer, dict]:
+                       strict: bool = True, mesh: Any = None,
+                       eval_examples: Sequence[dict] | None = None) -> tuple[Transformer, dict]:
   """Stage 1 end to end: a K-head reward model on the backbone, trained with masked Bradley-Terry.
 
   engine_cfg: the engine config of the run (batch_size, total_steps, optim, mesh, trainable
@@ -254,6 +267,8 @@ def train_reward_model(engine_cfg: Any, workdir: str, train_examples: Sequence[d
     num_labels are replaced). The backbone's LM head is dropped; K score heads are initialized fresh.
   tokenizer_path: recorded for `load_reward_model`; None = save `tokenizer` into WORKDIR/tokenizer.
   strict: over-long responses raise (True) or their pairs are dropped (see `fit_responses`).
+  eval_examples: held-out pairs: with `log.eval_every_steps > 0` their loss and per-objective pair
+    accuracy are logged under eval/ during training.
   Returns (model, variables): the trained plain model (LoRA merged) with head="score", num_labels=K.
   An existing finished run in `workdir` with the same config is loaded, not retrained (`existing`);
   a run stopped by SIGTERM raises `pro_jax.train.trainer.Preempted` (rerun to resume).
@@ -273,6 +288,9 @@ def train_reward_model(engine_cfg: Any, workdir: str, train_examples: Sequence[d
   pipe = pair_pipeline(train_examples, tokenizer, batch_size=engine_cfg.batch_size, max_prompt_len=max_prompt_len,
                        max_response_len=max_response_len, template=template, bucket_multiple=bucket_multiple,
                        train=True, seed=int(engine_cfg.seed), strict=strict, name=name)
+  held = pair_pipeline(eval_examples, tokenizer, batch_size=engine_cfg.batch_size, max_prompt_len=max_prompt_len,
+                       max_response_len=max_response_len, template=template, bucket_multiple=bucket_multiple,
+                       train=False, strict=strict, name="eval") if eval_examples else None
   width = pipe.batch_spec()["pair_objectives"].shape[1]
   if width != K:
     raise ValueError(f"{name}: pair_objectives have {width} entries, objectives are {objectives} ({K})")
@@ -283,7 +301,7 @@ def train_reward_model(engine_cfg: Any, workdir: str, train_examples: Sequence[d
                                 max_prompt_len=max_prompt_len, max_response_len=max_response_len,
                                 backbone_source=backbone_source)
   task = rm_task(engine_cfg, cfg, pipe.batch_spec(), objectives,
-                 inputs=StageInputs(init=bb.params, data=pipe, extra=extra))
+                 inputs=StageInputs(init=bb.params, data=pipe, extra=extra, eval_data=held))
   result = train(engine_cfg, workdir, task, existing=existing, mesh=mesh)
   raise_if_preempted(result, workdir)
   model, variables, _ = load_reward_model_variables(workdir)
@@ -325,13 +343,13 @@ def load_reward_model(directory: str, step: int | None = None, *, batch_size: in
   """
   model, variables, meta = load_reward_model_variables(directory, step)
   tok_path = meta["tokenizer"]
-  if not pathlib.Path(tok_path).exists():
-    local = pathlib.Path(directory) / TOKENIZER_DIR
-    if not local.exists():
+  if not files.as_path(tok_path).exists():  # moved workdir: the copy saved next to the checkpoints
+    own = files.join(directory, TOKENIZER_DIR)
+    if not files.as_path(own).exists():
       raise FileNotFoundError(f"{directory}: the reward model's tokenizer {tok_path} is missing")
-    tok_path = str(local)
+    tok_path = own
   tokenizer = load_tokenizer(tok_path)
   return RewardModelScorer(model, variables, tokenizer, meta["objectives"], batch_size=batch_size,
                            max_prompt_len=meta["max_prompt_len"],
                            max_len=meta["max_prompt_len"] + meta["max_response_len"], template=meta["template"],
-                           name=name or f"rm:{os.path.abspath(directory)}")
+                           name=name or f"rm:{files.as_path(directory)}")

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pro_jax.data import files
 from pro_jax.data.pipeline import pad_right, round_up
 from pro_jax.data.tokenize import encode, normalize_messages, pad_id, truncate_prompt
 from pro_jax.models import Transformer
@@ -193,7 +194,7 @@ def hf_reward_scorer(directory: str | os.PathLike, objectives: str | Sequence[st
 
 def _source_name(directory: Any) -> str:
   """A local directory's absolute path; a Hub id as it is (``ORG/NAME[@REV]``)."""
-  return str(directory) if is_hub_id(directory) else os.path.abspath(os.fspath(directory))
+  return str(directory) if is_hub_id(directory) else str(files.as_path(directory))
 
 
 class StackedScorer:
@@ -232,15 +233,20 @@ class CachedScorer:
   written twice holds the same value), so re-running a stage or the evaluation does not score the
   same responses twice. `hits` counts pairs answered without scoring them (from the file, or a
   repeat within the same call), `misses` the pairs the wrapped scorer scored.
+
+  A `gs://` path (SQLite needs a local file): the cache is a local mirror (`pro_jax.data.files.Mirror`)
+  filled from the workdir's copy when the scorer is made and copied back to the workdir after every
+  call that scored new pairs, by process 0 only (the other hosts of a slice keep theirs local).
   """
 
   def __init__(self, scorer: Any, path: str | os.PathLike, key: str | None = None, *, timeout: float = 60.0):
     self.scorer = scorer
     self.objectives = tuple(scorer.objectives)
-    self.path = os.fspath(path)
+    self.mirror = files.Mirror(path, enabled=jax.process_index() == 0)
+    self.path = os.fspath(self.mirror.local)
     self.key = key or scorer_key(scorer)
     self.timeout = timeout
-    os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
     with self._connect() as db, db:
       db.execute("CREATE TABLE IF NOT EXISTS scores (key TEXT PRIMARY KEY, value BLOB NOT NULL)")
     self.hits = self.misses = 0
@@ -290,6 +296,7 @@ class CachedScorer:
                        [(keys[i], new[j].tobytes()) for j, i in enumerate(idx)])
       for j, i in enumerate(idx):
         found[keys[i]] = new[j]
+      self.mirror.push()  # gs://: the workdir's copy (no-op for a local path)
     self.misses += len(idx)
     self.hits += len(keys) - len(idx)
     out = np.zeros((len(keys), K), np.float32)

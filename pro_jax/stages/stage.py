@@ -37,13 +37,15 @@ class StageInputs:
 
   init: pretrained "params" grafted into the trained model's fresh variables (`graft`), or None;
   frozen: name -> variables of a frozen input (reference policy, feature backbone);
-  data: the input pipeline (its `batch_spec()` is the task's); extra: metadata saved with checkpoints.
+  data: the input pipeline (its `batch_spec()` is the task's); extra: metadata saved with checkpoints;
+  eval_data: a finite pipeline of held-out batches of the same shapes (or None).
   """
 
   init: Any = None
   frozen: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   data: Pipeline | None = None
   extra: dict | None = None
+  eval_data: Pipeline | None = None  # held-out batches for the engine's eval/ metrics (log.eval_every_steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +102,7 @@ def make_task(name: str, loss_fn: Callable, abstract: Any, axes: Any, spec: dict
   if inputs is None:
     def init_variables(*args, **kwargs):
       raise RuntimeError(f"the AOT task of stage {name!r} has abstract shapes only; train with the pipeline")
-    make_data, init_frozen, extra = None, None, None
+    make_data, init_frozen, extra, make_eval_data = None, None, None, None
   else:
     def init_variables(rng: jax.Array, *, shardings: Any) -> Any:
       variables = jax.jit(init, out_shardings=shardings)(rng)
@@ -113,10 +115,12 @@ def make_task(name: str, loss_fn: Callable, abstract: Any, axes: Any, spec: dict
     init_frozen = (lambda shardings: {k: _place(frozen_vars[k], shardings[k]) for k in frozen_vars}) \
         if frozen_vars else None
     extra = inputs.extra
+    held_out = inputs.eval_data
+    make_eval_data = (lambda rows: held_out.with_rows(rows).iterator()) if held_out is not None else None
   return Task(loss_fn=loss_fn, abstract_variables=abstract, logical_axes=axes, init_variables=init_variables,
               batch_spec=spec, make_data=make_data, frozen_abstract=frozen_abstract, frozen_logical_axes=frozen_axes,
               init_frozen=init_frozen, model_config=model_config, tokens_per_step=tokens_per_step,
-              flops_per_step=flops_per_step, extra=extra, name=name)
+              flops_per_step=flops_per_step, extra=extra, name=name, make_eval_data=make_eval_data)
 
 
 def trained_passes(mcfg: ModelConfig, trainable: str) -> float:

@@ -264,7 +264,7 @@ class Checkpointer:
     if self._has_item(step, "arrays"):
       if abstract_arrays is None:
         abstract_arrays = _abstract(self.item_metadata(step, "arrays"),
-                                    jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+                                    jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
       items["arrays"] = ocp.args.StandardRestore(abstract_arrays)
     r = _restore_items(self.manager, self.directory, step, items)
     t = r["train"]
@@ -294,7 +294,7 @@ def restore_base(workdir: str | os.PathLike, abstract_base: Any = None) -> Any |
   if abstract_base is None:
     md = ckptr.metadata(path)
     md = getattr(md, "item_metadata", md)
-    abstract_base = _abstract(getattr(md, "tree", md), jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    abstract_base = _abstract(getattr(md, "tree", md), jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
   out = ckptr.restore(path, abstract_base)
   ckptr.close()
   return out
@@ -393,7 +393,7 @@ def _load_step(ck: Checkpointer, workdir: epath.Path, step: int, mesh: Any, rule
   except Exception as e:  # noqa: BLE001 (a meta item that parses but is not ours)
     raise _read_error(ckdir, step, "meta", e) from e
   model = Transformer(model_config) if model_config is not None else None
-  first = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  first = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
   def target(tree_md):
     abstract = _abstract(tree_md, first)

@@ -113,6 +113,9 @@ def validate_config(cfg: mc.ConfigDict, num_devices: int | None = None) -> list[
   check(cfg.checkpoint.every_steps >= 1, f"checkpoint.every_steps must be >= 1, got {cfg.checkpoint.every_steps}")
   check(cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
   check(cfg.log.every_steps >= 1, f"log.every_steps must be >= 1, got {cfg.log.every_steps}")
+  if "profile" in cfg:
+    check(cfg.profile.start_step >= 0 and cfg.profile.num_steps >= 0,
+          f"profile.start_step / num_steps must be >= 0, got {cfg.profile.start_step}, {cfg.profile.num_steps}")
   check(str(cfg.distributed.initialize).lower() in ("auto", "always", "never", "true", "false"),
         f"distributed.initialize must be 'auto', 'always' or 'never', got {cfg.distributed.initialize!r}")
   if errors:

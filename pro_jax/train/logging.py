@@ -14,7 +14,8 @@ keys are `<prefix>/<name>` (the TensorBoard tags); non-finite floats are written
 
 Remote workdirs (`gs://...`): files cannot be appended to on GCS, so the logger writes into a local
 mirror directory and copies `metrics.jsonl` and the event files to the workdir every
-`sync_interval_s` seconds and on `close()` (with `etils.epath`; a failed copy warns, it never stops
+`sync_interval_s` seconds, when the training loop saves a checkpoint (so a run resumed on another VM finds
+the metrics up to its checkpoint) and on `close()` (with `etils.epath`; a failed copy warns, it never stops
 training).
 """
 

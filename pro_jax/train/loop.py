@@ -12,7 +12,8 @@
 2. restore the newest complete checkpoint (state, base variables; `on_restore` reads the run's own
    position: data iterator, PPO's prompt position and KL coefficient) or initialize the state;
 3. the metrics logger (JSONL / TensorBoard / W&B; lines logged after the restored checkpoint are
-   dropped) and the progress bar;
+   dropped; copied to a gs:// workdir at every checkpoint), the progress bar on a terminal, progress
+   lines otherwise (`pro_jax.train.progress`), a profile of `profile.start_step..` (`pro_jax.train.profile`);
 4. SIGTERM (the TPU preemption notice; multi-host: JAX's preemption sync point): a checkpoint at the
    next step boundary, then `status="preempted"`;
 5. the non-finite guards (`pro_jax.train.guards`): `guards.nonfinite="stop"` raises `NonFiniteError`
@@ -40,12 +41,15 @@ from typing import Any
 import jax
 from jax.experimental import multihost_utils
 
+from pro_jax.configs.base import base_config
 from pro_jax.train import guards
 from pro_jax.train import logging as train_logging
 from pro_jax.train.checkpoint import (CHECKPOINTS_DIR, DAMAGED_SUFFIX, Checkpointer, as_path, base_for_fresh_run,
                                      restore_base)
 from pro_jax.train.config import config_diff, with_new_defaults
 from pro_jax.train.guards import NonFiniteError, TooManySkippedError  # noqa: F401 (re-exported)
+from pro_jax.train.profile import StepProfiler
+from pro_jax.train.progress import ProgressLog
 from pro_jax.train.state import TrainState, init_state, split_variables
 
 log = logging.getLogger("pro_jax")
@@ -179,11 +183,13 @@ class Preemption:
 @dataclasses.dataclass
 class StepOutput:
   """What one step of a run reports: `log` (host metrics for the logger, or None this step), `bar`
-  (keyword arguments of `ProgressBar.update`), `nonfinite` (the step's non-finite flag, device or host)."""
+  (keyword arguments of `ProgressBar.update`), `nonfinite` (the step's non-finite flag, device or host),
+  `eval` (held-out metrics, logged with the prefix `eval/`, or None)."""
 
   log: dict | None = None
   bar: dict = dataclasses.field(default_factory=dict)
   nonfinite: Any = None
+  eval: dict | None = None  # held-out metrics this step (logged under eval/)
 
 
 @dataclasses.dataclass
@@ -192,6 +198,16 @@ class LoopResult:
   step: int  # steps completed (== the last checkpoint's step)
   status: str  # "done" | "preempted"
   resumed_from: int | None
+
+
+def _defaults_json() -> dict:
+  """The default config (`base_config()`) as JSON, for the progress header's "config vs defaults"."""
+  return json.loads(base_config().to_json())
+
+
+def _profile_args(cfg: Any) -> dict:
+  p = cfg.get("profile") if hasattr(cfg, "get") else None
+  return {"start_step": int(p.start_step), "num_steps": int(p.num_steps)} if p is not None else {}
 
 
 class RunLoop:
@@ -258,6 +274,10 @@ class RunLoop:
                                          resume_step=self.start)  # drops lines logged after the checkpoint
     bar = train_logging.ProgressBar(total, desc=self.desc, initial=self.start,
                                     disable=None if cfg.log.progress else True)
+    progress = ProgressLog(self.desc, total, self.start, every_steps=cfg.log.every_steps,
+                           enabled=None if cfg.log.progress else False)  # log lines when stderr is not a TTY
+    progress.start(self.workdir, self.cfg_json, _defaults_json(), tensorboard=cfg.log.tensorboard)
+    profiler = StepProfiler(self.workdir, **_profile_args(cfg))
     guard = cfg.guards.nonfinite == "stop"
     max_skipped = float(cfg.guards.get("max_skipped_fraction", 0.1))
     pending: list[tuple[int, Any]] = []
@@ -269,12 +289,16 @@ class RunLoop:
       data_state, extra, arrays = checkpoint(s)
       self.ckpt.save(s, self.state, data_state=data_state, extra=extra, arrays=arrays, meta=self.meta)
       self.event("save_dispatched", s)  # arrays copied to host; files being written in the background
+      logger.sync()  # gs:// workdir: the metrics up to this checkpoint reach the bucket with it (a new VM resumes)
 
     try:
       with Preemption() as preempt:
         for s in range(self.start + 1, total + 1):
+          profiler.before_step(s)
           out = body(s)
           step = s
+          progress.step_done(s, self.state, tokens=out.bar.get("tokens"))
+          profiler.after_step(s, self.state)
           if guard and out.nonfinite is not None:
             pending.append((s, out.nonfinite))
             while len(pending) > guard_lag:
@@ -282,6 +306,10 @@ class RunLoop:
           if out.log is not None:
             logger.log(s, out.log)
             self._check_skipped(s, max_skipped, final=False)
+            progress.log(s, out.log, loss=out.bar.get("loss"), extra=out.bar.get("extra"))
+          if out.eval:
+            logger.log(s, out.eval, prefix="eval")
+            progress.write(f"eval at step {s}: " + ", ".join(f"{k} {v:.4g}" for k, v in out.eval.items()))
           bar.update(s, **out.bar)
           stop = preempt.reached(s)
           if s % cfg.checkpoint.every_steps == 0 or s == total or stop:
@@ -296,7 +324,9 @@ class RunLoop:
       self.event("save_finished", step)
       if status == "done":
         self._check_skipped(step, max_skipped, final=True)
+      progress.end(step, status, self.ckpt.directory / str(step) if step > self.start else None)
     finally:
+      profiler.close()
       bar.close()
       logger.close()
       self.ckpt.close()

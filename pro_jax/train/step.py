@@ -176,3 +176,26 @@ def build_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *
   jitted = jax.jit(step, in_shardings=(state_shardings, frozen_shardings, batch_shardings),
                    out_shardings=(state_shardings, rep), donate_argnums=(0,) if donate else ())
   return TrainStep(jitted, mesh, rules)
+
+
+def build_eval_step(loss_fn: LossFn, *, mesh: Mesh, params_shardings: Any, frozen_shardings: Any,
+                    batch_shardings: Any, rules: Sequence[tuple[str, Any]] = RULES) -> Callable[..., dict]:
+  """`(params, frozen, batch) -> {"loss", **metrics, "loss_weight"}` (float32 scalars): the training loss
+  and its metrics on a held-out batch, without gradients or an update; a fixed rng (dropout-free models).
+  `loss_weight` is the batch's weight in a mean over batches (the loss's real rows; 1 if it gives none)."""
+
+  def evaluate(params: Any, frozen: Any, batch: Any) -> dict:
+    base = frozen.get("base") if isinstance(frozen, dict) else None
+    loss, metrics = loss_fn(merge_variables(params, base), frozen, batch, jax.random.PRNGKey(0))
+    out = {k: v for k, v in _f32(metrics).items() if jnp.ndim(v) == 0}
+    out["loss"] = loss.astype(jnp.float32)
+    out.setdefault(LOSS_WEIGHT, jnp.float32(1.0))  # real rows of the batch (padded rows weigh 0)
+    return out
+
+  jitted = jax.jit(evaluate, in_shardings=(params_shardings, frozen_shardings, batch_shardings))
+
+  def run(params: Any, frozen: Any, batch: Any) -> dict:
+    with activation_sharding(mesh, rules):
+      return jitted(params, frozen, batch)
+
+  return run

@@ -42,7 +42,7 @@ from pro_jax.train.loop import (CONFIG_FILE, NonFiniteError, Preempted, RunLoop,
                                 prepare_workdir, raise_if_preempted)
 from pro_jax.train.optimizer import make_optimizer
 from pro_jax.train.state import TrainState, abstract_state, split_variables, state_shardings, with_shardings
-from pro_jax.train.step import LossFn, TrainStep, build_train_step
+from pro_jax.train.step import LOSS_WEIGHT, LossFn, TrainStep, build_eval_step, build_train_step
 
 log = logging.getLogger("pro_jax")
 
@@ -61,6 +61,9 @@ class Task:
     model's full variables (`pro_jax.models.abstract_variables` / `logical_axes`).
   init_variables: `(rng, shardings=...) -> variables`, created with those shardings (`jit_init`).
   batch_spec: ShapeDtypeStructs of one GLOBAL batch (leading dim = cfg.batch_size).
+  make_eval_data: `(rows: slice) -> iterable` of this host's rows of a fixed, finite set of held-out
+    global batches: with `log.eval_every_steps > 0` the engine reports the loss and its metrics on
+    them under `eval/` (JSONL, TensorBoard, W&B, a progress line) every that many steps and at the end.
   make_data: `(rows: slice) -> iterator` of this host's rows of each global batch, with
     `get_state()` / `set_state()`.
   frozen_abstract / frozen_logical_axes / init_frozen: extra inputs without gradients (reference
@@ -85,6 +88,7 @@ class Task:
   extra: dict | None = None
   extra_arrays: Any = None
   name: str = "train"
+  make_eval_data: Callable[[slice], Any] | None = None
 
 
 @dataclasses.dataclass
@@ -154,6 +158,37 @@ def _check_batch(batch: dict, spec: dict, rows: slice) -> None:
                        "(static shapes: a different shape would recompile the step)")
 
 
+def _held_out_evaluator(cfg: Any, task: Task, su: Setup, mesh: Mesh, frozen: dict,
+                        rows: Any) -> Callable[[Any], dict] | None:
+  """`params -> {name: mean over the held-out batches weighted by their real rows}` (host floats), or
+  None when off (`log.eval_every_steps` 0 or the task holds out nothing)."""
+  every = int(cfg.log.get("eval_every_steps", 0)) if hasattr(cfg.log, "get") else 0
+  if every <= 0 or task.make_eval_data is None:
+    return None
+  step = build_eval_step(task.loss_fn, mesh=mesh, params_shardings=su.state_shardings.params,
+                         frozen_shardings=su.frozen_shardings, batch_shardings=su.batch_shardings, rules=su.rules)
+
+  def evaluate(params: Any) -> dict:
+    outs = [step(params, frozen, sharding.host_local_to_global(_checked(b), mesh, cfg.batch_size))
+            for b in task.make_eval_data(rows)]
+    if not outs:
+      return {}
+    outs = jax.device_get(outs)
+    weights = np.asarray([float(o.pop(LOSS_WEIGHT)) for o in outs])
+    total_w = weights.sum()
+    if total_w <= 0:
+      return {}
+    means = {k: float(np.dot(weights, [o[k] for o in outs]) / total_w) for k in outs[0]}
+    means["examples"] = float(total_w)
+    return means
+
+  def _checked(host_batch):
+    _check_batch(host_batch, task.batch_spec, rows)
+    return host_batch
+
+  return evaluate
+
+
 def train(cfg: Any, workdir: str | os.PathLike, task: Task, *, existing: str = "auto",
           mesh: Mesh | None = None, on_event: Callable[[str, int], None] | None = None) -> TrainResult:
   """Run (or resume) training to `cfg.total_steps`. See the module docstring.
@@ -189,6 +224,8 @@ def train(cfg: Any, workdir: str | os.PathLike, task: Task, *, existing: str = "
   clock = {"time": time.perf_counter(), "step": loop.start}
   last = {"metrics": {}, "device": None}
 
+  evaluate = _held_out_evaluator(cfg, task, su, mesh, frozen, rows)
+
   def body(s: int) -> StepOutput:
     try:
       host_batch = next(data)
@@ -214,8 +251,9 @@ def train(cfg: Any, workdir: str | os.PathLike, task: Task, *, existing: str = "
       host["nonfinite_count"] = int(jax.device_get(loop.state.nonfinite_count))
       bar.update(loss=host["loss"], extra={"skipped": host["nonfinite_count"]} if host["nonfinite_count"] else None)
       last["metrics"] = host
+    held_out = evaluate(loop.state.params) if evaluate and (s % cfg.log.eval_every_steps == 0 or s == total) else None
     # checked one step behind (guard_lag=1): the device stays busy
-    return StepOutput(log=host, bar=bar, nonfinite=metrics["nonfinite"])
+    return StepOutput(log=host, bar=bar, nonfinite=metrics["nonfinite"], eval=held_out)
 
   result = loop.run(body, checkpoint=lambda s: (data.get_state(), task.extra, task.extra_arrays), guard_lag=1)
   last_metrics = last["metrics"]

@@ -1,0 +1,149 @@
+"""Files of a run, local or on GCS (`gs://...`), through `etils.epath` (gcsfs underneath for gs://).
+
+Every path a PRO run writes (stage workdirs, `norm.json`, reports and plots, saved tokenizers, the
+score cache) goes through these helpers, so a `gs://` workdir is used as is: never turned into
+`<cwd>/gs:/...` by `os.path.abspath`, never written to local disk instead. Three things cannot be
+done in place on GCS and get a local copy:
+
+* libraries that read plain files (transformers' `from_pretrained`, SQLite) read a **local copy**
+  (`local_copy`: a folder under the system temp dir named after the URL, downloaded once);
+* libraries that write plain files (`save_pretrained`, matplotlib's `savefig`, `jax.profiler`)
+  write into a local folder that is then **uploaded** (`upload`);
+* a file updated many times (the SQLite score cache) lives in a **local mirror** pushed back after
+  each update (`Mirror`).
+
+Objects on GCS are written whole and atomically, so `write_text` writes a remote file directly and
+a local one through a temporary file and `os.replace`.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import shutil
+import tempfile
+
+from etils import epath
+
+PathLike = str | os.PathLike
+
+
+def is_remote(path: PathLike) -> bool:
+  """True for URLs such as gs://bucket/x (anything with a scheme), False for local paths."""
+  return "://" in os.fspath(path)
+
+
+def as_path(path: PathLike) -> epath.Path:
+  """An `epath.Path`: local paths with `~` expanded and made absolute; URLs kept as they are."""
+  if is_remote(path):
+    return epath.Path(os.fspath(path))
+  return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+
+
+def join(path: PathLike, *parts: str) -> str:
+  """`path/part/...` as a string (a URL stays a URL)."""
+  return os.fspath(as_path(path).joinpath(*parts))
+
+
+def write_text(path: PathLike, text: str) -> None:
+  """Write `text` whole: a reader sees the old or the new file, never half of one."""
+  write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: PathLike, data: bytes) -> None:
+  p = as_path(path)
+  p.parent.mkdir(parents=True, exist_ok=True)
+  if is_remote(path):
+    p.write_bytes(data)  # one object upload: atomic on GCS
+    return
+  fd, tmp = tempfile.mkstemp(dir=os.fspath(p.parent), prefix=p.name + ".", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.replace(tmp, os.fspath(p))
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
+
+
+def cache_dir(path: PathLike, kind: str = "cache") -> pathlib.Path:
+  """A local folder for `path` under `$TMPDIR/pro_jax_<kind>/` (named after the URL)."""
+  safe = re.sub(r"[^A-Za-z0-9._-]+", "_", os.fspath(path)).strip("_")
+  return pathlib.Path(tempfile.gettempdir()) / f"pro_jax_{kind}" / safe
+
+
+def local_copy(path: PathLike) -> pathlib.Path:
+  """A local path with the contents of `path` (a file or a folder tree): `path` itself when local,
+  else a fresh download into `cache_dir(path)/<pid>` (small things: tokenizers, configs)."""
+  if not is_remote(path):
+    return pathlib.Path(os.path.expanduser(os.fspath(path)))
+  src = as_path(path)
+  if not src.exists():
+    raise FileNotFoundError(f"{path}: no such file or folder")
+  dst = cache_dir(path) / str(os.getpid()) / src.name
+  if dst.exists():
+    shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+  if src.is_dir():
+    dst.mkdir(parents=True)
+    for f, rel in _files_in(src):
+      out = dst / rel
+      out.parent.mkdir(parents=True, exist_ok=True)
+      out.write_bytes(f.read_bytes())
+  else:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(src.read_bytes())
+  return dst
+
+
+def _files_in(folder: epath.Path, prefix: str = ""):
+  """(file, relative path) of every file under `folder` (iterdir: rglob("**") is refused on GCS)."""
+  for child in sorted(folder.iterdir()):
+    if child.is_dir():
+      yield from _files_in(child, prefix + child.name + "/")
+    else:
+      yield child, prefix + child.name
+
+
+def upload(local: PathLike, dest: PathLike) -> None:
+  """Copy a local file or folder tree to `dest` (local or remote); files only, existing ones replaced."""
+  local = pathlib.Path(local)
+  dst = as_path(dest)
+  if local.is_dir():
+    for f in sorted(local.rglob("*")):
+      if f.is_file():
+        write_bytes(dst / f.relative_to(local).as_posix(), f.read_bytes())
+  else:
+    write_bytes(dst, local.read_bytes())
+
+
+class Mirror:
+  """A local copy of one file for libraries that update a file in place (SQLite).
+
+  Local `path`: `local` is `path` itself and `push()` does nothing. Remote `path`: `local` is a file
+  under `cache_dir(path, "mirror")/<pid>`, filled from `path` on creation when it exists there; `push()`
+  uploads it (`enabled=False`, e.g. on processes other than 0: never uploads).
+  """
+
+  def __init__(self, path: PathLike, *, enabled: bool = True):
+    self.path = os.fspath(path)
+    self.remote = is_remote(path)
+    self.enabled = enabled
+    if not self.remote:
+      self.local = pathlib.Path(os.path.abspath(os.path.expanduser(self.path)))
+      return
+    self.local = cache_dir(path, "mirror") / str(os.getpid()) / as_path(path).name  # one per process
+    self.local.parent.mkdir(parents=True, exist_ok=True)
+    src = as_path(path)
+    if src.exists():
+      self.local.write_bytes(src.read_bytes())
+    else:
+      self.local.unlink(missing_ok=True)  # a stale copy of a deleted workdir file
+
+  def push(self) -> None:
+    if self.remote and self.enabled and self.local.exists():
+      write_bytes(self.path, self.local.read_bytes())
+
+
+__all__ = ["is_remote", "as_path", "join", "write_text", "write_bytes", "local_copy", "upload", "Mirror",
+           "cache_dir"]
