@@ -446,3 +446,8 @@ def test_tokenizer_round_trip(tmp_path, task):
   assert tok.decode(tok(rendered, add_special_tokens=False)["input_ids"]) == \
       "<bos> <|user|> how big is the zorb ? <|assistant|>"
   assert tok("what is a xylophone ?", add_special_tokens=False)["input_ids"][3] == tok.unk_token_id
+  # the conditioning texts: weights (RiC-style) and target rewards (RiC proper, negative values too)
+  from pro_jax.pro.weights import format_rewards_text, format_weights_text
+  names = ["concise", "informative", "harmless", "humor"]
+  for cond in (format_weights_text([0.1, 0.2, 0.3, 0.4], names), format_rewards_text([-1.2, 0.0, 2.5, -0.3], names)):
+    assert tok.unk_token_id not in tok(cond, add_special_tokens=False)["input_ids"], cond

@@ -869,8 +869,9 @@ CHAT_TEMPLATE = (
 # Words of the plain "\n\nHuman: ...\n\nAssistant:" template, so it also works without <unk>.
 _PLAIN_TEMPLATE_WORDS = ("human", "assistant", ":")
 # Words of the RiC-style weight text "<w> concise 0.7 informative 0.2 harmless 0.1 </w>"
-# (pro_jax.pro.weights.format_weights_text) as this tokenizer's pre-tokenizer splits it.
-_WEIGHT_TEXT_WORDS = ("<", ">", "</", "w") + tuple(str(d) for d in range(10)) + (
+# (pro_jax.pro.weights.format_weights_text) and of RiC's reward text "<r> concise -1.2 ... </r>"
+# (format_rewards_text) as this tokenizer's pre-tokenizer splits them.
+_WEIGHT_TEXT_WORDS = ("<", ">", "</", "w", "r", "-") + tuple(str(d) for d in range(10)) + (
     "concise", "informative", "harmless", "humor")
 
 
