@@ -1,5 +1,7 @@
 """The embedded synthetic task: determinism, schema, reward formulas, pairs, theorem, tokenizer."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -309,6 +311,10 @@ def test_validation_split_disjoint_from_train_and_eval():
     if n >= 100:
       assert abs(len(sets["eval"]) / n - cfg.eval_fraction) < 0.05
       assert abs(len(sets["validation"]) / n - cfg.valid_fraction) < 0.05
+  # n_valid changes neither the train nor the eval split (the validation combinations are always reserved)
+  no_valid = S.generate_task(dataclasses.replace(cfg, n_valid=0))
+  assert "validation" not in no_valid
+  assert no_valid["train"] == t["train"] and no_valid["eval"] == t["eval"]
   with pytest.raises(ValueError, match="eval_fraction"):
     S.SyntheticTaskConfig(eval_fraction=0.0)
 

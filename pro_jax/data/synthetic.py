@@ -142,11 +142,11 @@ class SyntheticTaskConfig:
     type_weights: hidden weight vector per prompt type (each on the simplex); None = the defaults.
     type_probs: probability of each prompt type (in `prompt_types` order); None = uniform.
     n_valid: examples of the validation split (0 = no validation split): prompts from their own
-      reserved (creature, template) combinations, disjoint from train and eval, for model
-      selection (e.g. picking the best fixed weight vector) that must not see the eval prompts.
+      reserved (creature, template) combinations (reserved also when n_valid = 0), disjoint from
+      train and eval, for model selection (e.g. picking the best fixed weight vector) that must not
+      see the eval prompts.
     eval_fraction, valid_fraction: share of each prompt type's (creature, prompt template)
-      combinations reserved for the eval split and (when n_valid > 0) the validation split, in
-      steps of 1/20. Training prompts never use a reserved combination, so every eval prompt is
+      combinations reserved for the eval split and the validation split, in steps of 1/20. Training prompts never use a reserved combination, so every eval prompt is
       unseen in training (its creature and its template are both seen, never together).
     label_noise: probability that a (chosen, rejected) pair is swapped (pairs whose chosen response
       is at least as good on every objective are never swapped).
@@ -594,11 +594,12 @@ def _templates(ptype: str) -> list[tuple[str, str | None]]:
 
 def prompt_splits(config: SyntheticTaskConfig) -> dict[str, dict[str, list[tuple[str, str, str | None]]]]:
   """The (creature, prompt template) combinations each split draws from: {split: {type: [(entity,
-  template, asked)]}} for splits "train", "eval" and (when n_valid > 0) "validation".
+  template, asked)]}} for splits "train", "eval" and "validation".
 
   Per prompt type, combination (creature i, template j) gets the key (a_i + b_j) mod 20 with a_i, b_j
   seeded permutations of the creature and template indices; the first round(20 * eval_fraction) keys
-  go to eval, the next round(20 * valid_fraction) to validation (only when n_valid > 0), the rest
+  go to eval, the next round(20 * valid_fraction) to validation (reserved whether or not a
+  validation split is drawn, so n_valid changes neither the train nor the eval split), the rest
   to train. So the splits' prompts are disjoint, and each creature and each template occurs in the
   training prompts with other partners (a held-out prompt is a NEW combination of seen parts). A
   split left without any combination of a type (tiny worlds) takes one from train.
@@ -606,7 +607,7 @@ def prompt_splits(config: SyntheticTaskConfig) -> dict[str, dict[str, list[tuple
   kb = make_knowledge_base(config)
   rng = _rng(config.seed, 5)
   n_ev, n_va = _holdout_keys(config.eval_fraction), _holdout_keys(config.valid_fraction)
-  splits = ("train", "eval") + (("validation",) if config.n_valid > 0 else ())
+  splits = ("train", "eval", "validation")
   out: dict[str, dict[str, list]] = {sp: {} for sp in splits}
   for ptype in config.prompt_types:
     templates = _templates(ptype)
@@ -617,7 +618,7 @@ def prompt_splits(config: SyntheticTaskConfig) -> dict[str, dict[str, list[tuple
       for j, (t, asked) in enumerate(templates):
         key = (int(a[i]) + int(b[j])) % _HOLDOUT_PERIOD
         sp = "eval" if key < n_ev else "validation" if key < n_ev + n_va else "train"
-        parts[sp if sp in parts else "train"].append((e, t, asked))
+        parts[sp].append((e, t, asked))
     for sp in splits[1:]:
       if not parts[sp]:
         if len(parts["train"]) < 2:
