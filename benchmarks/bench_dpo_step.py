@@ -4,7 +4,7 @@ One command measures, in ONE run, the full-fine-tuning DPO step (policy forward 
 chosen and rejected, frozen fp32 reference forward, AdamW update, fp32) of
 
 * pro_jax: built exactly as the PRO policy stage builds it (`load_source("hf:...")`,
-  `policy_loss("dpo", model, ref_key="ref")`, `stage.make_task`, `trainer.setup`, the state and the
+  `policy.dpo_task` (`policy_loss("dpo", ref_key="ref")`), `trainer.setup`, the state and the
   frozen reference initialized as `trainer.train` does), then `setup.step(state, frozen, batch)`;
 * Tunix (`google-tunix`, its own venv): `DPOTrainer` on Tunix's `Llama3` loaded from the same
   safetensors; one step = `trainer._prepare_inputs(batch)` (its jitted reference forward) +
@@ -171,12 +171,12 @@ def _timings(step_fn, warmup: int, steps: int) -> tuple[list[float], list[float]
 
 
 def worker_peak(spec: dict) -> dict:
-  from pro_jax.train.logging import measure_cpu_matmul_peak
+  from pro_jax.train.flops import measure_cpu_matmul_peak
   return {"peak_flops": measure_cpu_matmul_peak(seconds=spec["peak_seconds"], n=2048)}
 
 
 class _FixedPairs:
-  """The stand-in for `pro_jax.data.Pipeline` that `make_task` reads (batch spec, batch size, data):
+  """The stand-in for `pro_jax.data.Pipeline` that the stage task builder reads (batch spec, batch size, data):
   one fixed pair batch in the pair pipeline's layout (docs/ARCHITECTURE.md, "pair batch")."""
 
   def __init__(self, batch: dict[str, np.ndarray]):
@@ -221,10 +221,9 @@ def build_pro_jax_step(spec: dict):
   import jax
   from pro_jax import sharding as shd
   from pro_jax.configs.pro_base import pro_config
-  from pro_jax.models import Transformer, init_variables
-  from pro_jax.pro.backbone import load_source
-  from pro_jax.pro.policy import policy_loss
-  from pro_jax.pro.stage import make_task
+  from pro_jax.models.sources import load_source
+  from pro_jax.stages.policy import dpo_task
+  from pro_jax.stages.stage import StageInputs
   from pro_jax.train.config import model_config_from
   from pro_jax.train.state import init_state, split_variables
   from pro_jax.train.trainer import setup
@@ -245,14 +244,12 @@ def build_pro_jax_step(spec: dict):
   sm = cfg.model
   mcfg = init.config.replace(dtype=sm.dtype, param_dtype=sm.param_dtype, remat=sm.remat, scan_layers=sm.scan_layers,
                              lora=model_config_from(sm).lora, head="lm", value_head=False)
-  model = Transformer(mcfg)
-  ref_model = Transformer(mcfg.replace(lora=None))
-  # The reference shares the backbone's arrays, as in run_policy (the stage init copies them).
-  ref_params = init.params
-  task = make_task(model, policy_loss("dpo", model, beta=spec["beta"], ref_key="ref",
-                                     response_window=spec.get("response_window")), _FixedPairs(batch_np),
-                   init=lambda rng: init_variables(model, rng), backbone_params=init.params,
-                   frozen={"ref": (ref_model, {"params": ref_params})}, name="policy")
+  # The reference shares the backbone's arrays, as in run_policy (the stage init copies them); the task
+  # comes from the policy stage's own builder (`dpo_task`).
+  pairs = _FixedPairs(batch_np)
+  task = dpo_task(cfg, mcfg, pairs.batch_spec(), "dpo", beta=spec["beta"], ref_key="ref",
+                  response_window=spec.get("response_window"), name="policy",
+                  inputs=StageInputs(init=init.params, frozen={"ref": {"params": init.params}}, data=pairs))
   mesh = shd.mesh_from_config(cfg.mesh)
   su = setup(cfg, task, mesh)
   # as trainer.train: variables with their shardings, split, the state, the frozen inputs, the batch
@@ -464,7 +461,7 @@ def main(argv=None) -> dict:
       raise SystemExit(f"{f}: interpreter {pythons[f]} not found; run `python {Path(__file__).name} --setup-venvs` "
                        f"(or pass --{f}-python)")
 
-  from pro_jax.train import logging as tlog
+  from pro_jax.train import flops as train_flops
   from pro_jax.models import ModelConfig
 
   workdir = Path(tempfile.mkdtemp(prefix="bench_dpo_"))
@@ -475,7 +472,7 @@ def main(argv=None) -> dict:
   mcfg = ModelConfig.from_dict(mdict)
   B, L = args.batch, args.seq_len
   tokens = 2 * B * L
-  flops = tlog.model_flops_per_step(mcfg, tokens, L, extra_forward_tokens=tokens)
+  flops = train_flops.model_flops_per_step(mcfg, tokens, L, extra_forward_tokens=tokens)
   spec = {"batch_file": str(workdir / "batch.npz"), "weights_dir": str(workdir / "weights"), "model": mdict,
           "steps": args.steps, "warmup": args.warmup, "lr": args.lr, "beta": args.beta, "seed": args.seed,
           "threads": args.threads, "peak_seconds": args.peak_seconds,

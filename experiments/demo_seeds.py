@@ -25,7 +25,7 @@ def main(argv=None) -> int:
   parser.add_argument("--config", default="demo")
   args, overrides = parser.parse_known_args(argv)
   from pro_jax.configs import load_config
-  from pro_jax.pro.demo import run_demo
+  from pro_jax.stages.demo import run_demo
 
   rows = []
   for seed in args.seeds:

@@ -83,7 +83,7 @@ def split_rows(examples: list[dict], fraction: float, seed: int, limit: int = 0)
 
 
 def _stage_cfg(steps: int, batch: int, lr: float, seed: int):
-  from pro_jax.pro.stage import engine_config
+  from pro_jax.stages.stage import engine_config
   return engine_config(**{"seed": seed, "total_steps": steps, "batch_size": batch, "optim.lr": lr,
                           "optim.warmup_steps": min(20, steps), "optim.weight_decay": 0.0,
                           "checkpoint.every_steps": steps, "checkpoint.keep": 1, "log.every_steps": 50,
@@ -95,8 +95,8 @@ def run(workdir: str, data_dir: str, config: HHConfig | None = None, *, existing
   from pro_jax.data import sources
   from pro_jax.models import ModelConfig
   from pro_jax.models.llama2c import load_llama2c
-  from pro_jax.pro import adapter as A
-  from pro_jax.pro import reward_model as R
+  from pro_jax.stages import adapter as A
+  from pro_jax.stages import rm as R
   from pro_jax.pro.normalize import fit_norm_stats
 
   c = config or HHConfig()

@@ -4,7 +4,7 @@
     pro-jax aot --config llama2_7b_dpo --topology v5e:4x4
     pro-jax <command> --help
 
-A subcommand is a `Command` (name, one-line help, `add_arguments(parser)`, `run(args) -> exit code`).
+A subcommand is a `Command` (`pro_jax.train.commands`: name, one-line help, `add_arguments(parser)`, `run(args) -> exit code`).
 Stages register theirs by adding `"name": "module.path:ATTRIBUTE"` to `COMMANDS` below (imported when
 the parser is built), or at run time with `register_command`.
 
@@ -15,35 +15,25 @@ written); 75 preempted (SIGTERM: a checkpoint was saved; run the same command ag
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_PREEMPTED = 0, 1, 2, 75
-
-
-@dataclasses.dataclass(frozen=True)
-class Command:
-  name: str
-  help: str
-  add_arguments: Callable[[argparse.ArgumentParser], None]
-  run: Callable[[argparse.Namespace], int]
-  description: str = ""
-  accepts_config_overrides: bool = True  # leftover `--config.KEY=VALUE` args go to args.overrides
+from pro_jax.configs import ConfigError
+from pro_jax.train.commands import EXIT_FAIL, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, Command  # noqa: F401
 
 
 # name -> "module:attribute" of a Command. Later stages add theirs here.
 COMMANDS: dict[str, str] = {
-    "demo": "pro_jax.pro.commands:DEMO",
-    "sft": "pro_jax.pro.commands:SFT",
-    "rm": "pro_jax.pro.commands:RM",
-    "adapter": "pro_jax.pro.commands:ADAPTER",
-    "policy": "pro_jax.pro.commands:POLICY",
-    "eval": "pro_jax.pro.commands:EVAL",
+    "demo": "pro_jax.stages.commands:DEMO",
+    "sft": "pro_jax.stages.commands:SFT",
+    "rm": "pro_jax.stages.commands:RM",
+    "adapter": "pro_jax.stages.commands:ADAPTER",
+    "policy": "pro_jax.stages.commands:POLICY",
+    "eval": "pro_jax.stages.commands:EVAL",
     "train": "pro_jax.train.commands:TRAIN",
-    "aot": "pro_jax.train.commands:AOT",
+    "aot": "pro_jax.stages.commands:AOT",
 }
 _extra: dict[str, Command] = {}
 
@@ -92,7 +82,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   if rest and not cmd.accepts_config_overrides:
     parser.error(f"unrecognized arguments: {' '.join(rest)}")
   args.overrides = rest
-  from pro_jax.configs import ConfigError
   try:
     return int(cmd.run(args) or 0)
   except ConfigError as e:

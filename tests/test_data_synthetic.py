@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pro_jax.data import synthetic as S
+from pro_jax.pro.weights import simplex_grid
 from pro_jax.data.schema import FIELDS
 from pro_jax.data.validate import validate_example
 
@@ -385,9 +386,10 @@ def test_true_weights(task):
 
 
 def test_simplex_grid_and_theorem_sides_by_hand():
-  np.testing.assert_allclose(S.simplex_grid(3, 2), [[0, 0, 1], [0, .5, .5], [0, 1, 0], [.5, 0, .5],
-                                                    [.5, .5, 0], [1, 0, 0]])
-  assert len(S.simplex_grid(3, 10)) == 66
+  # the one simplex grid (pro_jax.pro.weights), in the increasing row order the task's oracle_vs_fixed uses
+  np.testing.assert_allclose(simplex_grid(3, 1 / 2)[::-1], [[0, 0, 1], [0, .5, .5], [0, 1, 0], [.5, 0, .5],
+                                                            [.5, .5, 0], [1, 0, 0]])
+  assert len(simplex_grid(3, 1 / 10)) == 66
   sides = S.theorem_sides(np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.2]]))
   assert sides["per_prompt_best"] == pytest.approx((1 + 1 + 0.5) / 3)
   assert sides["best_fixed"] == pytest.approx(1.5 / 3) and sides["best_fixed_index"] == 0

@@ -1,12 +1,10 @@
 """The paper-setting experiments (experiments/*.py), the abstract stage tasks of `pro-jax aot`
-(pro_jax/pro/aot_tasks.py) and the per-setting launch scripts.
+(pro_jax/stages/tasks.py) and the per-setting launch scripts.
 
 * every experiment config loads for every stage and loss, validates for the TPU topologies of
   docs/experiments.md, and carries the paper's settings;
-* the abstract Task of each stage equals the one the real pipeline builds from data, weights and a
-  tokenizer (captured just before it would train), on a tiny version of the experiment config: same
-  batch spec, variables, logical axes, frozen inputs, model config, engine settings, and the same loss
-  value on the same random inputs;
+* `pro-jax aot` builds each stage's Task with the stage's own task builder (the one the pipeline
+  trains with), and the step compiles ahead of time from the abstract shapes alone;
 * a tiny experiment config compiles for v5e:2x2 through `pro-jax aot` (skipped without libtpu);
 * the launch scripts: shellcheck, --dry-run command lines, usage errors.
 
@@ -16,7 +14,6 @@ Never compiles 7B (docs/experiments.md has those figures).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import pathlib
 import shlex
@@ -25,13 +22,14 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from pro_jax.configs import ConfigError, load_config
-from pro_jax.pro import aot_tasks as T
+from pro_jax.sharding import mesh_from_config
+from pro_jax.stages import adapter, pipeline, policy, ppo, rm
+from pro_jax.stages import tasks as T
 from pro_jax.train.config import validate_config
+from pro_jax.train.trainer import setup
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 EXP = REPO / "experiments"
@@ -145,161 +143,56 @@ def test_the_architecture_must_be_in_the_config():
     T.stage_task(cfg, "policy")
 
 
-# -- the abstract tasks against the real pipeline -------------------------------------------------
+# -- one task builder: `pro-jax aot` compiles the stages' own builders ------------------------------
 
 
-class Captured(Exception):
-  def __init__(self, cfg, task):
-    super().__init__("captured")
-    self.cfg, self.task = cfg, task
+def _tiny_stage_config(stage: str, loss: str):
+  return exp_config("helpful_assistant", f"{stage},{loss}", TINY_OVERRIDES + [
+      f"--config.{s}.batch_size=8" for s in ("sft", "rm", "adapter", "policy")] + [
+      "--config.policy.pro.ppo.rollout_batch=16", "--config.policy.pro.ppo.minibatch=8",
+      "--config.policy.pro.ppo.max_new_tokens=8"])
 
 
-TINY_ARCH = dict(d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, mlp_dim=64, max_seq_len=256)
+# stage -> (module defining its task builder, the builder, the module whose runner trains with it)
+BUILDERS = {"sft": (policy, "sft_task", pipeline), "rm": (rm, "rm_task", rm), "adapter": (adapter, "adapter_task", adapter),
+            "modpo": (policy, "dpo_task", pipeline), "ppo": (ppo, "ppo_task", ppo)}
 
 
-def tiny(cfg, hf_dir: str, vocab: int):
-  """The experiment config at toy size on the embedded synthetic task (same stages, runtime, LoRA)."""
-  c = copy.deepcopy(cfg)
-  c.objectives = ("concise", "informative", "harmless")
-  c.data.update(sources=("synthetic",), eval_sources=(), manual_dir="", max_prompt_len=16, max_response_len=48,
-                bucket_multiple=8, max_eval=0)
-  c.task.update(n_train=64, n_eval=16)
-  c.tokenizer, c.scorers = "", ("synthetic",)
-  c.model.update(vocab_size=vocab, **TINY_ARCH)
-  c.sft.pro.source = f"hf:{hf_dir}"
-  for s in ("sft", "rm", "adapter", "policy"):
-    c[s].update(batch_size=8, total_steps=1)
-    c[s].optim.warmup_steps = 0
-    c[s].log.update(progress=False, tensorboard=False)
-    c[s].checkpoint.update(every_steps=1, async_save=False)
-  c.policy.pro.update(weights_source="uniform", max_prompt_len=32)
-  c.policy.pro.ppo.update(rollout_batch=16, minibatch=8, iterations=1, max_new_tokens=8)
-  return c
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,loss", [("sft", "ppo"), ("rm", "ppo"), ("adapter", "ppo"), ("policy", "modpo"),
+                                        ("policy", "ppo")])
+def test_aot_compiles_each_stage_through_the_pipelines_task_builder(stage, loss, monkeypatch):
+  """`pro-jax aot`'s Task of a stage comes from the same builder the pipeline trains with (called
+  with abstract shapes, no inputs), and its train step lowers and compiles ahead of time from those
+  shapes alone (here for the 8 CPU devices; `pro-jax aot --topology` does the same for a TPU)."""
+  module, name, runner = BUILDERS[stage if stage != "policy" else loss]
+  builder = getattr(module, name)
+  assert getattr(T, name) is builder and getattr(runner, name) is builder  # one function, two callers
+  calls = []
 
+  def spy(*args, **kwargs):
+    calls.append(kwargs.get("inputs"))
+    return builder(*args, **kwargs)
 
-@pytest.fixture(scope="module")
-def sft_workdir(tmp_path_factory):
-  """A workdir whose sft stage really ran (1 step) from a tiny HF checkpoint, as stage:sft sources expect."""
-  from pro_jax.models import ModelConfig, Transformer, init_variables
-  from pro_jax.models.hf_io import save_hf_model
-  from pro_jax.pro.pipeline import load_context, run_stage
-  root = tmp_path_factory.mktemp("exp_aot")
-  work = root / "work"
-  probe = tiny(exp_config("helpful_assistant", "sft"), "unused", 1)
-  vocab = len(load_context(probe, str(work)).tokenizer)
-  arch = ModelConfig(vocab_size=vocab, **TINY_ARCH, bos_token_id=None, eos_token_id=None)
-  save_hf_model(root / "hf", arch, init_variables(Transformer(arch), jax.random.PRNGKey(3))["params"])
-  cfg = tiny(exp_config("helpful_assistant", "sft"), str(root / "hf"), vocab)
-  run_stage("sft", cfg, str(work))
-  return str(work), str(root / "hf"), vocab
-
-
-def capture(stage: str, cfg, workdir: str, monkeypatch):
-  """(engine config, Task) that the pipeline's `stage` builds, stopped before it compiles or trains."""
-  from pro_jax.pro import pipeline, ppo_trainer
-  from pro_jax.train import trainer
-
-  def stop(c, workdir_, task, *args, **kwargs):
-    raise Captured(c, task)
-
-  monkeypatch.setattr(pipeline, "_train", stop)
-  monkeypatch.setattr(trainer, "train", stop)
-  monkeypatch.setattr(ppo_trainer, "setup", lambda c, task, mesh, **kw: stop(c, None, task))
-  ppo_trainer._COMPILED.clear()
-  with pytest.raises(Captured) as info:
-    pipeline.run_stage(stage, cfg, workdir)
-  return info.value.cfg, info.value.task
-
-
-def _abstract(tree):
-  return jax.tree.map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype).name), tree)
-
-
-def _random_like(tree, key, vocab: int):
-  """Random leaves; LoRA factors large enough that the policy differs clearly from its base (the reference)."""
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  out = []
-  for i, (path, x) in enumerate(leaves):
-    k = jax.random.fold_in(key, i)
-    if jnp.issubdtype(x.dtype, jnp.floating):
-      std = 0.3 if "lora" in jax.tree_util.keystr(path) else 0.05
-      out.append((std * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype))
-    else:
-      out.append(jax.random.randint(k, x.shape, 0, vocab).astype(x.dtype))
-  return jax.tree.unflatten(treedef, out)
-
-
-def random_batch(spec: dict, vocab: int, seed: int = 0) -> dict:
-  """A batch for `spec`: real tokens, masks with padding, simplex weights, signed rewards."""
-  rng = np.random.default_rng(seed)
-  out = {}
-  for name, s in spec.items():
-    shape = tuple(s.shape)
-    if name.endswith("tokens") or name == "sequences":
-      v = rng.integers(0, vocab, shape)
-    elif name.endswith("loss_mask") or name == "response_mask":
-      v = np.zeros(shape)
-      v[:, shape[1] // 4: shape[1] - 2] = 1
-    elif name.endswith("mask"):
-      v = np.ones(shape)
-      v[::2, -2:] = 0  # right padding on every other row (left padding for prompts is equivalent here)
-    elif name == "example_id":
-      v = np.arange(shape[0])
-      v[-1] = -1  # a filler row
-    elif name in ("weights", "target_weights"):
-      v = rng.dirichlet(np.ones(shape[-1]), shape[0])
-    elif name == "pair_objectives":
-      v = (rng.random(shape) < 0.6).astype(float)
-    elif name == "old_logp":
-      v = -rng.random(shape) * 3
-    else:
-      v = rng.normal(size=shape)
-    out[name] = jnp.asarray(v, s.dtype)
-  return out
-
-
-def loss_value(task, vocab: int, batch: dict):
-  key = jax.random.PRNGKey(1)
-  params = _random_like(task.abstract_variables, key, vocab)
-  frozen = {"base": {}, **_random_like(task.frozen_abstract, jax.random.fold_in(key, 99), vocab)}
-  loss, metrics = jax.jit(task.loss_fn)(params, frozen, batch, jax.random.PRNGKey(2))
-  return float(loss), {k: float(v) for k, v in metrics.items()}
-
-
-ENGINE_KEYS = ("trainable", "batch_size", "total_steps", "n_micro", "seed")
-IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "weight_token_id")  # tokenizer-given ids: no shapes
-
-
-@pytest.mark.parametrize("stage,loss,overrides", [
-    ("sft", "ppo", ()), ("rm", "ppo", ()), ("adapter", "ppo", ()), ("policy", "modpo", ()), ("policy", "wdpo", ()),
-    ("policy", "ric", ("--config.policy.pro.conditioning_mode=soft",)), ("policy", "ppo", ())])
-def test_abstract_task_equals_what_the_pipeline_builds(stage, loss, overrides, sft_workdir, monkeypatch):
-  workdir, hf_dir, vocab = sft_workdir
-  cfg = tiny(exp_config("helpful_assistant", f"{stage},{loss}", overrides), hf_dir, vocab)
-  their_cfg, theirs = capture(stage, cfg, workdir, monkeypatch)
-  if theirs.model_config is not None and theirs.model_config.weight_tokens:  # the tokenizer's placeholder id
-    monkeypatch.setattr(T, "SOFT_TOKEN_ID", theirs.model_config.weight_token_id)
-  my_cfg = T.stage_engine_config(cfg, stage)
-  mine = T.stage_task(cfg, stage, my_cfg)
-  assert _abstract(mine.batch_spec) == _abstract(theirs.batch_spec)
-  assert _abstract(mine.abstract_variables) == _abstract(theirs.abstract_variables)
-  assert mine.logical_axes == theirs.logical_axes
-  assert _abstract(mine.frozen_abstract) == _abstract(theirs.frozen_abstract)
-  assert mine.frozen_logical_axes == theirs.frozen_logical_axes
-  if theirs.model_config is not None:
-    strip = lambda m: {k: v for k, v in dataclasses.asdict(m).items() if k not in IDS}
-    assert strip(mine.model_config) == strip(theirs.model_config)
-  for k in ENGINE_KEYS:
-    assert my_cfg[k] == their_cfg[k], k
-  for section in ("optim", "mesh", "sharding", "guards"):
-    assert my_cfg[section].to_dict() == their_cfg[section].to_dict(), section
-  batch = random_batch(mine.batch_spec, vocab)
-  mine_loss, mine_metrics = loss_value(mine, vocab, batch)
-  their_loss, their_metrics = loss_value(theirs, vocab, batch)
-  assert np.isfinite(mine_loss) and mine_loss == pytest.approx(their_loss, rel=1e-6, abs=1e-7)
-  assert mine_metrics.keys() == their_metrics.keys()
-  for k in mine_metrics:
-    assert mine_metrics[k] == pytest.approx(their_metrics[k], rel=1e-5, abs=1e-6), k
+  monkeypatch.setattr(T, name, spy)
+  cfg = _tiny_stage_config(stage, loss)
+  target = T.aot_target(cfg, stage)
+  task = target.task_fn(target.engine_config)
+  assert calls == [None]  # the builder, with abstract shapes only
+  with pytest.raises(RuntimeError, match="abstract shapes only"):
+    task.init_variables(jax.random.PRNGKey(0), shardings=None)
+  ecfg = copy.deepcopy(target.engine_config)
+  ecfg.mesh.update(data=1, fsdp=-1, tensor=1)
+  ecfg.n_micro = 1
+  su = setup(ecfg, task, mesh_from_config(ecfg.mesh))
+  lowered = su.step.lower(su.abstract_state, su.frozen_abstract, su.batch_abstract)
+  assert lowered.compile().cost_analysis() is not None
+  # the compiled step takes exactly the task's batch and returns the next state and the metrics
+  out_state, out_metrics = lowered.out_info
+  assert jax.tree.structure(out_state) == jax.tree.structure(su.abstract_state)
+  assert "loss" in out_metrics and out_metrics["loss"].shape == ()
+  assert {k: tuple(v.shape) for k, v in su.batch_abstract.items()} == \
+      {k: tuple(v.shape) for k, v in task.batch_spec.items()}
 
 
 def test_model_flops_follow_the_convention():

@@ -13,6 +13,7 @@ import pytest
 
 from pro_jax.models.config import ModelConfig
 from pro_jax.train import logging as tlog
+from pro_jax.train import flops as train_flops
 
 
 def _lines(path):
@@ -283,21 +284,21 @@ def test_progress_bar_auto_disable_and_fake_tty():
 
 
 def test_peak_flops_table():
-  assert tlog.peak_flops("TPU v4") == 275e12
-  assert tlog.peak_flops("TPU v5 lite") == 197e12
-  assert tlog.peak_flops("TPU v5e") == 197e12
-  assert tlog.peak_flops("TPU v5") == 459e12
-  assert tlog.peak_flops("TPU v5p") == 459e12
-  assert tlog.peak_flops("TPU v6 lite") == 918e12
-  assert tlog.peak_flops("TPU v6e") == 918e12
-  assert tlog.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
-  assert tlog.peak_flops("NVIDIA H200") == 989e12
-  assert tlog.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
-  assert tlog.peak_flops("TPU v5 lite", jnp.bfloat16) == 197e12
-  assert tlog.peak_flops("cpu") is None
-  assert tlog.peak_flops("Some accelerator") is None
-  assert tlog.peak_flops("NVIDIA H100 80GB HBM3", "float32") is None
-  assert tlog.peak_flops("TPU v4", "int8") is None
+  assert train_flops.peak_flops("TPU v4") == 275e12
+  assert train_flops.peak_flops("TPU v5 lite") == 197e12
+  assert train_flops.peak_flops("TPU v5e") == 197e12
+  assert train_flops.peak_flops("TPU v5") == 459e12
+  assert train_flops.peak_flops("TPU v5p") == 459e12
+  assert train_flops.peak_flops("TPU v6 lite") == 918e12
+  assert train_flops.peak_flops("TPU v6e") == 918e12
+  assert train_flops.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+  assert train_flops.peak_flops("NVIDIA H200") == 989e12
+  assert train_flops.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+  assert train_flops.peak_flops("TPU v5 lite", jnp.bfloat16) == 197e12
+  assert train_flops.peak_flops("cpu") is None
+  assert train_flops.peak_flops("Some accelerator") is None
+  assert train_flops.peak_flops("NVIDIA H100 80GB HBM3", "float32") is None
+  assert train_flops.peak_flops("TPU v4", "int8") is None
 
 
 def test_model_flops_against_hand_computation():
@@ -308,19 +309,19 @@ def test_model_flops_against_hand_computation():
   layers, heads, head_dim, seq = 1, 2, 2, 16
   palm_train_per_token = 6 * n_matmul + 12 * layers * heads * head_dim * seq  # PaLM appendix B
   assert palm_train_per_token == 1872
-  flops = tlog.model_flops_per_step(cfg, tokens_per_step=32, seq_len=seq)
+  flops = train_flops.model_flops_per_step(cfg, tokens_per_step=32, seq_len=seq)
   assert flops == 32 * 1872
-  fwd_only = tlog.model_flops_per_step(cfg, tokens_per_step=32, seq_len=seq, backward=False)
+  fwd_only = train_flops.model_flops_per_step(cfg, tokens_per_step=32, seq_len=seq, backward=False)
   assert fwd_only == 32 * (2 * n_matmul + 4 * layers * heads * head_dim * seq) == 32 * 624
-  with_ref = tlog.model_flops_per_step(cfg, tokens_per_step=32, seq_len=seq, extra_forward_tokens=64)
+  with_ref = train_flops.model_flops_per_step(cfg, tokens_per_step=32, seq_len=seq, extra_forward_tokens=64)
   assert with_ref == 32 * 1872 + 64 * 624
   # MFU: 59904 FLOPs in 1 ms on 2 devices of 1e8 FLOP/s -> 59904e3 / 2e8.
-  assert tlog.mfu(flops, 1e-3, 2, 1e8) == pytest.approx(0.29952)
-  assert tlog.mfu(flops, 1e-3, 2, None) is None
+  assert train_flops.mfu(flops, 1e-3, 2, 1e8) == pytest.approx(0.29952)
+  assert train_flops.mfu(flops, 1e-3, 2, None) is None
   with pytest.raises(ValueError):
-    tlog.mfu(flops, 0.0, 2, 1e8)
+    train_flops.mfu(flops, 0.0, 2, 1e8)
 
 
 def test_measure_cpu_matmul_peak_is_plausible():
-  peak = tlog.measure_cpu_matmul_peak(seconds=0.05, n=64)
+  peak = train_flops.measure_cpu_matmul_peak(seconds=0.05, n=64)
   assert math.isfinite(peak) and 1e6 < peak < 1e14

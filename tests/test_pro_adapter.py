@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from pro_jax.models import ModelConfig, Transformer, init_variables
-from pro_jax.pro import adapter as A
+from pro_jax.stages import adapter as A
 from pro_jax.pro.normalize import fit_norm_stats
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, mlp_dim=64, max_seq_len=32, head="none")
@@ -59,15 +59,12 @@ def test_adapter_loss_matches_hand_kl():
 
 def test_train_adapter_learns_prompt_types_and_loads_back(tmp_path):
   """Two prompt types with opposite targets: the trained adapter tells held-out prompts apart."""
-  import tempfile
   from transformers import AutoTokenizer
 
   import pro_jax.data.synthetic as S
-  from pro_jax.pro.stage import engine_config
-  from pro_jax.pro.policy import policy_loss
-  from pro_jax.pro.stage import make_task
-  from pro_jax.pro.backbone import graft
   from pro_jax.data.pipeline import Pipeline, PipelineConfig
+  from pro_jax.stages.policy import sft_task
+  from pro_jax.stages.stage import StageInputs, engine_config
   from pro_jax.train.trainer import train
 
   tcfg = S.SyntheticTaskConfig(n_train=160, n_eval=40, seed=5)
@@ -76,13 +73,12 @@ def test_train_adapter_learns_prompt_types_and_loads_back(tmp_path):
   tok = AutoTokenizer.from_pretrained(str(tok_dir))
   # a backbone checkpoint: 30 SFT steps of a tiny model on the task's text
   mcfg = ModelConfig(vocab_size=len(tok), d_model=32, n_layers=1, n_heads=4, mlp_dim=64, max_seq_len=64)
-  model = Transformer(mcfg)
   pc = PipelineConfig(kind="sequence", batch_size=16, max_prompt_len=16, max_response_len=48, bucket_multiple=8,
                       num_epochs=None, static_shapes=True)
-  task = make_task(model, policy_loss("sft", model), Pipeline(data["train"], tok, pc),
-                   init=lambda rng: graft(model, None, rng), name="sft")
   ecfg = engine_config(total_steps=30, batch_size=16, **{"optim.lr": 3e-3, "optim.warmup_steps": 2,
                                                           "log.progress": False, "log.tensorboard": False})
+  pipe = Pipeline(data["train"], tok, pc)
+  task = sft_task(ecfg, mcfg, pipe.batch_spec(), name="sft", inputs=StageInputs(data=pipe))  # fresh init
   for k, v in mcfg.to_dict().items():
     if k in ecfg.model and k not in ("lora", "rope_scaling"):
       ecfg.model[k] = v

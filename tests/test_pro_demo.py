@@ -10,7 +10,7 @@ import os
 import numpy as np
 
 from pro_jax.configs import load_config
-from pro_jax.pro.demo import run_demo
+from pro_jax.stages.demo import run_demo
 
 TINY = ["--config.task.n_train=96", "--config.task.n_eval=24", "--config.sft.total_steps=6",
         "--config.sft.optim.warmup_steps=1", "--config.adapter.optim.warmup_steps=1",

@@ -12,7 +12,7 @@ import pytest
 import jax
 
 from pro_jax.models import ModelConfig, Transformer, init_variables
-from pro_jax.pro import evaluate as E
+from pro_jax.stages import evaluate as E
 from pro_jax.pro.normalize import fit_norm_stats
 
 

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from pro_jax.models import LoRAConfig, ModelConfig, Transformer, init_variables
-from pro_jax.pro.policy import (best_of_examples, condition_prompt, pair_logps, policy_loss,
+from pro_jax.stages.policy import (best_of_examples, condition_prompt, pair_logps, policy_loss,
                                 resolve_example_weights, ric_examples)
 from pro_jax.pro.weights import parse_weights_text
 
@@ -189,7 +189,7 @@ def test_stage_init_copies_backbone_so_donation_keeps_the_reference():
   """On a one-device mesh the backbone's arrays already sit where the stage's params go; the stage
   init must still copy them, since the engine donates (deletes) the initialized params while a frozen
   reference built from the same backbone keeps using them (the DPO full-fine-tuning case)."""
-  from pro_jax.pro.stage import _init_with_backbone
+  from pro_jax.stages.stage import StageInputs, make_task
 
   model = Transformer(CFG)
   mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1], axis_types=(jax.sharding.AxisType.Auto,))
@@ -198,8 +198,9 @@ def test_stage_init_copies_backbone_so_donation_keeps_the_reference():
   # copies: a live numpy view of a CPU buffer would itself keep XLA from donating it
   expected = jax.tree.map(lambda x: np.array(x, copy=True), backbone)
   shardings = jax.tree.map(lambda _: one, jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(0))))
-  variables = _init_with_backbone(lambda rng: init_variables(model, rng), backbone)(jax.random.PRNGKey(0),
-                                                                                     shardings=shardings)
+  task = make_task("policy", None, None, None, {}, init=lambda rng: init_variables(model, rng),
+                   inputs=StageInputs(init=backbone))  # the stage's init: fresh variables + the grafted backbone
+  variables = task.init_variables(jax.random.PRNGKey(0), shardings=shardings)
   jax.tree.map(lambda x, e: np.testing.assert_array_equal(np.array(x, copy=True), e), variables["params"], expected)
   jax.jit(lambda v: jax.tree.map(lambda x: x * 2, v), donate_argnums=(0,))(variables)  # as init_state does
   assert not any(x.is_deleted() for x in jax.tree.leaves(backbone))

@@ -18,10 +18,10 @@ from pro_jax.data import synthetic as S
 from pro_jax.data.pipeline import Pipeline, PipelineConfig
 from pro_jax.models import LoRAConfig, ModelConfig, Transformer, init_variables
 from pro_jax.models.generate import generate
-from pro_jax.pro import ppo_trainer as PT
+from pro_jax.stages import ppo as PT
 from pro_jax.pro.normalize import fit_norm_stats
-from pro_jax.pro.policy import policy_loss
-from pro_jax.pro.stage import engine_config
+from pro_jax.stages.policy import policy_loss
+from pro_jax.stages.stage import engine_config
 
 TEMP = 0.7
 

@@ -12,9 +12,9 @@ from transformers import AutoTokenizer
 
 from pro_jax.data import synthetic as S
 from pro_jax.models import ModelConfig, Transformer, init_variables
-from pro_jax.pro import reward_model as R
-from pro_jax.pro.scoring import RewardModelScorer
-from pro_jax.pro.stage import engine_config
+from pro_jax.stages import rm as R
+from pro_jax.stages.scoring import RewardModelScorer
+from pro_jax.stages.stage import engine_config
 
 OBJ = ("concise", "informative", "harmless")
 
@@ -222,7 +222,7 @@ def test_load_reward_model_round_trip_gives_identical_scores(task, trained_rm, t
 def test_lora_reward_model_trains_the_head_and_adapters_only(task, trained_rm, tmp_path):
   cfg, data, tok, _ = task
   base_dir = trained_rm[0]  # a "pretrained" backbone: a finished engine run, loaded as checkpoint:DIR
-  from pro_jax.pro.backbone import load_source
+  from pro_jax.models.sources import load_source
   bb = load_source(f"checkpoint:{base_dir}")
   ecfg = _cfg(10, trainable="lora", **{"model.lora.rank": 4, "model.lora.targets": ("q_proj", "v_proj")})
   model, variables = R.train_reward_model(ecfg, str(tmp_path / "lora"), data["train"], tok,

@@ -15,10 +15,10 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from pro_jax.data import synthetic as S
 from pro_jax.models import ModelConfig
 from pro_jax.models.hf_io import load_hf_model
-from pro_jax.pro import reward_model as R
-from pro_jax.pro.scoring import (CachedScorer, RewardModelScorer, StackedScorer, hf_reward_scorer, scorer_key,
+from pro_jax.stages import rm as R
+from pro_jax.stages.scoring import (CachedScorer, RewardModelScorer, StackedScorer, hf_reward_scorer, scorer_key,
                                  tokenize_for_scoring)
-from pro_jax.pro.stage import engine_config
+from pro_jax.stages.stage import engine_config
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "golden" / "fixtures"
 CHARS = ["\n"] + [chr(c) for c in range(32, 127)]

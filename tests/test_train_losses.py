@@ -10,7 +10,8 @@ import pytest
 from pro_jax.configs import load_config
 from pro_jax.models import ModelConfig, Transformer, init_variables
 from pro_jax.train.data import SyntheticPairs
-from pro_jax.train.losses import lm_loss, sequence_logprob, token_logprobs, toy_dpo_loss
+from pro_jax.train.losses import lm_loss, token_logprobs, toy_dpo_loss
+from pro_jax.train.losses import model_sequence_logprob as sequence_logprob
 
 
 def jit_init(model):

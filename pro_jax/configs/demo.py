@@ -21,7 +21,7 @@ def get_config():
   # conditioning "own": each training response y is conditioned on its own w*(x, y) = softmax(r~ / tau)
   # (PRO_METHOD.md's description). "best_of" (the demo's choice): weights drawn from the whole simplex
   # (Dirichlet(concentration)), each paired with the candidate that maximizes w . r~
-  # (`pro_jax.pro.policy.best_of_examples`), `samples` per prompt. With "own", weights near the corners
+  # (`pro_jax.stages.policy.best_of_examples`), `samples` per prompt. With "own", weights near the corners
   # of the simplex never occur in training, so the fixed-weight baselines of the grid would be judged
   # on a policy that never learned what they ask for; "best_of" serves every weight vector equally.
   c.policy.update(total_steps=250, batch_size=64)

@@ -1,6 +1,6 @@
 """The PRO pipeline's config schema (`pro_config()`); `demo` and the experiments start from it.
 
-See `pro_jax/pro/pipeline.py` for what each section does. Stage sections (`sft`, `rm`, `adapter`,
+See `pro_jax/stages/pipeline.py` for what each section does. Stage sections (`sft`, `rm`, `adapter`,
 `policy`) are full engine configs (`base.base_config()`: batch, steps, optimizer, mesh, checkpoints,
 logging, model dtypes / LoRA) plus a `pro` section with the stage's PRO settings.
 """
@@ -62,7 +62,7 @@ def pro_config() -> mc.ConfigDict:
       # conditioning "rewards": RiC proper, each response conditioned on its own normalized rewards
       # ("<r> name value ... </r>"); weights are mapped to target rewards by RiC's map (l2 | linear | linf)
       ric_reward_map="l2",
-      # MORLHF-PPO (loss "ppo"): pro_jax.pro.ppo_trainer.PPOConfig; the policy's engine optim holds
+      # MORLHF-PPO (loss "ppo"): pro_jax.stages.ppo.PPOConfig; the policy's engine optim holds
       # lr / clip_norm (the paper: 1e-5, 0.5); reward_clip <= 0 = off.
       ppo=mc.ConfigDict(dict(iterations=100, rollout_batch=64, minibatch=16, ppo_epochs=4, max_new_tokens=128,
                              temperature=0.7, top_k=0, top_p=1.0, kl_coef=0.2, adaptive_kl=True, kl_target=3.0,

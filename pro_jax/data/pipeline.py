@@ -47,6 +47,7 @@ import numpy as np
 
 from pro_jax.data.errors import DataError
 from pro_jax.data.tokenize import encode, normalize_messages, pad_id, resolve_template, truncate_prompt
+from pro_jax.data.validate import validate_example
 
 KINDS = ("pair", "sequence", "prompt")
 STATE_VERSION = 1
@@ -140,6 +141,21 @@ def pad_left(rows: Sequence[np.ndarray], length: int, pad: int) -> tuple[np.ndar
   return tokens, mask
 
 
+def prompt_arrays(tokenizer: Any, prompts: Sequence[Any], max_prompt_len: int, template: str = "auto"
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """Left-padded (tokens, mask) [N, round_up(max_prompt_len, 8)] of prompts (schema messages or text)
+  rendered with `template`, each cut from the left to `max_prompt_len` tokens (BOS kept): the arrays
+  generation, the adapter's features and the evaluation read."""
+  messages = [normalize_messages(p, row=i) for i, p in enumerate(prompts)]
+  ids, _ = encode(tokenizer, messages, None, template)
+  bos = getattr(tokenizer, "bos_token_id", None)
+  rows = [np.asarray(truncate_prompt(i, max_prompt_len, bos), np.int32) for i in ids]
+  empty = [i for i, r in enumerate(rows) if len(r) == 0]
+  if empty:
+    raise ValueError(f"prompts: row {empty[0]} renders to no token (every prompt needs at least one)")
+  return pad_left(rows, round_up(max_prompt_len, 8), pad_id(tokenizer))
+
+
 def _concat(prompt: np.ndarray, response: np.ndarray, length: int, pad: int):
   """One right-padded row: tokens, mask, loss_mask (1 on response tokens incl. EOS)."""
   tokens = np.full(length, pad, np.int32)
@@ -228,7 +244,6 @@ class Pipeline:
     stats: dict[str, Any] = {"rows": len(source), "records": 0, "dropped_over_long": 0,
                              "skipped_no_pair": 0}
     if c.validate:
-      from pro_jax.data.validate import validate_example
       stats["dropped_invalid"] = {}
     prompts, texts, owners = [], [], []  # owners: (row, response_index or -1/-2 for chosen/rejected)
     meta: dict[int, dict[str, Any]] = {}

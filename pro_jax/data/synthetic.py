@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import json
 import pathlib
 import re
@@ -29,6 +28,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from pro_jax.pro.metrics import utility
+from pro_jax.pro.weights import simplex_grid
 
 # ----------------------------------------------------------------------------------------------
 # Vocabulary of the closed world
@@ -678,12 +680,10 @@ def reward_stats(examples: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.
   return mean.astype(np.float32), np.maximum(np.sqrt(var), 1e-6).astype(np.float32)
 
 
-def utility(scores_NxK: np.ndarray, weights_NxK: np.ndarray,
-            stats: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-  """U = sum_k w_k * (r_k - mean_k) / std_k over the last axis (broadcasting)."""
+def z_scores(scores_NxK: np.ndarray, stats: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+  """(r_k - mean_k) / std_k (float64), the normalized rewards the task's utility weighs."""
   mean, std = stats
-  z = (np.asarray(scores_NxK, np.float64) - mean) / std
-  return (z * np.asarray(weights_NxK, np.float64)).sum(-1)
+  return (np.asarray(scores_NxK, np.float64) - mean) / std
 
 
 def true_weights(example: Mapping[str, Any] | str,
@@ -699,7 +699,8 @@ def true_weights(example: Mapping[str, Any] | str,
 
 def _choose_pair(scores_CxK: np.ndarray, w_K: np.ndarray, stats, rng: np.random.Generator,
                  mode: str) -> tuple[int, int]:
-  u = utility(scores_CxK, w_K, stats)
+  z_CxK = z_scores(scores_CxK, stats)
+  u = utility(np.broadcast_to(w_K, z_CxK.shape), z_CxK)  # U = sum_k w_k z_k per candidate
   if mode == "best_vs_random":
     best = int(np.argmax(u))
     lower = np.flatnonzero(u < u[best] - 1e-9)
@@ -800,12 +801,6 @@ def pair_labels(r_chosen_K: np.ndarray, r_rejected_K: np.ndarray, tie_eps: float
 # The theorem's inequality: E_x max_w U(x, y_w) >= max_w E_x U(x, y_w)
 
 
-def simplex_grid(k: int, steps: int) -> np.ndarray:
-  """All weight vectors [W, k] with entries in {0, 1/steps, ..., 1} summing to 1."""
-  rows = [c for c in itertools.product(range(steps + 1), repeat=k) if sum(c) == steps]
-  return np.asarray(rows, np.float32) / steps
-
-
 def best_response_utilities(examples: Sequence[Mapping[str, Any]], weights_WxK: np.ndarray,
                             stats: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
   """U[x, w]: true utility of the candidate that weight vector w picks for prompt x.
@@ -847,7 +842,8 @@ def oracle_vs_fixed(examples: Sequence[Mapping[str, Any]], stats: tuple[np.ndarr
   The oracle is >= the theorem's per-prompt best (its weights pick the truly best candidate).
   """
   k = len(examples[0]["objectives"])
-  grid = simplex_grid(k, grid_steps)
+  # every weight vector with entries in {0, 1/grid_steps, ..., 1}, in lexicographically increasing order
+  grid = simplex_grid(k, 1.0 / grid_steps)[::-1].astype(np.float32)
   fixed = best_response_utilities(examples, grid, stats)  # [N, W]
   oracle = np.array([best_response_utilities([ex], np.asarray([ex["true_weights"]]), stats)[0, 0]
                      for ex in examples])

@@ -41,7 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
+from pro_jax import sharding as sh
 from pro_jax.models.config import LoRAConfig, ModelConfig, RopeScaling
+from pro_jax.models.lora import lora_delta
 from pro_jax.models.transformer import Transformer, abstract_variables, logical_axes
 
 log = logging.getLogger(__name__)
@@ -644,7 +646,6 @@ def load_hf_model(path: PathLike, *, dtype: str = "float32", param_dtype: str = 
 
   shardings = None
   if mesh is not None:
-    from pro_jax import sharding as sh
     all_shardings = sh.param_shardings(logical_axes(model), abstract_variables(model), mesh,
                                        sh.RULES if rules is None else rules)
     shardings = flax.traverse_util.flatten_dict(all_shardings["params"])
@@ -715,7 +716,6 @@ def _merge_lora(config: ModelConfig, kernel: np.ndarray, a: np.ndarray, b: np.nd
   """One layer's W + a @ b * alpha / r in float32 (kernel [in, out], a [in, r], b [r, out]), as
   `pro_jax.models.lora.merge_lora` computes it for the whole stacked tree; done per layer here so
   the export streams."""
-  from pro_jax.models.lora import lora_delta
   return (kernel.astype(np.float32) + np.asarray(lora_delta(config, a, b))).astype(kernel.dtype)
 
 

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from pro_jax.models.config import ModelConfig
+from pro_jax.models.tokenizer import load_tokenizer
 from pro_jax.models.transformer import Transformer, abstract_variables
 
 PathLike = str | os.PathLike
@@ -138,7 +139,6 @@ def load_llama2c(path: PathLike, tokenizer_path: PathLike | None = None, *, dtyp
         tokenizer_path = cand
         break
   if tokenizer_path is not None:
-    from pro_jax.models.tokenizer import load_tokenizer
     tokenizer = load_tokenizer(tokenizer_path)
     if len(tokenizer) != h["vocab_size"]:
       raise Llama2cError(f"{tokenizer_path}: tokenizer has {len(tokenizer)} tokens, {path} has vocab "

@@ -22,7 +22,7 @@ compiled by the TPU compiler. The report:
   variant of the same step for the cost figures: layers unrolled, n_micro=1 (same batch, same
   FLOPs) and windowed einsum off (plain all-gather + matmul, which the cost model prices fully).
   Memory figures always come from the step as configured;
-* model FLOPs per step (PaLM convention, `pro_jax.train.logging.model_flops_per_step`) and the MFU
+* model FLOPs per step (PaLM convention, `pro_jax.train.flops.model_flops_per_step`) and the MFU
   they imply: model FLOPs / (optimal_seconds x chips x peak bf16 FLOP/s per chip; v4 275e12,
   v5e 197e12, v5p 459e12, v6e 918e12).
 """
@@ -33,7 +33,13 @@ import copy
 import dataclasses
 import json
 import re
+import time
 from typing import Any
+
+from pro_jax import sharding as shd
+from pro_jax.train.config import validate_config
+from pro_jax.train.tasks import build_task
+from pro_jax.train.trainer import setup
 
 GIB = 1024 ** 3
 HBM_BYTES = {"v4": 32 * GIB, "v5e": 16 * GIB, "v5p": 95 * GIB, "v6e": 32 * GIB}
@@ -165,11 +171,6 @@ COST_VARIANT = "loop-free variant: layers unrolled, n_micro=1, windowed einsum o
 
 def _compile(cfg: Any, task: Any, devices: list, options: dict | None) -> dict:
   """Compile one step; a dict of figures, or {"error": msg, "total": bytes} when HBM runs out."""
-  import time
-
-  from pro_jax import sharding as shd
-  from pro_jax.train.trainer import setup
-
   mesh = shd.mesh_from_config(cfg.mesh, devices=devices)
   su = setup(cfg, task, mesh)
   t0 = time.perf_counter()
@@ -248,10 +249,8 @@ def aot_compile(cfg: Any, topology: str, task_fn: Any = None, *, cost_variant: b
   cost_variant: when the configured step has loops, also compile the loop-free variant for the
   cost-model figures.
   """
-  from pro_jax.train.config import validate_config
-
   if task_fn is None:
-    from pro_jax.train.tasks import build_task as task_fn
+    task_fn = build_task
   gen = chip_generation(topology)
   devices = topology_devices(topology)
   # v4 topologies list one device per TensorCore (2 per chip): each has half the chip's HBM and peak.

@@ -37,6 +37,8 @@ import ml_collections as mc
 import orbax.checkpoint as ocp
 from etils import epath
 
+from pro_jax.models import ModelConfig, Transformer, logical_axes
+from pro_jax.sharding import param_shardings
 from pro_jax.train.state import TrainState, merge_variables
 
 log = logging.getLogger("pro_jax")
@@ -281,8 +283,6 @@ def load_checkpoint(directory: str | os.PathLike, step: int | None = None, *, me
   step=None: the newest complete step. With `mesh`, parameters are placed with the model's logical
   shardings on it (`pro_jax.sharding.param_shardings`); without, on the first device.
   """
-  from pro_jax.models import ModelConfig, Transformer, logical_axes
-  from pro_jax.sharding import param_shardings
 
   directory = as_path(directory)
   workdir, ckdir = _checkpoints_dir(directory)

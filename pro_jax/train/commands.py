@@ -1,12 +1,34 @@
-"""The engine's subcommands, `pro-jax train` and `pro-jax aot`, and argument helpers for stages."""
+"""The `pro-jax` subcommand type (`Command`, exit codes), the engine's `pro-jax train`, and the
+argument helpers every command uses. (`pro-jax aot`, which also compiles PRO stages, is a stage
+command: `pro_jax.stages.commands`.)"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from collections.abc import Callable
 
-from pro_jax.cli import EXIT_FAIL, EXIT_OK, EXIT_PREEMPTED, Command
+from pro_jax.configs import list_configs, load_config
+from pro_jax.sharding import initialize_distributed
+from pro_jax.train.config import validate_config
+from pro_jax.train.tasks import build_task
+from pro_jax.train.trainer import NonFiniteError, WorkdirError, train
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_PREEMPTED = 0, 1, 2, 75
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+  """A `pro-jax` subcommand: name, one-line help, `add_arguments(parser)`, `run(args) -> exit code`."""
+
+  name: str
+  help: str
+  add_arguments: Callable[[argparse.ArgumentParser], None]
+  run: Callable[[argparse.Namespace], int]
+  description: str = ""
+  accepts_config_overrides: bool = True  # leftover `--config.KEY=VALUE` args go to args.overrides
 
 CONFIG_HELP = ("config: a name from pro_jax/configs ({names}) or a path to a .py file defining get_config(); "
                "NAME:ARG passes ARG to get_config")
@@ -14,7 +36,6 @@ CONFIG_HELP = ("config: a name from pro_jax/configs ({names}) or a path to a .py
 
 def add_config_arguments(parser: argparse.ArgumentParser, workdir: bool = True) -> None:
   """--config (+ free --config.KEY=VALUE overrides) and, for training commands, --workdir/--resume/--overwrite."""
-  from pro_jax.configs import list_configs
   parser.add_argument("--config", required=True, help=CONFIG_HELP.format(names=", ".join(list_configs())))
   if workdir:
     parser.add_argument("--workdir", required=True,
@@ -30,8 +51,6 @@ def add_config_arguments(parser: argparse.ArgumentParser, workdir: bool = True) 
 
 def config_from_args(args: argparse.Namespace):
   """Load --config with the overrides, initialize multi-host JAX if configured, validate (no compile)."""
-  from pro_jax.configs import load_config
-  from pro_jax.sharding import initialize_distributed
   cfg = load_config(args.config, getattr(args, "overrides", []))
   d = cfg.distributed
   initialize_distributed(d.initialize, d.coordinator_address or None,
@@ -53,9 +72,6 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_run(args: argparse.Namespace) -> int:
-  from pro_jax.train.config import validate_config
-  from pro_jax.train.tasks import build_task
-  from pro_jax.train.trainer import NonFiniteError, WorkdirError, train
   cfg = config_from_args(args)
   validate_config(cfg)
   task = build_task(cfg)
@@ -63,7 +79,7 @@ def _train_run(args: argparse.Namespace) -> int:
     result = train(cfg, args.workdir, task, existing=existing_mode(args))
   except WorkdirError as e:
     print(f"pro-jax train: error: {e}", file=sys.stderr)
-    return 2
+    return EXIT_USAGE
   except NonFiniteError as e:
     print(f"pro-jax train: stopped: {e}", file=sys.stderr)
     return EXIT_FAIL
@@ -86,54 +102,3 @@ TRAIN = Command(
         "Multi-host (TPU pod slice): run the same command on every host; distributed.initialize='auto' "
         "calls jax.distributed.initialize()."),
     add_arguments=_train_args, run=_train_run)
-
-
-# ---------------------------------------------------------------------------------------------
-# aot
-
-
-def _aot_args(p: argparse.ArgumentParser) -> None:
-  add_config_arguments(p, workdir=False)
-  p.add_argument("--topology", required=True,
-                 help="TPU topology, e.g. v5e:4x4, v5e:2x2, v5p:2x2x2, v4:2x2x2, v6e:4x4")
-  p.add_argument("--stage", default="", choices=["", "sft", "rm", "adapter", "policy"],
-                 help="PRO pipeline configs: the stage whose train step to compile (default: the config's "
-                      "`stage` field, else policy); see pro_jax/pro/aot_tasks.py")
-  p.add_argument("--json", default="", help="also write the report as JSON to this file")
-  p.add_argument("--no-cost-variant", action="store_true",
-                 help="skip the second, loop-free compile used for the cost-model figures when the configured "
-                      "step has loops (scanned layers, micro-batches, windowed-einsum collective matmuls)")
-
-
-def _aot_run(args: argparse.Namespace) -> int:
-  from pro_jax.configs import load_config
-  from pro_jax.pro.aot_tasks import aot_target
-  from pro_jax.train.aot import AotError, aot_compile
-  cfg = load_config(args.config, args.overrides)
-  target = aot_target(cfg, args.stage or None)  # a PRO pipeline config: the stage's engine config and Task
-  try:
-    report = aot_compile(target.engine_config, args.topology, target.task_fn, cost_variant=not args.no_cost_variant)
-  except AotError as e:
-    print(f"pro-jax aot: error: {e}", file=sys.stderr)
-    return EXIT_FAIL
-  if target.description:
-    print(target.description)
-  print(report.table())
-  if args.json:
-    with open(args.json, "w") as f:
-      f.write(report.to_json() + "\n")
-  if not report.fits:
-    print(f"pro-jax aot: the step needs {report.total_bytes / 2**30:.2f} GiB per device, more than the "
-          f"{report.hbm_bytes / 2**30:.0f} GiB of HBM of {args.topology}", file=sys.stderr)
-    return EXIT_FAIL
-  return EXIT_OK
-
-
-AOT = Command(
-    name="aot", help="compile the real train step for a TPU topology on this host; report HBM, cost-model time, MFU",
-    description=(
-        "Ahead-of-time compile the config's train step for a Cloud TPU topology from abstract shapes (no TPU, "
-        "no weights; needs jax[tpu] installed for libtpu's compiler). Prints per-chip HBM use (arguments, "
-        "outputs, temporaries vs the chip's HBM), XLA's cost-model time (optimal_seconds), model FLOPs per "
-        "step and the MFU they imply. Exits 1 when the step does not fit in HBM."),
-    add_arguments=_aot_args, run=_aot_run)

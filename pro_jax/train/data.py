@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from pro_jax.configs import ConfigError  # a bad data.path is a config problem: reported before compiling
+
 
 class _Source:
   """Shared iterator plumbing: `batch(k)` gives the k-th global batch; rows are this host's."""
@@ -108,7 +110,6 @@ class TokenFileLM(_Source):
   def __init__(self, path: str, seed: int, global_batch: int, seq_len: int, vocab_size: int,
                rows: slice | None = None):
     super().__init__(seed, global_batch, rows)
-    from pro_jax.configs import ConfigError  # a bad data.path is a config problem: reported before compiling
     p = pathlib.Path(path)
     if not p.is_file():
       raise ConfigError(f"data.path: token file {path} does not exist")

@@ -17,15 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from pro_jax.models import Transformer
-
-
-def token_logprobs(logits_BxLxV: jax.Array, tokens_BxL: jax.Array) -> jax.Array:
-  """log p(tokens[:, t] | tokens[:, :t]) for t >= 1, as [B, L] float32 (column 0 is 0)."""
-  logits = logits_BxLxV[:, :-1].astype(jnp.float32)
-  targets = tokens_BxL[:, 1:]
-  lse_BxL = jax.nn.logsumexp(logits, axis=-1)
-  picked_BxL = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return jnp.pad(picked_BxL - lse_BxL, ((0, 0), (1, 0)))
+from pro_jax.pro.ops import sequence_logprob, token_logprobs
 
 
 def lm_loss(model: Transformer):
@@ -56,10 +48,10 @@ def lm_loss(model: Transformer):
   return loss_fn
 
 
-def sequence_logprob(model: Transformer, variables: Any, tokens_BxL, mask_BxL, loss_mask_BxL) -> jax.Array:
-  """Summed log-prob of the `loss_mask` tokens of each row: [B] float32."""
+def model_sequence_logprob(model: Transformer, variables: Any, tokens_BxL, mask_BxL, loss_mask_BxL) -> jax.Array:
+  """Summed log-prob of the `loss_mask` tokens of each row under `model`: [B] float32."""
   out = model.apply(variables, tokens_BxL, attention_mask_BxL=mask_BxL)
-  return (token_logprobs(out.logits, tokens_BxL) * loss_mask_BxL.astype(jnp.float32)).sum(-1)
+  return sequence_logprob(out.logits, tokens_BxL, loss_mask_BxL)
 
 
 def toy_dpo_loss(model: Transformer, ref_model: Transformer, beta: float = 0.1, concat_pairs: bool = True):
@@ -76,22 +68,22 @@ def toy_dpo_loss(model: Transformer, ref_model: Transformer, beta: float = 0.1, 
   def logps(m, variables, batch):
     if concat_pairs:
       cat = lambda a, b: jnp.concatenate([batch[a], batch[b]], axis=0)
-      lp = sequence_logprob(m, variables, cat("chosen_tokens", "rejected_tokens"),
+      lp = model_sequence_logprob(m, variables, cat("chosen_tokens", "rejected_tokens"),
                             cat("chosen_mask", "rejected_mask"), cat("chosen_loss_mask", "rejected_loss_mask"))
       return jnp.split(lp, 2)
-    return (sequence_logprob(m, variables, batch["chosen_tokens"], batch["chosen_mask"], batch["chosen_loss_mask"]),
-            sequence_logprob(m, variables, batch["rejected_tokens"], batch["rejected_mask"],
+    return (model_sequence_logprob(m, variables, batch["chosen_tokens"], batch["chosen_mask"], batch["chosen_loss_mask"]),
+            model_sequence_logprob(m, variables, batch["rejected_tokens"], batch["rejected_mask"],
                              batch["rejected_loss_mask"]))
 
   def loss_fn(params: Any, frozen: Any, batch: dict, rng: jax.Array):
     del rng
-    pc, pr = logps(model, params, batch)
-    rc, rr = logps(ref_model, frozen["ref"], batch)
-    rc, rr = jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)
-    chosen, rejected = pc - rc, pr - rr
-    margin = beta * (chosen - rejected)
-    loss = -jax.nn.log_sigmoid(margin).mean()
-    return loss, {"accuracy": (margin > 0).mean(), "margin": margin.mean(),
-                  "chosen_logratio": chosen.mean(), "rejected_logratio": rejected.mean()}
+    policy_chosen_logp_B, policy_rejected_logp_B = logps(model, params, batch)
+    ref_chosen_logp_B, ref_rejected_logp_B = jax.lax.stop_gradient(logps(ref_model, frozen["ref"], batch))
+    chosen_logratio_B = policy_chosen_logp_B - ref_chosen_logp_B
+    rejected_logratio_B = policy_rejected_logp_B - ref_rejected_logp_B
+    margin_B = beta * (chosen_logratio_B - rejected_logratio_B)
+    loss = -jax.nn.log_sigmoid(margin_B).mean()
+    return loss, {"accuracy": (margin_B > 0).mean(), "margin": margin_B.mean(),
+                  "chosen_logratio": chosen_logratio_B.mean(), "rejected_logratio": rejected_logratio_B.mean()}
 
   return loss_fn

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from pro_jax.configs import ConfigError
 from pro_jax.models import Transformer, abstract_variables, init_variables, logical_axes
 from pro_jax.train import data as tdata
-from pro_jax.train import logging as tlog
+from pro_jax.train import flops as train_flops
 from pro_jax.train.config import model_config_from
 from pro_jax.train.losses import lm_loss, toy_dpo_loss
 from pro_jax.train.trainer import Task, jit_init
@@ -50,7 +50,7 @@ def build_task(cfg) -> Task:
   if name == "lm":
     spec = {k: jax.ShapeDtypeStruct((B, L), jnp.int32) for k in ("tokens", "mask", "loss_mask")}
     return Task(loss_fn=lm_loss(model), batch_spec=spec, make_data=_lm_data(cfg, mcfg.vocab_size),
-                tokens_per_step=B * L, flops_per_step=tlog.model_flops_per_step(mcfg, B * L, L), name="lm",
+                tokens_per_step=B * L, flops_per_step=train_flops.model_flops_per_step(mcfg, B * L, L), name="lm",
                 **common)
   # toy DPO: policy + frozen reference
   if cfg.reference.source != "policy":
@@ -82,4 +82,4 @@ def build_task(cfg) -> Task:
       frozen_abstract=ref_abstract, frozen_logical_axes=ref_axes,
       init_frozen=lambda shardings: jax.jit(init_ref, out_shardings=shardings)(),
       tokens_per_step=tokens, name="dpo",
-      flops_per_step=tlog.model_flops_per_step(mcfg, tokens, L, extra_forward_tokens=tokens), **common)
+      flops_per_step=train_flops.model_flops_per_step(mcfg, tokens, L, extra_forward_tokens=tokens), **common)

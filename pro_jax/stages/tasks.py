@@ -3,17 +3,18 @@
     engine_cfg, task_fn, what = aot_target(cfg, "policy")   # cfg: a `pro_config()`-style config
     report = pro_jax.train.aot.aot_compile(engine_cfg, "v5e:4x4", task_fn)
 
-The pipeline (`pro_jax.pro.pipeline`) builds each stage's Task from loaded weights, tokenized data and
-scores; here the same Task is built from abstract shapes, so the TPU compiler sees the real step:
+Each stage has ONE task builder (`policy.sft_task`, `rm.rm_task`, `adapter.adapter_task`,
+`policy.policy_task` / `dpo_task`, `ppo.ppo_task`). The pipeline calls it with the model config of
+the loaded backbone, its input pipeline's batch spec and `StageInputs` (weights, data); this module
+calls the SAME builder with the model config and batch spec derived from the config and no inputs
+(abstract shapes only), so the TPU compiler sees the real step (as MaxText's train_compile):
 
-* the same loss plug-in (`policy.policy_loss`, `reward_model.rm_loss`, `adapter.adapter_loss`,
-  `ppo_trainer.ppo_loss`) around the same `Transformer`s, the same trained-variables layout
-  (`reward_model._to_training_layout`, `ppo_trainer.to_ppo_layout`), the same frozen inputs;
 * the batch spec the input pipeline produces with static shapes: L = round_up(max_prompt_len +
   max_response_len, data.bucket_multiple), Lp = round_up(max_prompt_len, data.bucket_multiple);
   PPO minibatches of rows T = round_up(data.max_prompt_len, 8) + ppo.max_new_tokens;
-* the stage's engine config (batch, optimizer, mesh, n_micro, trainable, and for PPO batch_size =
-  minibatch and total_steps = iterations x steps per iteration, as `run_ppo` sets them).
+* the stage's engine config (`stage.stage_engine_config`: batch, optimizer, mesh, n_micro, trainable,
+  and for PPO batch_size = minibatch and total_steps = iterations x steps per iteration, as `run_ppo`
+  sets them).
 
 Architecture: every transformer of the pipeline takes its architecture from its source (an HF
 checkpoint, the SFT run, ...). Without weights it comes from the config's ``model`` section, which
@@ -31,18 +32,22 @@ backbone); F = `ModelConfig.flops_per_token(seq_len)`.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 from pro_jax.configs import ConfigError
-from pro_jax.models import ModelConfig, Transformer, abstract_variables, logical_axes
+from pro_jax.models import ModelConfig
+from pro_jax.stages.adapter import adapter_task
+from pro_jax.stages.policy import DPO_TYPE, dpo_task, sft_task
+from pro_jax.stages.ppo_loss import ppo_batch_spec, ppo_task
+from pro_jax.stages.rm import rm_task
+from pro_jax.stages.stage import stage_engine_config as section_engine_config
 from pro_jax.train.config import model_config_from
+from pro_jax.train.tasks import build_task
 from pro_jax.train.trainer import Task
 
 TRAIN_STAGES = ("sft", "rm", "adapter", "policy")
@@ -129,12 +134,7 @@ def stage_engine_config(cfg: Any, stage: str) -> Any:
   """The stage's engine config, its model section showing the stage's transformer (see module doc)."""
   if stage not in TRAIN_STAGES:
     raise ConfigError(f"stage {stage!r} has no train step; stages with one: {TRAIN_STAGES}")
-  mcfg = stage_model_config(cfg, stage)
-  c = copy.deepcopy(cfg[stage])
-  c.seed = int(cfg.seed)
-  for k, v in mcfg.to_dict().items():
-    if k in c.model and k not in ("lora", "rope_scaling"):
-      c.model[k] = v
+  c = section_engine_config(cfg[stage], cfg.seed, stage_model_config(cfg, stage))
   if stage == "policy" and c.pro.loss == "ppo":
     p = c.pro.ppo
     if p.rollout_batch % p.minibatch:
@@ -186,159 +186,79 @@ def batch_spec(kind: str, B: int, max_prompt_len: int, max_response_len: int, bu
   return spec
 
 
-def ppo_batch_spec(minibatch: int, max_prompt_len: int, max_new_tokens: int) -> dict:
-  """The PPO minibatch (`ppo_trainer.ppo_loss`): rollout rows [M, T] and per-response-token fields [M, N]."""
-  M, N = int(minibatch), int(max_new_tokens)
-  T = round_up(max_prompt_len, 8) + N
-  spec = {"sequences": _i32(M, T), "sequence_mask": _i32(M, T), "response_mask": _i32(M, N)}
-  spec.update({k: _f32(M, N) for k in ("old_logp", "old_values", "advantages", "returns")})
-  return spec
-
-
 # ---------------------------------------------------------------------------------------------
-# Tasks
+# Tasks: the stages' own builders, with abstract shapes
 
 
-def _trained_passes(mcfg: ModelConfig, trainable: str) -> float:
-  return 2.0 if trainable == "lora" and mcfg.lora is not None else 3.0
-
-
-def _task(loss_fn: Callable, abstract: Any, axes: Any, spec: dict, *, name: str, mcfg: ModelConfig | None,
-          tokens_per_step: int, flops: float | None, frozen_abstract: dict | None = None,
-          frozen_axes: dict | None = None) -> Task:
-  def no_init(*args, **kwargs):
-    raise RuntimeError(f"the AOT task of stage {name!r} has abstract shapes only; train with the pipeline")
-
-  return Task(loss_fn=loss_fn, abstract_variables=abstract, logical_axes=axes, init_variables=no_init,
-              batch_spec=spec, frozen_abstract=frozen_abstract or {}, frozen_logical_axes=frozen_axes or {},
-              model_config=mcfg, tokens_per_step=tokens_per_step, flops_per_step=flops, name=name)
-
-
-def _params_only(model: Transformer, dtype: str) -> tuple[dict, dict]:
-  """Abstract {"params": ...} of a frozen model loaded in `dtype`, and its logical axes."""
-  abstract = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype)),
-                                     abstract_variables(model)["params"])}
-  return abstract, {"params": logical_axes(model)["params"]}
-
-
-def sft_task(cfg: Any, ecfg: Any) -> Task:
+def sft_stage_task(cfg: Any, ecfg: Any) -> Task:
   """Stage sft: next-token loss on sequence batches (responses "responses" adds the score fields)."""
-  from pro_jax.pro.policy import policy_loss
   d = cfg.data
-  mcfg = _model_from(ecfg, head="lm", value_head=False)
-  model = Transformer(mcfg)
   spec = batch_spec("sequence", ecfg.batch_size, d.max_prompt_len, d.max_response_len, d.bucket_multiple,
                     K=len(cfg.objectives), responses=ecfg.pro.responses == "responses")
-  B, L = spec["tokens"].shape
-  flops = _trained_passes(mcfg, ecfg.trainable) * mcfg.flops_per_token(L) * B * L
-  return _task(policy_loss("sft", model), abstract_variables(model), logical_axes(model), spec, name="sft",
-               mcfg=mcfg, tokens_per_step=B * L, flops=flops)
+  return sft_task(ecfg, _model_from(ecfg, head="lm", value_head=False), spec, name="sft")
 
 
-def rm_task(cfg: Any, ecfg: Any) -> Task:
-  """Stage rm: K score heads, Bradley-Terry per objective on pair batches (`reward_model.rm_loss`)."""
-  from pro_jax.pro.reward_model import _to_training_layout, rm_loss
+def rm_stage_task(cfg: Any, ecfg: Any) -> Task:
+  """Stage rm: K score heads, Bradley-Terry per objective on pair batches (`rm.rm_task`)."""
   d = cfg.data
   objectives = list(ecfg.pro.objectives) or list(cfg.objectives)
   lora = model_config_from(ecfg.model).lora if ecfg.trainable == "lora" else None
   mcfg = _model_from(ecfg, head="score", num_labels=len(objectives), value_head=False, lora=lora)
-  model = Transformer(mcfg)
   spec = batch_spec("pair", ecfg.batch_size, d.max_prompt_len, d.max_response_len, d.bucket_multiple,
                     K=len(objectives))
-  B, L = spec["chosen_tokens"].shape
-  flops = _trained_passes(mcfg, ecfg.trainable) * mcfg.flops_per_token(L) * 2 * B * L
-  return _task(rm_loss(model, objectives), _to_training_layout(abstract_variables(model)),
-               _to_training_layout(logical_axes(model)), spec, name="reward_model", mcfg=mcfg,
-               tokens_per_step=2 * B * L, flops=flops)
+  return rm_task(ecfg, mcfg, spec, objectives)
 
 
-def adapter_task(cfg: Any, ecfg: Any) -> Task:
-  """Stage adapter: the MLP over mean-pooled prompt features of the frozen backbone (`adapter_loss`)."""
-  from pro_jax.pro.adapter import AdapterMLP, adapter_loss, adapter_variables
+def adapter_stage_task(cfg: Any, ecfg: Any) -> Task:
+  """Stage adapter: the MLP over mean-pooled prompt features of the frozen backbone (`adapter.adapter_task`)."""
   d = cfg.data
   K = len(cfg.objectives)
-  bcfg = _model_from(ecfg, head="none", value_head=False, lora=None)
-  backbone = Transformer(bcfg)
-  adapter = AdapterMLP(K, hidden=ecfg.pro.hidden, layers=ecfg.pro.layers)
-  abstract = jax.eval_shape(lambda: adapter_variables(adapter, bcfg.d_model, jax.random.PRNGKey(0)))
-  axes = jax.tree.map(lambda x: P(*([None] * len(x.shape))), abstract)  # adapter_axes: all replicated
-  spec = batch_spec("prompt", ecfg.batch_size, d.max_prompt_len, 1, d.bucket_multiple,
-                    extra={"target_weights": (K,)})
-  B, Lp = spec["prompt_tokens"].shape
-  frozen, frozen_axes = _params_only(backbone, bcfg.param_dtype)
-  return _task(adapter_loss(adapter, backbone), abstract, axes, spec, name="adapter", mcfg=None,
-               tokens_per_step=B * Lp, flops=bcfg.flops_per_token(Lp) * B * Lp,
-               frozen_abstract={"backbone": frozen}, frozen_axes={"backbone": frozen_axes})
+  spec = batch_spec("prompt", ecfg.batch_size, d.max_prompt_len, 1, d.bucket_multiple, extra={"target_weights": (K,)})
+  return adapter_task(ecfg, _model_from(ecfg, head="none", value_head=False, lora=None), spec, K,
+                      hidden=ecfg.pro.hidden, layers=ecfg.pro.layers)
 
 
-def policy_task(cfg: Any, ecfg: Any) -> Task:
+def policy_stage_task(cfg: Any, ecfg: Any) -> Task:
   """Stage policy: loss `policy.pro.loss` (sft / ric sequences, dpo / wdpo / modpo pairs, ppo minibatches)."""
-  from pro_jax.pro.policy import DPO_TYPE, policy_loss
   d, pro = cfg.data, ecfg.pro
   kind = pro.loss
   K = len(cfg.objectives)
   if kind == "ppo":
-    return ppo_task(cfg, ecfg)
+    return ppo_stage_task(cfg, ecfg)
   mcfg = _model_from(ecfg, head="lm", value_head=False)
-  model = Transformer(mcfg)
-  passes = _trained_passes(mcfg, ecfg.trainable)
   if kind in ("sft", "ric"):
     prompt_len = pro.max_prompt_len if kind == "ric" else d.max_prompt_len
-    soft = _soft_fields(cfg)
-    if soft:  # the weights enter as learned token embeddings: the model has them, the batch carries w
-      mcfg = mcfg.replace(**soft)
-      model = Transformer(mcfg)
+    soft = _soft_fields(cfg)  # the weights enter as learned token embeddings: the batch carries w
     spec = batch_spec("sequence", ecfg.batch_size, prompt_len, d.max_response_len, d.bucket_multiple,
                       extra={"weights": (K,)} if soft else None)
-    B, L = spec["tokens"].shape
-    return _task(policy_loss("sft", model), abstract_variables(model), logical_axes(model), spec,
-                 name=f"policy/{kind}", mcfg=mcfg, tokens_per_step=B * L,
-                 flops=passes * mcfg.flops_per_token(L) * B * L)
+    return sft_task(ecfg, mcfg.replace(**soft), spec, name=f"policy/{kind}")
   if kind not in DPO_TYPE:
     raise ConfigError(f"policy.pro.loss must be one of sft, ric, dpo, wdpo, modpo, ppo; got {kind!r}")
   extra = {"weights": (K,), "reward_chosen": (K,), "reward_rejected": (K,)}
-  frozen, frozen_axes = None, None
   same_as_init = pro.reference == pro.init
-  if ecfg.trainable == "lora" and same_as_init:
-    ref_key = "base"  # the LoRA policy's own base weights are the reference
-  else:
-    ref_key = "ref"
-    ref_runtime = source_runtime(cfg, pro.reference, ecfg) if not same_as_init else \
-        source_runtime(cfg, pro.init, ecfg)
-    ref_model = Transformer(mcfg.replace(lora=None))
-    fa, fx = _params_only(ref_model, ref_runtime["param_dtype"])
-    frozen, frozen_axes = {"ref": fa}, {"ref": fx}
+  ref_key = "base" if ecfg.trainable == "lora" and same_as_init else "ref"  # LoRA: the base is the reference
+  ref_dtype = source_runtime(cfg, pro.init if same_as_init else pro.reference, ecfg)["param_dtype"]
   if pro.precompute_reference:
-    ref_key, frozen, frozen_axes = "batch", None, None
+    ref_key = "batch"
     extra.update(ref_chosen_logp=(), ref_rejected_logp=())
   spec = batch_spec("pair", ecfg.batch_size, d.max_prompt_len, d.max_response_len, d.bucket_multiple, K=K,
                     extra=extra)
-  B, L = spec["chosen_tokens"].shape
-  fwd = mcfg.flops_per_token(L)
-  flops = passes * fwd * 2 * B * L + (0.0 if ref_key == "batch" else fwd * 2 * B * L)
-  loss = policy_loss(kind, model, beta=pro.beta, ref_key=ref_key, response_window=d.max_response_len)
-  return _task(loss, abstract_variables(model),
-               logical_axes(model), spec, name=f"policy/{kind}", mcfg=mcfg, tokens_per_step=2 * B * L,
-               flops=flops, frozen_abstract=frozen, frozen_axes=frozen_axes)
+  return dpo_task(ecfg, mcfg, spec, kind, beta=pro.beta, ref_key=ref_key, ref_dtype=ref_dtype,
+                  response_window=d.max_response_len, name=f"policy/{kind}")
 
 
-def ppo_task(cfg: Any, ecfg: Any) -> Task:
-  """The PPO minibatch update (`ppo_trainer.ppo_loss`): policy + value head, PPO variables layout."""
-  from pro_jax.pro.ppo_trainer import ppo_loss, to_ppo_layout
+def ppo_stage_task(cfg: Any, ecfg: Any) -> Task:
+  """The PPO minibatch update (`ppo.ppo_task`): policy + value head, PPO variables layout."""
   p = ecfg.pro.ppo
   lora = model_config_from(ecfg.model).lora if ecfg.trainable == "lora" else None
   mcfg = _model_from(ecfg, head="lm", value_head=True, lora=lora)
-  model = Transformer(mcfg)
-  spec = ppo_batch_spec(ecfg.batch_size, cfg.data.max_prompt_len, p.max_new_tokens)
-  M, T = spec["sequences"].shape
-  loss = ppo_loss(model, p.clip_eps, p.vf_coef, p.vf_clip, p.entropy_coef, temperature=p.temperature)
-  return _task(loss, to_ppo_layout(abstract_variables(model), ecfg.trainable),
-               to_ppo_layout(logical_axes(model), ecfg.trainable), spec, name="policy/ppo", mcfg=mcfg,
-               tokens_per_step=M * T, flops=_trained_passes(mcfg, ecfg.trainable) * mcfg.flops_per_token(T) * M * T)
+  spec = ppo_batch_spec(ecfg.batch_size, round_up(cfg.data.max_prompt_len, 8), p.max_new_tokens)  # as prompt_arrays
+  return ppo_task(ecfg, mcfg, spec, clip_eps=p.clip_eps, vf_coef=p.vf_coef, vf_clip=p.vf_clip,
+                  entropy_coef=p.entropy_coef, temperature=p.temperature, name="policy/ppo")
 
 
-STAGE_TASKS: dict[str, Callable[[Any, Any], Task]] = {"sft": sft_task, "rm": rm_task, "adapter": adapter_task,
-                                                      "policy": policy_task}
+STAGE_TASKS: dict[str, Callable[[Any, Any], Task]] = {"sft": sft_stage_task, "rm": rm_stage_task,
+                                                      "adapter": adapter_stage_task, "policy": policy_stage_task}
 
 
 def stage_task(cfg: Any, stage: str, ecfg: Any | None = None) -> Task:
@@ -381,7 +301,6 @@ def aot_target(cfg: Any, stage: str | None = None) -> AotTarget:
   if not is_pro_config(cfg):
     if stage:
       raise ConfigError(f"--stage {stage}: the config is not a PRO pipeline config (no sft/rm/adapter/policy sections)")
-    from pro_jax.train.tasks import build_task
     return AotTarget(cfg, build_task, "")
   stage = stage or (cfg.stage if "stage" in cfg and cfg.stage else "policy")
   ecfg = stage_engine_config(cfg, stage)

@@ -28,15 +28,23 @@ from typing import Any
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
-from pro_jax.data.pipeline import pad_left, pad_right, round_up
-from pro_jax.data.tokenize import encode, eos_id, normalize_messages, pad_id, truncate_prompt
+from pro_jax.data import synthetic
+from pro_jax.data.pipeline import pad_right, prompt_arrays, round_up
+from pro_jax.data.tokenize import eos_id, normalize_messages, pad_id
 from pro_jax.models import Transformer
 from pro_jax.models.generate import generate
+from pro_jax.models.inference import batched_apply, pad_rows
+from pro_jax.models.sources import load_source
 from pro_jax.pro import metrics as pm
 from pro_jax.pro import ops
 from pro_jax.pro.normalize import NormStats
-from pro_jax.pro.policy import condition_prompt
+from pro_jax.pro.weights import simplex_grid
+from pro_jax.stages.adapter import evaluate_adapter
+from pro_jax.stages.context import Context, adapter_weights, targets_for, true_weights
+from pro_jax.stages.policy import condition_prompt, resolve_example_weights
+from pro_jax.train.checkpoint import load_checkpoint
 
 
 @dataclasses.dataclass
@@ -72,31 +80,21 @@ class GenerationConfig:
   template: str = "auto"
 
 
-def _prompt_arrays(tokenizer: Any, prompts: Sequence[Any], max_prompt_len: int, template: str):
-  ids, _ = encode(tokenizer, [normalize_messages(p) for p in prompts], None, template)
-  bos = getattr(tokenizer, "bos_token_id", None)
-  rows = [np.asarray(truncate_prompt(i, max_prompt_len, bos), np.int32) for i in ids]
-  return pad_left(rows, round_up(max_prompt_len, 8), pad_id(tokenizer))
-
-
 def generate_texts(model: Transformer, variables: Any, tokenizer: Any, prompts: Sequence[Any],
                    gen: GenerationConfig, weights_NxK: np.ndarray | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
   """Responses (decoded text without EOS), their token ids [N, T] and masks [N, T].
   `weights_NxK`: per-prompt weights for a model with soft weight tokens."""
-  tokens, mask = _prompt_arrays(tokenizer, prompts, gen.max_prompt_len, gen.template)
+  tokens, mask = prompt_arrays(tokenizer, prompts, gen.max_prompt_len, gen.template)
   n, B = len(tokens), gen.batch_size
   eos, pad = eos_id(tokenizer), pad_id(tokenizer)
   out_tok = np.zeros((n, gen.max_new_tokens), np.int32)
   out_mask = np.zeros((n, gen.max_new_tokens), np.int32)
   rng = jax.random.PRNGKey(gen.seed)
   for s in range(0, n, B):
-    t, m = tokens[s:s + B], mask[s:s + B]
-    w = None if weights_NxK is None else np.asarray(weights_NxK[s:s + B], np.float32)
-    k = len(t)
-    if k < B:
-      t = np.concatenate([t, np.repeat(t[-1:], B - k, 0)])
-      m = np.concatenate([m, np.repeat(m[-1:], B - k, 0)])
-      w = None if w is None else np.concatenate([w, np.repeat(w[-1:], B - k, 0)])
+    k = len(tokens[s:s + B])
+    chunk = pad_rows({"t": tokens[s:s + B], "m": mask[s:s + B],
+                      "w": None if weights_NxK is None else np.asarray(weights_NxK[s:s + B], np.float32)}, B)
+    t, m, w = chunk["t"], chunk["m"], chunk["w"]
     res = generate(model, variables, t, m, max_new_tokens=gen.max_new_tokens, rng=jax.random.fold_in(rng, s),
                    temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p, greedy=gen.greedy,
                    eos_token_id=eos, pad_token_id=pad, return_logprobs=False, weights_BxK=w)
@@ -113,7 +111,7 @@ def response_logps(model: Transformer, variables: Any, tokenizer: Any, prompts: 
                    responses_NxT: np.ndarray, response_mask_NxT: np.ndarray, gen: GenerationConfig,
                    weights_NxK: np.ndarray | None = None) -> np.ndarray:
   """Summed log p(response | prompt) [N] under `model` (teacher forcing on the given token ids)."""
-  p_tok, p_mask = _prompt_arrays(tokenizer, prompts, gen.max_prompt_len, gen.template)
+  p_tok, p_mask = prompt_arrays(tokenizer, prompts, gen.max_prompt_len, gen.template)
   rows, lmask = [], []
   for pt, pm_, rt, rm in zip(p_tok, p_mask, responses_NxT, response_mask_NxT):
     p = pt[pm_ > 0]
@@ -123,19 +121,15 @@ def response_logps(model: Transformer, variables: Any, tokenizer: Any, prompts: 
   L = round_up(gen.max_prompt_len, 8) + responses_NxT.shape[1]
   tokens, mask = pad_right(rows, L, pad_id(tokenizer))
   loss_mask, _ = pad_right(lmask, L, 0)
-  fn = jax.jit(lambda t, m, lm, w: ops.sequence_logprob(model.apply(variables, t, m, weights_BxK=w).logits, t, lm))
-  out = np.zeros(len(rows), np.float32)
-  B = gen.batch_size
-  for s in range(0, len(rows), B):
-    t, m, lm = tokens[s:s + B], mask[s:s + B], loss_mask[s:s + B]
-    w = None if weights_NxK is None else np.asarray(weights_NxK[s:s + B], np.float32)
-    k = len(t)
-    if k < B:
-      pad_rows = lambda x: np.concatenate([x, np.repeat(x[-1:], B - k, 0)])
-      t, m, lm = pad_rows(t), pad_rows(m), pad_rows(lm)
-      w = None if w is None else pad_rows(w)
-    out[s:s + k] = np.asarray(fn(t, m, lm, w))[:k]
-  return out
+
+  def logp(variables, tokens, mask, loss_mask, weights):
+    logits = model.apply(variables, tokens, mask, weights_BxK=weights).logits
+    return ops.sequence_logprob(logits, tokens, loss_mask)
+
+  weights = None if weights_NxK is None else np.asarray(weights_NxK, np.float32)
+  out = batched_apply(jax.jit(logp), variables, {"tokens": tokens, "mask": mask, "loss_mask": loss_mask,
+                                                 "weights": weights}, gen.batch_size)
+  return np.asarray(out, np.float32)
 
 
 def evaluate_settings(policy: Policy | dict[str, Policy], settings: dict[str, np.ndarray], prompts: Sequence[Any],
@@ -299,3 +293,103 @@ def write_report(report: dict[str, Any], out_dir: str | os.PathLike, title: str 
   os.replace(tmp, paths["md"])
   plot_front(report, paths["png"])
   return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# The eval stage
+
+
+def _fixed_name(w: np.ndarray) -> str:
+  return "fixed(" + ",".join(f"{x:.2f}" for x in w) + ")"
+
+
+def run_eval(ctx: Context) -> dict[str, Any]:
+  """PRO against fixed weights on held-out prompts.
+
+  A weight-conditioned policy (`policy.pro.loss="ric"`) is one model: PRO = the adapter's f(x) in its
+  prompts, each fixed setting = one vector of the `eval.grid_step` simplex grid, plus the oracle (the
+  true weights, when the data has them). Unconditioned policies (dpo / wdpo / modpo / ppo / sft) are
+  one model per weighting: list their run directories (subdirectories of the workdir, each trained
+  with `--config.policy.pro.name=...` and its own `weights_source`) in `eval.policies`; the run trained
+  with the adapter's weights is PRO, those with fixed / uniform weights are the fixed settings.
+  """
+  ecfg = ctx.cfg.eval
+  runs = list(ecfg.policies) or [ctx.cfg.policy.pro.name]
+  examples = ctx.eval[:ecfg.max_prompts] if ecfg.max_prompts else ctx.eval
+  prompts = [ex["prompt"] for ex in examples]
+  N, K = len(examples), ctx.K
+  true_w = true_weights(examples)
+  target_w = targets_for(ctx, examples, ctx.cfg.adapter.pro.tau) if all(ex.get("chosen") for ex in examples) else None
+  if ecfg.utility_weights == "true" and true_w is not None:
+    uw, uw_name = true_w, "true"
+  elif target_w is not None:
+    uw, uw_name = target_w, "target"
+  else:
+    raise ValueError("eval needs utility weights: the examples' true weights or a preferred response per prompt")
+
+  def load_policy(run: str) -> tuple[Policy, dict]:
+    meta = load_checkpoint(ctx.path(run)).extra or {}
+    src = load_source(f"checkpoint:{ctx.path(run)}")
+    model = Transformer(src.config.replace(value_head=False))
+    mode = meta.get("conditioning")
+    return Policy(run, model, {"params": src.params}, conditioned=mode in ("text", "soft"),
+                    soft_placeholder=meta.get("soft_placeholder", ""),
+                    soft_tokens=src.config.weight_tokens if mode == "soft" else 0), meta
+
+  settings: dict[str, np.ndarray] = {}
+  policies: dict[str, Policy] = {}
+  fixed_names: list[str] = []
+  first, _ = load_policy(runs[0])
+  conditioned = first.conditioned
+  if conditioned:
+    if len(runs) > 1:
+      raise ValueError("eval.policies: a weight-conditioned policy is evaluated on its own (one model, all weights)")
+    settings["PRO"] = adapter_weights(ctx, examples)
+    for w in simplex_grid(K, ecfg.grid_step):
+      settings[_fixed_name(w)] = np.broadcast_to(w, (N, K)).astype(np.float32)
+      fixed_names.append(_fixed_name(w))
+    if ecfg.oracle and true_w is not None:
+      settings["oracle"] = true_w
+    policies = {name: first for name in settings}
+  else:
+    for run in runs:
+      pol, meta = load_policy(run) if run != runs[0] else (first, load_checkpoint(ctx.path(run)).extra or {})
+      src = str(meta.get("weights_source", "uniform"))
+      if src == "adapter":
+        name, w = "PRO", adapter_weights(ctx, examples)
+      elif src == "target":
+        name, w = "target", target_w if target_w is not None else np.full((N, K), 1.0 / K, np.float32)
+      else:
+        w = resolve_example_weights(src, N, K)
+        name = _fixed_name(w[0])
+        fixed_names.append(name)
+      if name in settings:
+        raise ValueError(f"eval.policies: two runs are setting {name!r} ({run})")
+      settings[name], policies[name] = w, pol
+  ref = None
+  if ecfg.kl:
+    ref_src = load_source(ctx.source(ctx.cfg.policy.pro.reference))
+    ref = (Transformer(ref_src.config.replace(value_head=False, lora=None)), {"params": ref_src.params})
+  gen = GenerationConfig(max_prompt_len=ctx.cfg.policy.pro.max_prompt_len if conditioned else ctx.cfg.data.max_prompt_len,
+                           max_new_tokens=ecfg.max_new_tokens, batch_size=ecfg.batch_size, greedy=ecfg.greedy,
+                           temperature=ecfg.temperature, seed=int(ctx.cfg.seed), template=ctx.cfg.data.template)
+  bar = tqdm(total=len(settings), desc="eval", unit="setting", disable=None)
+
+  def progress(name):
+    bar.set_postfix_str(name)
+    bar.update(1)
+
+  report = evaluate_settings(policies, settings, prompts, ctx.tokenizer, ctx.scorer, ctx.norm, uw, gen=gen,
+                               reference=ref, fixed_settings=fixed_names, progress=progress)
+  bar.close()
+  report["utility_weights"] = uw_name
+  if target_w is not None and "PRO" in settings:
+    report["adapter"] = evaluate_adapter(settings["PRO"], target_w)
+  if ctx.task_config is not None and fixed_names and conditioned:
+    steps = int(round(1.0 / ecfg.grid_step))
+    res = synthetic.oracle_vs_fixed(examples, (ctx.norm.loc, ctx.norm.scale), grid_steps=steps)
+    report["theorem"] = {"oracle_candidates": res["oracle"], "best_fixed_candidates": res["best_fixed"],
+                         "per_prompt_best": res["theorem"]["per_prompt_best"], "gap": res["theorem"]["gap"]}
+  report["seed"] = int(ctx.cfg.seed)
+  write_report(report, ctx.path("report"), title=f"PRO evaluation (seed {int(ctx.cfg.seed)})")
+  return report

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pro_jax.pro import evaluate as E
-from pro_jax.pro.pipeline import run_pipeline, say
+from pro_jax.stages import evaluate
+from pro_jax.stages.pipeline import run_pipeline, say
 
 
 def _top(report: dict, n: int) -> dict:
@@ -32,7 +32,7 @@ def _top(report: dict, n: int) -> dict:
 def run_demo(cfg: Any, workdir: str, *, existing: str = "auto", table_rows: int = 100) -> dict[str, Any]:
   report = run_pipeline(cfg, workdir, existing=existing)
   say("PRO against every fixed weight vector (held-out prompts, U with the true weights):\n"
-      + E.markdown_table(_top(report, table_rows)))
+      + evaluate.markdown_table(_top(report, table_rows)))
   p = report.get("pro")
   if not p or not p.get("best_fixed"):
     return report

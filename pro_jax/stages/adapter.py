@@ -21,14 +21,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pro_jax.data.pipeline import Pipeline, pad_left, round_up
-from pro_jax.data.tokenize import encode, normalize_messages, pad_id, truncate_prompt
-from pro_jax.models import Transformer
-from pro_jax.pro import metrics as pm
+from pro_jax.data.pipeline import Pipeline, PipelineConfig, prompt_arrays
+from pro_jax.models import ModelConfig, Transformer
+from pro_jax.models.inference import batched_apply
+from pro_jax.models.sources import load_source
+from pro_jax.models.tokenizer import load_tokenizer
+from pro_jax.pro import metrics
 from pro_jax.pro.losses import adapter_kl
 from pro_jax.pro.normalize import NormStats
 from pro_jax.pro.ops import mean_pool
 from pro_jax.pro.weights import target_weights
+from pro_jax.stages.stage import StageInputs, make_task
+from pro_jax.train.checkpoint import load_checkpoint
+from pro_jax.train.trainer import Task, raise_if_preempted, train
 
 
 class AdapterMLP(nn.Module):
@@ -52,7 +57,7 @@ def adapter_variables(adapter: AdapterMLP, d_model: int, rng: jax.Array) -> dict
 
 def adapter_axes(variables: Any) -> Any:
   """Logical axes of the adapter's variables: all replicated (it is a few hundred KB)."""
-  return jax.tree.map(lambda x: jax.sharding.PartitionSpec(*([None] * np.ndim(x))), variables)
+  return jax.tree.map(lambda x: jax.sharding.PartitionSpec(*([None] * len(np.shape(x)))), variables)
 
 
 def prompt_features(backbone: Transformer, backbone_variables: Any, prompt_tokens_BxL: jax.Array,
@@ -72,15 +77,31 @@ def adapter_loss(adapter: AdapterMLP, backbone: Transformer):
 
   def loss_fn(params: Any, frozen: Any, batch: dict, rng: jax.Array):
     del rng
-    feats = prompt_features(backbone, frozen["backbone"], batch["prompt_tokens"], batch["prompt_mask"])
-    logits = adapter.apply(params, feats)
+    features_BxD = prompt_features(backbone, frozen["backbone"], batch["prompt_tokens"], batch["prompt_mask"])
+    logits_BxK = adapter.apply(params, features_BxD)
     real_B = (batch["example_id"] >= 0).astype(jnp.float32)
-    loss, metrics = adapter_kl(batch["target_weights"], logits, real_B)
-    metrics = dict(metrics)
-    metrics["loss_weight"] = real_B.sum()
-    return loss, metrics
+    loss, loss_metrics = adapter_kl(batch["target_weights"], logits_BxK, real_B)
+    loss_metrics = dict(loss_metrics)
+    loss_metrics["loss_weight"] = real_B.sum()
+    return loss, loss_metrics
 
   return loss_fn
+
+
+def adapter_task(ecfg: Any, backbone_config: ModelConfig, spec: dict, num_objectives: int, *, hidden: int,
+                 layers: int, inputs: StageInputs | None = None) -> Task:
+  """Stage adapter's task: the MLP over mean-pooled prompt features of the frozen backbone
+  (`frozen["backbone"]`, `backbone_config` with head="none"); its variables are all replicated."""
+  del ecfg  # the adapter MLP trains fully whatever the stage's `trainable`
+  backbone = Transformer(backbone_config)
+  adapter = AdapterMLP(num_objectives, hidden=hidden, layers=layers)
+  d_model = backbone_config.d_model
+  abstract = jax.eval_shape(lambda: adapter_variables(adapter, d_model, jax.random.PRNGKey(0)))
+  B, Lp = spec["prompt_tokens"].shape
+  return make_task("adapter", adapter_loss(adapter, backbone), abstract, adapter_axes(abstract), spec,
+                   init=lambda rng: adapter_variables(adapter, d_model, rng),
+                   frozen={"backbone": (backbone, backbone_config.param_dtype)}, model_config=None,
+                   tokens_per_step=B * Lp, flops_per_step=backbone_config.flops_per_token(Lp) * B * Lp, inputs=inputs)
 
 
 @dataclasses.dataclass
@@ -105,32 +126,20 @@ class PreferenceAdapter:
       return jax.nn.softmax(adapter.apply(params, prompt_features(backbone, bvars, tokens, mask)), axis=-1)
 
     self._fn = jax.jit(fn)
-    self._len = round_up(self.max_prompt_len, 8)
 
   def from_tokens(self, prompt_tokens_BxL: Any, prompt_mask_BxL: Any) -> np.ndarray:
     """Weights for left-padded prompt tokens (any batch size; one compile per shape)."""
     return np.asarray(self._fn(self.params, self.backbone_variables, prompt_tokens_BxL, prompt_mask_BxL))
 
   def tokenize(self, prompts: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
-    msgs = [normalize_messages(p) for p in prompts]
-    ids, _ = encode(self.tokenizer, msgs, None, self.template)
-    bos = getattr(self.tokenizer, "bos_token_id", None)
-    rows = [np.asarray(truncate_prompt(i, self.max_prompt_len, bos), np.int32) for i in ids]
-    return pad_left(rows, self._len, pad_id(self.tokenizer))
+    return prompt_arrays(self.tokenizer, prompts, self.max_prompt_len, self.template)
 
   def __call__(self, prompts: Sequence[Any]) -> np.ndarray:
     """Weights [N, K] for prompts given as text or schema messages."""
     tokens, mask = self.tokenize(prompts)
-    n, B = len(tokens), self.batch_size
-    out = np.zeros((n, len(self.objectives)), np.float32)
-    for s in range(0, n, B):
-      t, m = tokens[s:s + B], mask[s:s + B]
-      k = len(t)
-      if k < B:
-        t = np.concatenate([t, np.repeat(t[-1:], B - k, 0)])
-        m = np.concatenate([m, np.repeat(m[-1:], B - k, 0)])
-      out[s:s + k] = self.from_tokens(t, m)[:k]
-    return out
+    fn = lambda weights, tokens, mask: self._fn(weights[0], weights[1], tokens, mask)
+    out = batched_apply(fn, (self.params, self.backbone_variables), {"tokens": tokens, "mask": mask}, self.batch_size)
+    return np.asarray(out, np.float32)
 
 
 def evaluate_adapter(weights_NxK: np.ndarray, targets_NxK: np.ndarray) -> dict[str, float]:
@@ -138,8 +147,8 @@ def evaluate_adapter(weights_NxK: np.ndarray, targets_NxK: np.ndarray) -> dict[s
   w = np.clip(np.asarray(targets_NxK, np.float64), 0, None)
   f = np.clip(np.asarray(weights_NxK, np.float64), 1e-12, None)
   kl = np.sum(np.where(w > 0, w * (np.log(np.where(w > 0, w, 1.0)) - np.log(f)), 0.0), axis=1)
-  rho, defined = pm.mean_row_spearman(f, w)
-  return {"kl": float(kl.mean()), "top1_agreement": float(pm.top1_agreement(f, w)),
+  rho, defined = metrics.mean_row_spearman(f, w)
+  return {"kl": float(kl.mean()), "top1_agreement": float(metrics.top1_agreement(f, w)),
           "spearman": float(rho), "spearman_defined": int(defined)}
 
 
@@ -158,10 +167,6 @@ def load_adapter(directory: str, step: int | None = None, *, batch_size: int = 6
       w = adapter(["what color is the zorb ?"])      # [1, K], rows on the simplex
       adapter.objectives                              # the K names
   """
-  from pro_jax.models.tokenizer import load_tokenizer
-  from pro_jax.pro.backbone import load_source
-  from pro_jax.train.checkpoint import load_checkpoint
-
   ck = load_checkpoint(directory, step)
   meta = (ck.extra or {}).get("adapter")
   if meta is None:
@@ -185,16 +190,11 @@ def train_adapter(engine_cfg: Any, workdir: str, examples: Sequence[dict], targe
   """Stage 4 end to end: train f_psi on (prompt, w*) with the engine, return the deployable adapter.
 
   engine_cfg: the engine config of the run (batch_size, total_steps, optim, mesh, checkpoint, ...).
-  backbone_source: the frozen feature backbone (`pro_jax.pro.backbone` source string; default use:
+  backbone_source: the frozen feature backbone (`pro_jax.models.sources` source string; default use:
     the reference policy's checkpoint). tokenizer_path: saved in the checkpoint for `load_adapter`
     ("builtin" = the tokenizer that comes with a llama2.c source). norm: the normalization
     statistics the targets were computed with, saved with the checkpoint (`extra["norm"]`).
   """
-  from pro_jax.data.pipeline import PipelineConfig
-  from pro_jax.pro.backbone import load_source
-  from pro_jax.pro.stage import make_task
-  from pro_jax.train.trainer import train
-
   targets_NxK = np.asarray(targets_NxK, np.float32)
   K = len(objectives)
   if targets_NxK.shape != (len(examples), K):
@@ -202,26 +202,19 @@ def train_adapter(engine_cfg: Any, workdir: str, examples: Sequence[dict], targe
   bb = load_source(backbone_source)
   if bb.config is None:
     raise ValueError(f"the adapter's backbone {backbone_source!r} must hold weights (not 'scratch')")
-  backbone = Transformer(bb.config.replace(head="none", value_head=False, lora=None))
-  adapter = AdapterMLP(K, hidden=hidden, layers=layers)
-  d_model = bb.config.d_model
+  backbone_config = bb.config.replace(head="none", value_head=False, lora=None)
   rows = [dict(ex, target_weights=targets_NxK[i].tolist()) for i, ex in enumerate(examples)]
   pc = PipelineConfig(kind="prompt", batch_size=engine_cfg.batch_size, max_prompt_len=max_prompt_len,
                       max_response_len=1, bucket_multiple=bucket_multiple, template=template,
                       extra_fields=("target_weights",), shuffle=True, seed=int(engine_cfg.seed),
                       num_epochs=None, static_shapes=True)
   pipe = Pipeline(rows, tokenizer, pc, name=name)
-  example_vars = adapter_variables(adapter, d_model, jax.random.PRNGKey(0))
-  task = make_task(None, adapter_loss(adapter, backbone), pipe,
-                   init=lambda rng: adapter_variables(adapter, d_model, rng),
-                   abstract=jax.eval_shape(lambda: example_vars), axes=adapter_axes(example_vars),
-                   frozen={"backbone": (backbone, {"params": bb.params})}, name="adapter",
-                   extra=dict(adapter_metadata(backbone_source=backbone_source, tokenizer_path=tokenizer_path,
-                                               objectives=objectives, hidden=hidden, layers=layers,
-                                               max_prompt_len=max_prompt_len, template=template, d_model=d_model),
-                              **({"norm": norm.to_dict()} if norm is not None else {})))
+  extra = dict(adapter_metadata(backbone_source=backbone_source, tokenizer_path=tokenizer_path, objectives=objectives,
+                                hidden=hidden, layers=layers, max_prompt_len=max_prompt_len, template=template,
+                                d_model=backbone_config.d_model),
+               **({"norm": norm.to_dict()} if norm is not None else {}))
+  task = adapter_task(engine_cfg, backbone_config, pipe.batch_spec(), K, hidden=hidden, layers=layers,
+                      inputs=StageInputs(frozen={"backbone": {"params": bb.params}}, data=pipe, extra=extra))
   result = train(engine_cfg, workdir, task, existing=existing)
-  if result.status == "preempted":
-    from pro_jax.pro.pipeline import Preempted
-    raise Preempted(f"{workdir}: preempted at step {result.step}; checkpoint saved; rerun to resume")
+  raise_if_preempted(result, workdir)
   return load_adapter(workdir)

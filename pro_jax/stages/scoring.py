@@ -28,6 +28,10 @@ import numpy as np
 from pro_jax.data.pipeline import pad_right, round_up
 from pro_jax.data.tokenize import encode, normalize_messages, pad_id, truncate_prompt
 from pro_jax.models import Transformer
+from pro_jax.models.heads import head_to_params
+from pro_jax.models.hf_io import load_hf_model
+from pro_jax.models.inference import batched_apply
+from pro_jax.models.tokenizer import load_tokenizer
 
 
 class Scorer(Protocol):
@@ -98,7 +102,6 @@ class RewardModelScorer:
   def __init__(self, model: Transformer, params: Any, tokenizer: Any, objectives: Sequence[str], *,
                heads: Sequence[int] | None = None, batch_size: int = 64, max_prompt_len: int = 256,
                max_len: int = 512, template: str = "auto", append_eos: bool = True, name: str = "rm"):
-    from pro_jax.pro.reward_model import rm_variables
     cfg = model.config
     if cfg.head != "score":
       raise ValueError(f"RewardModelScorer needs a model with head='score', got head={cfg.head!r}")
@@ -115,13 +118,14 @@ class RewardModelScorer:
     if max_prompt_len >= self.max_len:
       raise ValueError(f"max_prompt_len={max_prompt_len} leaves no room for a response in max_len={self.max_len}")
     self.model, self.tokenizer = model, tokenizer
-    self.variables = rm_variables(params if "params" in params else {"params": params})
+    # a LoRA-trained reward model's score head back in "params" (`pro_jax.stages.rm`)
+    self.variables = head_to_params(params if "params" in params else {"params": params}, "score")
     self.params = self.variables
     self.objectives = tuple(objectives)
     self.batch_size, self.max_prompt_len = int(batch_size), int(max_prompt_len)
     self.template, self.append_eos, self.name = template, bool(append_eos), name
     heads_K = jnp.asarray(self.heads)
-    self._fn = jax.jit(lambda v, t, m: model.apply(v, t, m).scores[:, heads_K])
+    self._fn = jax.jit(lambda variables, tokens, mask: model.apply(variables, tokens, mask).scores[:, heads_K])
     self._fingerprint: str | None = None
 
   @property
@@ -141,16 +145,10 @@ class RewardModelScorer:
 
   def score_tokens(self, tokens_NxL: np.ndarray, mask_NxL: np.ndarray) -> np.ndarray:
     """Scores [N, K] of right-padded token arrays (any N; fixed-size batches, the last one padded)."""
-    n, B = len(tokens_NxL), self.batch_size
-    out = np.zeros((n, len(self.heads)), np.float32)
-    for start in range(0, n, B):
-      stop = min(start + B, n)
-      tokens, mask = tokens_NxL[start:stop], mask_NxL[start:stop]
-      if stop - start < B:  # pad to the compiled batch size
-        tokens = np.concatenate([tokens, np.repeat(tokens[-1:], B - (stop - start), 0)])
-        mask = np.concatenate([mask, np.repeat(mask[-1:], B - (stop - start), 0)])
-      out[start:stop] = np.asarray(self._fn(self.variables, tokens, mask))[:stop - start]
-    return out
+    if not len(tokens_NxL):
+      return np.zeros((0, len(self.heads)), np.float32)
+    scores = batched_apply(self._fn, self.variables, {"tokens": tokens_NxL, "mask": mask_NxL}, self.batch_size)
+    return np.asarray(scores, np.float32)
 
   def score(self, prompts: Sequence[Any], responses: Sequence[str]) -> np.ndarray:
     n = len(responses)
@@ -177,8 +175,6 @@ def hf_reward_scorer(directory: str | os.PathLike, objectives: str | Sequence[st
   called (``tokenizer(prompt + response)``, no EOS appended); the score is read at the last real token.
   The checkpoint must be a sequence classifier (a causal LM would get a random score head).
   """
-  from pro_jax.models.hf_io import load_hf_model
-  from pro_jax.models.tokenizer import load_tokenizer
   model, params = load_hf_model(directory, dtype=dtype, param_dtype=dtype)
   if model.config.head != "score":
     raise ValueError(f"{directory}: not a sequence-classification checkpoint (its head is {model.config.head!r}); "

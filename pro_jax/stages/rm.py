@@ -16,15 +16,16 @@ rejected sequences go through the backbone as one concatenated [2B, L] batch.
 `pair_accuracy` is the RM's metric: per-objective accuracy on held-out pairs.
 
 LoRA (``engine_cfg.trainable = "lora"``): the score head is new, so it must train too (PEFT's
-``modules_to_save``). The engine trains whole variable collections, so during training the head
-lives in the ``"lora"`` collection (``variables["lora"]["score"]``) and `rm_variables` moves it back
-into ``"params"`` before every forward. `load_reward_model` returns the LoRA-merged plain model.
+``modules_to_save``): during training it lives in ``variables["lora"]["score"]``
+(`pro_jax.models.heads`); `rm_variables` moves it back into ``"params"`` before every forward.
+`load_reward_model` returns the LoRA-merged plain model.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,10 +34,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from pro_jax.data.pipeline import Pipeline, PipelineConfig
-from pro_jax.models import ModelConfig, Transformer
+from pro_jax.data.tokenize import encode, normalize_messages
+from pro_jax.models import LoRAConfig, ModelConfig, Transformer, abstract_variables, init_variables, logical_axes
+from pro_jax.models.heads import head_to_lora, head_to_params
+from pro_jax.models.inference import batched_apply
+from pro_jax.models.lora import merge_lora
+from pro_jax.models.sources import derive_config, load_source
+from pro_jax.models.tokenizer import load_tokenizer
 from pro_jax.pro.losses import bradley_terry_multi
-from pro_jax.pro.scoring import hf_reward_scorer  # noqa: F401  (re-exported: imported RMs next to trained ones)
-from pro_jax.pro.stage import batched_apply
+from pro_jax.stages.scoring import RewardModelScorer, hf_reward_scorer  # noqa: F401  (re-exported)
+from pro_jax.stages.stage import Layout, StageInputs, make_task, trained_passes
+from pro_jax.train.checkpoint import load_checkpoint
+from pro_jax.train.trainer import Task, raise_if_preempted, train
 
 META_KEY = "reward_model"
 TOKENIZER_DIR = "tokenizer"
@@ -44,15 +53,15 @@ TOKENIZER_DIR = "tokenizer"
 
 def rm_variables(variables: Any) -> Any:
   """The model's variables with a LoRA-trained score head (``lora/score``) moved into ``params``."""
-  lora = variables.get("lora") if hasattr(variables, "get") else None
-  if lora is None or "score" not in lora:
-    return variables
-  lora = dict(lora)
-  score = lora.pop("score")
-  out = dict(variables)
-  out["params"] = dict(variables["params"], score=score)
-  out["lora"] = lora
-  return out
+  return head_to_params(variables, "score")
+
+
+def _to_training_layout(variables: Any) -> Any:
+  """Under LoRA, move ``params/score`` into ``lora/score`` so the engine trains it (inverse: rm_variables)."""
+  return head_to_lora(variables, "score")
+
+
+TRAINING_LAYOUT = Layout(to_model=rm_variables, to_trained=_to_training_layout)
 
 
 def _pair_scores(model: Transformer, variables: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
@@ -85,7 +94,7 @@ def pair_accuracy(model: Transformer, variables: Any, pipeline: Pipeline,
   Returns {"accuracy": {objective: acc}, "count": {objective: n_pairs}, "mean_accuracy": float}
   (the mean over objectives that have pairs).
   """
-  fn = jax.jit(lambda v, b: _pair_scores(model, v, b))
+  fn = jax.jit(lambda variables, batch: _pair_scores(model, variables, batch))
   correct = np.zeros(len(objectives))
   count = np.zeros(len(objectives))
   for batch in pipeline.iterator():
@@ -102,9 +111,22 @@ def pair_accuracy(model: Transformer, variables: Any, pipeline: Pipeline,
 def score_sequences(model: Transformer, variables: Any, tokens: np.ndarray, mask: np.ndarray,
                     batch_size: int = 64) -> np.ndarray:
   """Scores [N, K] of right-padded sequences, in fixed-size jitted batches."""
-  fn = jax.jit(lambda v, tokens, mask: model.apply(rm_variables(v), tokens, mask).scores)
-  return batched_apply(lambda tokens, mask: fn(variables, tokens, mask), {"tokens": tokens, "mask": mask},
-                       batch_size)
+  fn = jax.jit(lambda variables, tokens, mask: model.apply(rm_variables(variables), tokens, mask).scores)
+  return batched_apply(fn, variables, {"tokens": tokens, "mask": mask}, batch_size)
+
+
+def rm_task(ecfg: Any, mcfg: ModelConfig, spec: dict, objectives: Sequence[str], *,
+            inputs: StageInputs | None = None) -> Task:
+  """Stage rm's task: K score heads, Bradley-Terry per objective on pair batches (`rm_loss`); the
+  score head trains in the "lora" collection under LoRA (`TRAINING_LAYOUT`)."""
+  model = Transformer(mcfg)
+  B, L = spec["chosen_tokens"].shape
+  return make_task("reward_model", rm_loss(model, objectives), _to_training_layout(abstract_variables(model)),
+                   _to_training_layout(logical_axes(model)), spec,
+                   init=lambda rng: _to_training_layout(init_variables(model, rng)), layout=TRAINING_LAYOUT,
+                   model_config=mcfg, tokens_per_step=2 * B * L,
+                   flops_per_step=trained_passes(mcfg, ecfg.trainable) * mcfg.flops_per_token(L) * 2 * B * L,
+                   inputs=inputs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,8 +142,6 @@ def fit_responses(examples: Sequence[dict], tokenizer: Any, max_response_len: in
   trained on long real responses (HH-RLHF) keeps every pair this way and sees each response's first
   ``max_response_len - 1`` tokens, the same text `RewardModelScorer` scores (it cuts likewise).
   """
-  from pro_jax.data.tokenize import encode, normalize_messages
-
   out = [dict(ex) for ex in examples]
   msgs = [normalize_messages(ex["prompt"]) for ex in out]
   n_cut = 0
@@ -178,7 +198,6 @@ def evaluate_reward_model(model: Transformer, variables: Any, examples: Sequence
 
 
 def _lora_config(engine_cfg: Any):
-  from pro_jax.models import LoRAConfig
   lc = engine_cfg.model.lora
   if engine_cfg.trainable != "lora":
     return None
@@ -190,7 +209,6 @@ def _lora_config(engine_cfg: Any):
 def _save_tokenizer(tokenizer: Any, workdir: str, replace: bool = False) -> str:
   """Save `tokenizer` as WORKDIR/tokenizer (atomically). An existing one must tokenize the same,
   unless `replace` (the run was started with existing="overwrite")."""
-  from pro_jax.models.tokenizer import load_tokenizer
   target = pathlib.Path(workdir).absolute() / TOKENIZER_DIR
   probe = "Hello, world!\n\nHuman: what is 2 + 2? \u00e9\u4e2d"
   if target.exists():
@@ -204,13 +222,11 @@ def _save_tokenizer(tokenizer: Any, workdir: str, replace: bool = False) -> str:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / (TOKENIZER_DIR + ".tmp")
     if tmp.exists():
-      import shutil
       shutil.rmtree(tmp)
     tokenizer.save_pretrained(str(tmp))
     if load_tokenizer(tmp)(probe)["input_ids"] != tokenizer(probe)["input_ids"]:
       raise ValueError(f"the tokenizer does not round-trip through save_pretrained ({tmp}); pass tokenizer_path")
     if target.exists():
-      import shutil
       shutil.rmtree(target)
     os.replace(tmp, target)
   return str(target)
@@ -234,18 +250,14 @@ def train_reward_model(engine_cfg: Any, workdir: str, train_examples: Sequence[d
   engine_cfg: the engine config of the run (batch_size, total_steps, optim, mesh, trainable
     "full" | "lora" with model.lora.*, checkpoint, ...).
   train_examples: schema examples with a pair and ``pair_objectives`` [K].
-  backbone_source: `pro_jax.pro.backbone` source ("scratch" needs `model_config`, whose head /
+  backbone_source: `pro_jax.models.sources` source ("scratch" needs `model_config`, whose head /
     num_labels are replaced). The backbone's LM head is dropped; K score heads are initialized fresh.
   tokenizer_path: recorded for `load_reward_model`; None = save `tokenizer` into WORKDIR/tokenizer.
   strict: over-long responses raise (True) or their pairs are dropped (see `fit_responses`).
   Returns (model, variables): the trained plain model (LoRA merged) with head="score", num_labels=K.
   An existing finished run in `workdir` with the same config is loaded, not retrained (`existing`);
-  a run stopped by SIGTERM raises `pro_jax.pro.pipeline.Preempted` (rerun to resume).
+  a run stopped by SIGTERM raises `pro_jax.train.trainer.Preempted` (rerun to resume).
   """
-  from pro_jax.pro.backbone import derive_config, graft, load_source
-  from pro_jax.pro.stage import make_task
-  from pro_jax.train.trainer import train
-
   objectives = list(objectives)
   K = len(objectives)
   if K < 1:
@@ -258,7 +270,6 @@ def train_reward_model(engine_cfg: Any, workdir: str, train_examples: Sequence[d
   if max_prompt_len + max_response_len > cfg.max_seq_len:
     raise ValueError(f"max_prompt_len + max_response_len = {max_prompt_len + max_response_len} exceeds the "
                      f"model's max_seq_len {cfg.max_seq_len}")
-  model = Transformer(cfg)
   pipe = pair_pipeline(train_examples, tokenizer, batch_size=engine_cfg.batch_size, max_prompt_len=max_prompt_len,
                        max_response_len=max_response_len, template=template, bucket_multiple=bucket_multiple,
                        train=True, seed=int(engine_cfg.seed), strict=strict, name=name)
@@ -268,32 +279,15 @@ def train_reward_model(engine_cfg: Any, workdir: str, train_examples: Sequence[d
   if tokenizer_path is None:
     tokenizer_path = _save_tokenizer(tokenizer, workdir, replace=existing == "overwrite")
 
-  def init(rng):
-    variables = graft(model, bb.params, rng)
-    return _to_training_layout(variables)
-
-  example = jax.eval_shape(lambda: init(jax.random.PRNGKey(0)))
-  from pro_jax.models import logical_axes
-  axes = _to_training_layout(logical_axes(model))
-  task = make_task(model, rm_loss(model, objectives), pipe, init=init, abstract=example, axes=axes, name="reward_model",
-                   extra=reward_model_metadata(objectives=objectives, tokenizer_path=tokenizer_path, template=template,
-                                               max_prompt_len=max_prompt_len, max_response_len=max_response_len,
-                                               backbone_source=backbone_source))
+  extra = reward_model_metadata(objectives=objectives, tokenizer_path=tokenizer_path, template=template,
+                                max_prompt_len=max_prompt_len, max_response_len=max_response_len,
+                                backbone_source=backbone_source)
+  task = rm_task(engine_cfg, cfg, pipe.batch_spec(), objectives,
+                 inputs=StageInputs(init=bb.params, data=pipe, extra=extra))
   result = train(engine_cfg, workdir, task, existing=existing, mesh=mesh)
-  if result.status == "preempted":
-    from pro_jax.pro.pipeline import Preempted
-    raise Preempted(f"{workdir}: preempted at step {result.step}; checkpoint saved; rerun to resume")
+  raise_if_preempted(result, workdir)
   model, variables, _ = load_reward_model_variables(workdir)
   return model, variables
-
-
-def _to_training_layout(variables: Any) -> Any:
-  """Under LoRA, move ``params/score`` into ``lora/score`` so the engine trains it (inverse: rm_variables)."""
-  if "lora" not in variables:
-    return variables
-  params = dict(variables["params"])
-  score = params.pop("score")
-  return {**variables, "params": params, "lora": dict(variables["lora"], score=score)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,7 +296,6 @@ def _to_training_layout(variables: Any) -> Any:
 
 def load_reward_model_variables(directory: str, step: int | None = None) -> tuple[Transformer, dict, dict]:
   """(plain model, {"params": ...}, metadata) of a reward-model run; LoRA adapters merged in."""
-  from pro_jax.train.checkpoint import load_checkpoint
   ck = load_checkpoint(directory, step)
   meta = (ck.extra or {}).get(META_KEY)
   if meta is None or ck.model_config is None:
@@ -314,7 +307,6 @@ def load_reward_model_variables(directory: str, step: int | None = None) -> tupl
   variables = rm_variables(ck.variables)
   params = variables["params"]
   if cfg.lora is not None:
-    from pro_jax.models.lora import merge_lora
     params = merge_lora(cfg, params, variables["lora"])
     cfg = cfg.replace(lora=None)
   return Transformer(cfg), {"params": params}, meta
@@ -331,8 +323,6 @@ def load_reward_model(directory: str, step: int | None = None, *, batch_size: in
   Prompts are cut from the left to the training max_prompt_len; responses to max_response_len
   tokens (EOS kept), as in training.
   """
-  from pro_jax.models.tokenizer import load_tokenizer
-  from pro_jax.pro.scoring import RewardModelScorer
   model, variables, meta = load_reward_model_variables(directory, step)
   tok_path = meta["tokenizer"]
   if not pathlib.Path(tok_path).exists():

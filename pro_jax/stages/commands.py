@@ -1,4 +1,5 @@
-"""`pro-jax` subcommands of the PRO stages: sft, rm, adapter, policy, eval, demo (pro_jax.pro.pipeline)."""
+"""`pro-jax` subcommands of the PRO stages: sft, rm, adapter, policy, eval, demo (pro_jax.stages.pipeline),
+and `aot` (the real train step of a PRO stage, or of a plain engine config, for a TPU topology)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,14 @@ import argparse
 import json
 import sys
 
-from pro_jax.cli import EXIT_FAIL, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, Command
-from pro_jax.train.commands import add_config_arguments, config_from_args, existing_mode
+from pro_jax.configs import ConfigError, load_config
+from pro_jax.stages.demo import run_demo
+from pro_jax.stages.pipeline import run_stage
+from pro_jax.stages.tasks import aot_target
+from pro_jax.train.aot import AotError, aot_compile
+from pro_jax.train.commands import (EXIT_FAIL, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, Command, add_config_arguments,
+                                    config_from_args, existing_mode)
+from pro_jax.train.trainer import NonFiniteError, Preempted, WorkdirError
 
 HELP = {
     "sft": "stage 0: the reference policy (SFT on the data's responses; skip it if you bring one)",
@@ -44,13 +51,9 @@ def _args(stage: str):
 
 def _run(stage: str):
   def run(args: argparse.Namespace) -> int:
-    from pro_jax.configs import ConfigError
-    from pro_jax.pro.pipeline import Preempted, run_pipeline, run_stage
-    from pro_jax.train.trainer import NonFiniteError, WorkdirError
     try:
       cfg = config_from_args(args)
       if stage == "demo":
-        from pro_jax.pro.demo import run_demo
         run_demo(cfg, args.workdir, existing=existing_mode(args))
         return EXIT_OK
       out = run_stage(stage, cfg, args.workdir, existing=existing_mode(args))
@@ -79,3 +82,51 @@ def _command(stage: str) -> Command:
 
 
 SFT, RM, ADAPTER, POLICY, EVAL, DEMO = (_command(s) for s in ("sft", "rm", "adapter", "policy", "eval", "demo"))
+
+
+# ---------------------------------------------------------------------------------------------
+# aot
+
+
+def _aot_args(p: argparse.ArgumentParser) -> None:
+  add_config_arguments(p, workdir=False)
+  p.add_argument("--topology", required=True,
+                 help="TPU topology, e.g. v5e:4x4, v5e:2x2, v5p:2x2x2, v4:2x2x2, v6e:4x4")
+  p.add_argument("--stage", default="", choices=["", "sft", "rm", "adapter", "policy"],
+                 help="PRO pipeline configs: the stage whose train step to compile (default: the config's "
+                      "`stage` field, else policy); see pro_jax/stages/tasks.py")
+  p.add_argument("--json", default="", help="also write the report as JSON to this file")
+  p.add_argument("--no-cost-variant", action="store_true",
+                 help="skip the second, loop-free compile used for the cost-model figures when the configured "
+                      "step has loops (scanned layers, micro-batches, windowed-einsum collective matmuls)")
+
+
+def _aot_run(args: argparse.Namespace) -> int:
+  cfg = load_config(args.config, args.overrides)
+  target = aot_target(cfg, args.stage or None)  # a PRO pipeline config: the stage's engine config and Task
+  try:
+    report = aot_compile(target.engine_config, args.topology, target.task_fn, cost_variant=not args.no_cost_variant)
+  except AotError as e:
+    print(f"pro-jax aot: error: {e}", file=sys.stderr)
+    return EXIT_FAIL
+  if target.description:
+    print(target.description)
+  print(report.table())
+  if args.json:
+    with open(args.json, "w") as f:
+      f.write(report.to_json() + "\n")
+  if not report.fits:
+    print(f"pro-jax aot: the step needs {report.total_bytes / 2**30:.2f} GiB per device, more than the "
+          f"{report.hbm_bytes / 2**30:.0f} GiB of HBM of {args.topology}", file=sys.stderr)
+    return EXIT_FAIL
+  return EXIT_OK
+
+
+AOT = Command(
+    name="aot", help="compile the real train step for a TPU topology on this host; report HBM, cost-model time, MFU",
+    description=(
+        "Ahead-of-time compile the config's train step for a Cloud TPU topology from abstract shapes (no TPU, "
+        "no weights; needs jax[tpu] installed for libtpu's compiler). Prints per-chip HBM use (arguments, "
+        "outputs, temporaries vs the chip's HBM), XLA's cost-model time (optimal_seconds), model FLOPs per "
+        "step and the MFU they imply. Exits 1 when the step does not fit in HBM."),
+    add_arguments=_aot_args, run=_aot_run)

@@ -31,10 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pro_jax.models import Transformer
-from pro_jax.pro import losses as L
-from pro_jax.pro import ops
-from pro_jax.pro.weights import WeightsSource, format_weights_text, parse_weights_source
+from pro_jax.data.tokenize import normalize_messages
+from pro_jax.models import ModelConfig, Transformer, abstract_variables, init_variables, logical_axes
+from pro_jax.pro import losses, ops
+from pro_jax.pro.weights import WeightsSource, format_weights_text, parse_weights_source, parse_weights_text
+from pro_jax.stages.stage import StageInputs, make_task, trained_passes
+from pro_jax.train.trainer import Task
 
 POLICY_LOSSES = ("sft", "ric", "dpo", "wdpo", "modpo")
 DPO_TYPE = ("dpo", "wdpo", "modpo")
@@ -87,7 +89,7 @@ def policy_loss(kind: str, model: Transformer, *, ref_model: Transformer | None 
       deterministic = model.deterministic
       out = model.apply(params, batch["tokens"], batch["mask"], weights_BxK=batch["weights"] if soft else None,
                         rngs={"dropout": rng} if not deterministic else None)
-      loss, metrics = L.sft(out.logits, batch["tokens"], batch["loss_mask"])
+      loss, metrics = losses.sft(out.logits, batch["tokens"], batch["loss_mask"])
       metrics = dict(metrics)
       metrics["loss_weight"] = metrics["tokens"]
       return loss, metrics
@@ -101,25 +103,31 @@ def policy_loss(kind: str, model: Transformer, *, ref_model: Transformer | None 
 
   def dpo_fn(params, frozen, batch, rng):
     del rng
-    pc, pr = pair_logps(model, params, batch, response_window)
+    policy_chosen_logp_B, policy_rejected_logp_B = pair_logps(model, params, batch, response_window)
     if ref_key == "batch":
-      rc, rr = batch["ref_chosen_logp"], batch["ref_rejected_logp"]
+      ref_chosen_logp_B, ref_rejected_logp_B = batch["ref_chosen_logp"], batch["ref_rejected_logp"]
     else:
       ref_vars = frozen["ref"] if ref_key == "ref" else {"params": params["params"]}
-      rc, rr = pair_logps(ref_model, ref_vars, batch, response_window)
-    rc, rr = jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)
+      ref_chosen_logp_B, ref_rejected_logp_B = pair_logps(ref_model, ref_vars, batch, response_window)
+    ref_chosen_logp_B = jax.lax.stop_gradient(ref_chosen_logp_B)
+    ref_rejected_logp_B = jax.lax.stop_gradient(ref_rejected_logp_B)
+    chosen_logratio_B = policy_chosen_logp_B - ref_chosen_logp_B
+    rejected_logratio_B = policy_rejected_logp_B - ref_rejected_logp_B
     real_B = (batch["example_id"] >= 0).astype(jnp.float32)
     if kind == "dpo":
-      loss, metrics = L.dpo(pc, pr, rc, rr, beta, label_smoothing, dpo_loss_type, mask_B=real_B)
+      loss, metrics = losses.dpo(policy_chosen_logp_B, policy_rejected_logp_B, ref_chosen_logp_B, ref_rejected_logp_B,
+                                 beta, label_smoothing, dpo_loss_type, mask_B=real_B)
     elif kind == "wdpo":
-      signs = L.pair_signs(batch["reward_chosen"], batch["reward_rejected"])
-      loss, metrics = L.weighted_mo_dpo(pc - rc, pr - rr, signs, batch["weights"], beta, mask_B=real_B)
+      signs_BxK = losses.pair_signs(batch["reward_chosen"], batch["reward_rejected"])
+      loss, metrics = losses.weighted_mo_dpo(chosen_logratio_B, rejected_logratio_B, signs_BxK, batch["weights"],
+                                             beta, mask_B=real_B)
     else:
-      margins = batch["reward_chosen"] - batch["reward_rejected"]
-      loss, metrics = L.modpo(pc - rc, pr - rr, batch["weights"], margins, beta, modpo_w0_min, mask_B=real_B)
+      margins_BxK = batch["reward_chosen"] - batch["reward_rejected"]
+      loss, metrics = losses.modpo(chosen_logratio_B, rejected_logratio_B, batch["weights"], margins_BxK, beta,
+                                   modpo_w0_min, mask_B=real_B)
     metrics = dict(metrics)
-    metrics["logratio/chosen"] = ops.masked_mean(pc - rc, real_B)
-    metrics["logratio/rejected"] = ops.masked_mean(pr - rr, real_B)
+    metrics["logratio/chosen"] = ops.masked_mean(chosen_logratio_B, real_B)
+    metrics["logratio/rejected"] = ops.masked_mean(rejected_logratio_B, real_B)
     metrics["loss_weight"] = real_B.sum()
     return loss, metrics
 
@@ -129,14 +137,48 @@ def policy_loss(kind: str, model: Transformer, *, ref_model: Transformer | None 
 def precompute_reference_logps(ref_model: Transformer, ref_variables: Any, pipeline: Any,
                                response_window: int | None = None) -> dict[int, tuple]:
   """example_id -> (ref log p(chosen), ref log p(rejected)) over one pass of a pair pipeline."""
-  fn = jax.jit(lambda b: pair_logps(ref_model, ref_variables, b, response_window))
+  fn = jax.jit(lambda variables, batch: pair_logps(ref_model, variables, batch, response_window))
   out = {}
   for batch in pipeline.iterator():
-    rc, rr = jax.device_get(fn(batch))
-    for i, c, r in zip(batch["example_id"], rc, rr):
+    ref_chosen_logp_B, ref_rejected_logp_B = jax.device_get(fn(ref_variables, batch))
+    for i, c, r in zip(batch["example_id"], ref_chosen_logp_B, ref_rejected_logp_B):
       if i >= 0:
         out[int(i)] = (float(c), float(r))
   return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The task builders (the pipeline with weights and data; `pro-jax aot` with abstract shapes)
+
+
+def sft_task(ecfg: Any, mcfg: ModelConfig, spec: dict, *, name: str = "sft",
+             inputs: StageInputs | None = None) -> Task:
+  """Next-token loss on sequence batches: stage sft, and the sft / ric (weight-conditioned) policies."""
+  model = Transformer(mcfg)
+  B, L = spec["tokens"].shape
+  return make_task(name, policy_loss("sft", model), abstract_variables(model), logical_axes(model), spec,
+                   init=lambda rng: init_variables(model, rng), model_config=mcfg, tokens_per_step=B * L,
+                   flops_per_step=trained_passes(mcfg, ecfg.trainable) * mcfg.flops_per_token(L) * B * L,
+                   inputs=inputs)
+
+
+def dpo_task(ecfg: Any, mcfg: ModelConfig, spec: dict, kind: str, *, beta: float, ref_key: str,
+             ref_dtype: str = "float32", ref_config: ModelConfig | None = None, response_window: int | None = None,
+             name: str = "policy", inputs: StageInputs | None = None) -> Task:
+  """A DPO-type policy (dpo / wdpo / modpo) on pair batches; the reference as `ref_key` says (see
+  `policy_loss`): "ref" = a frozen input (`ref_config`, default the policy without LoRA, weights
+  in `ref_dtype`), "base" = the LoRA policy's own base, "batch" = precomputed log-probs."""
+  model = Transformer(mcfg)
+  frozen = {}
+  if ref_key == "ref":
+    frozen["ref"] = (Transformer(ref_config or mcfg.replace(lora=None)), ref_dtype)
+  B, L = spec["chosen_tokens"].shape
+  fwd = mcfg.flops_per_token(L)
+  flops = trained_passes(mcfg, ecfg.trainable) * fwd * 2 * B * L + (0.0 if ref_key == "batch" else fwd * 2 * B * L)
+  loss = policy_loss(kind, model, beta=beta, ref_key=ref_key, response_window=response_window)
+  return make_task(name, loss, abstract_variables(model), logical_axes(model), spec,
+                   init=lambda rng: init_variables(model, rng), frozen=frozen, model_config=mcfg,
+                   tokens_per_step=2 * B * L, flops_per_step=flops, inputs=inputs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,7 +217,6 @@ def condition_prompt(prompt: Any, weights: Sequence[float], objectives: Sequence
   string of the tokenizer) are appended instead; the model adds w . weight_embed[:, j] to the j-th
   (ModelConfig.weight_tokens), so the weights themselves go to the model as `weights_BxK`.
   """
-  from pro_jax.data.tokenize import normalize_messages
   msgs = [dict(m) for m in normalize_messages(prompt)]
   if soft_tokens:
     if not soft_placeholder:
@@ -219,7 +260,6 @@ def best_of_examples(examples: Sequence[dict], normalized_scores: Sequence[np.nd
   thus learns what every point of the simplex asks for, including weights no single response's own
   w* reaches (the corners), so fixed-weight baselines are served as well as prompt-aware weights.
   """
-  from pro_jax.pro.weights import parse_weights_text
   rng = np.random.default_rng(seed)
   K = len(objectives)
   out = []

@@ -1,0 +1,258 @@
+"""A PRO run's shared context: one config and workdir -> the data (train / eval examples), the
+tokenizer, the K objectives' scorers (cached in ``W/scores.sqlite``), the normalization statistics
+(``W/norm.json``), adapter targets w* and per-example weights. Every stage reads it
+(`pro_jax.stages.pipeline`, `pro_jax.stages.evaluate`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from pro_jax.data import synthetic
+from pro_jax.models.tokenizer import load_tokenizer
+from pro_jax.pro.normalize import NormStats, fit_norm_stats
+from pro_jax.stages.adapter import compute_targets, load_adapter
+from pro_jax.stages.policy import resolve_example_weights
+from pro_jax.stages.rm import load_reward_model
+from pro_jax.stages.scoring import CachedScorer, StackedScorer, hf_reward_scorer, scorer_key
+
+
+def say(msg: str) -> None:
+  print(f"[pro-jax] {msg}", flush=True)
+
+
+
+@dataclasses.dataclass
+class Context:
+  cfg: Any
+  workdir: str
+  objectives: list[str]
+  tokenizer: Any
+  tokenizer_path: str
+  train: list[dict]
+  eval: list[dict]
+  task_config: synthetic.SyntheticTaskConfig | None = None
+  _scorer: Any = None
+  _norm: NormStats | None = None
+
+  @property
+  def K(self) -> int:
+    return len(self.objectives)
+
+  def path(self, *parts: str) -> str:
+    return os.path.join(self.workdir, *parts)
+
+  def source(self, spec: str) -> str:
+    """Resolve "stage:NAME" to this workdir's stage run."""
+    if spec.startswith("stage:"):
+      name = spec.partition(":")[2]
+      if not os.path.isdir(self.path(name, "checkpoints")):
+        raise FileNotFoundError(f"{self.path(name)} holds no checkpoint: run `pro-jax {name}` with this "
+                                "workdir first")
+      return f"checkpoint:{self.path(name)}"
+    return spec
+
+  @property
+  def scorer(self) -> Any:
+    if self._scorer is None:
+      self._scorer = build_scorer(self)
+    return self._scorer
+
+  @property
+  def norm(self) -> NormStats:
+    if self._norm is None:
+      self._norm = fit_or_load_norm(self)
+    return self._norm
+
+  def score(self, prompts, responses) -> np.ndarray:
+    return np.asarray(self.scorer.score(list(prompts), list(responses)), np.float32)
+
+
+def _synthetic_config(cfg: Any) -> synthetic.SyntheticTaskConfig:
+  t = cfg.task
+  return synthetic.SyntheticTaskConfig(seed=int(cfg.seed), n_train=t.n_train, n_eval=t.n_eval, n_candidates=t.n_candidates,
+                               label_noise=t.label_noise, humor=t.humor)
+
+
+def remap_objectives(ex: dict, objectives: list[str]) -> dict:
+  """The example with its objective-indexed fields in the pipeline's objective order (0 = absent)."""
+  own = list(ex["objectives"])
+  if own == objectives:
+    return ex
+  idx = [own.index(o) if o in own else -1 for o in objectives]
+
+  def pick(vec):
+    v = np.asarray(vec, np.float32)
+    return [float(v[..., i]) if i >= 0 else 0.0 for i in idx] if v.ndim == 1 else \
+        [[float(row[i]) if i >= 0 else 0.0 for i in idx] for row in v]
+
+  out = dict(ex, objectives=list(objectives), pair_objectives=pick(ex["pair_objectives"]))
+  if len(ex.get("scores", [])):
+    out["scores"], out["score_mask"] = pick(ex["scores"]), pick(ex["score_mask"])
+  return out
+
+
+def load_context(cfg: Any, workdir: str) -> Context:
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  objectives = list(cfg.objectives)
+  d = cfg.data
+  task_cfg = None
+  if tuple(d.sources) == ("synthetic",):
+    task_cfg = _synthetic_config(cfg)
+    if list(task_cfg.objectives) != objectives:
+      raise ValueError(f"objectives {objectives} differ from the synthetic task's {list(task_cfg.objectives)}")
+    data = synthetic.generate_task(task_cfg)
+    train_ex, eval_ex = data["train"], data["eval"]
+  else:
+    from pro_jax.data.sources import load_examples  # heavy (tensorflow_datasets): real data sets only
+    def read(specs):
+      rows = []
+      for spec in specs:
+        name, _, split = spec.rpartition(":")
+        if not name:
+          raise ValueError(f"data source {spec!r}: expected BUILDER/CONFIG:SPLIT")
+        rows += load_examples(name, split, manual_dir=d.manual_dir or None, data_dir=d.data_dir or None,
+                              mode=d.mode)
+      return [remap_objectives(ex, objectives) for ex in rows]
+    rows = read(d.sources)
+    if d.eval_sources:
+      train_ex, eval_ex = rows, read(d.eval_sources)
+    else:
+      order = np.random.default_rng(int(cfg.seed)).permutation(len(rows))
+      n_eval = max(1, int(round(d.eval_fraction * len(rows))))
+      eval_ex = [rows[i] for i in sorted(order[:n_eval])]
+      train_ex = [rows[i] for i in sorted(order[n_eval:])]
+    if d.max_eval and len(eval_ex) > d.max_eval:
+      eval_ex = eval_ex[:d.max_eval]
+  tokenizer, tok_path = _tokenizer(cfg, workdir, task_cfg)
+  return Context(cfg, workdir, objectives, tokenizer, tok_path, list(train_ex), list(eval_ex), task_cfg)
+
+
+def _tokenizer(cfg: Any, workdir: str, task_cfg: synthetic.SyntheticTaskConfig | None) -> tuple[Any, str]:
+  from transformers import AutoTokenizer  # heavy: imported when a run starts, not with the package
+  if not cfg.tokenizer:
+    if task_cfg is None:
+      raise ValueError("config.tokenizer is empty: only the synthetic task brings its own tokenizer")
+    path = os.path.join(workdir, "tokenizer")
+    if not os.path.exists(os.path.join(path, "tokenizer.json")):
+      synthetic.build_tokenizer(task_cfg, path)
+    return AutoTokenizer.from_pretrained(path), path
+  return load_tokenizer(cfg.tokenizer), str(cfg.tokenizer)
+
+
+def build_scorer(ctx: Context) -> Any:
+  """The K objectives' scorers (stacked, reordered to `objectives`), cached in W/scores.sqlite."""
+  parts = []
+  for spec in ctx.cfg.scorers:
+    if spec == "synthetic":
+      parts.append(synthetic.SyntheticRewards(ctx.task_config or _synthetic_config(ctx.cfg)))
+    elif spec == "rm":
+      parts.append(load_reward_model(ctx.path("rm")))
+    elif spec.startswith("hf:"):
+      path, _, name = spec[3:].rpartition("=")
+      if not path or not name:
+        raise ValueError(f"scorer {spec!r}: expected hf:DIR=OBJECTIVE")
+      parts.append(hf_reward_scorer(path, name))
+    else:
+      raise ValueError(f"unknown scorer {spec!r} (synthetic, rm, hf:DIR=OBJECTIVE)")
+  stacked = parts[0] if len(parts) == 1 else StackedScorer(parts)
+  have = list(stacked.objectives)
+  missing = [o for o in ctx.objectives if o not in have]
+  if missing:
+    raise ValueError(f"no scorer gives objective(s) {missing} (scorers {list(ctx.cfg.scorers)} give {have})")
+  if have != ctx.objectives:
+    stacked = _Reordered(stacked, [have.index(o) for o in ctx.objectives], ctx.objectives)
+  # the cache key identifies what is computed (each scorer's config / weight fingerprint, the order),
+  # so a retrained reward model or another task seed never reads stale scores
+  return CachedScorer(stacked, ctx.path("scores.sqlite"))
+
+
+class _Reordered:
+  def __init__(self, scorer, index, objectives):
+    self.scorer, self.index, self.objectives = scorer, list(index), tuple(objectives)
+    self.key = json.dumps([scorer_key(scorer), self.index])
+
+  def score(self, prompts, responses):
+    return np.asarray(self.scorer.score(prompts, responses), np.float32)[:, self.index]
+
+
+def responses_of(ex: dict) -> list[str]:
+  """The scored responses of an example: its `responses`, else its pair."""
+  if len(ex.get("responses", [])):
+    return list(ex["responses"])
+  return [r for r in (ex.get("chosen"), ex.get("rejected")) if r]
+
+
+def fit_or_load_norm(ctx: Context) -> NormStats:
+  path = ctx.path("norm.json")
+  if os.path.exists(path):
+    norm = NormStats.load(path)
+    if list(norm.objectives) == ctx.objectives and norm.method == ctx.cfg.norm.method:
+      return norm
+  prompts = [ex["prompt"] for ex in ctx.train for _ in responses_of(ex)]
+  responses = [r for ex in ctx.train for r in responses_of(ex)]
+  norm = fit_norm_stats(ctx.score(prompts, responses), ctx.objectives, method=ctx.cfg.norm.method)
+  norm.save(path)
+  return norm
+
+
+def targets_for(ctx: Context, examples: list[dict], tau: float) -> np.ndarray:
+  """Adapter targets w*(x) = softmax(r~(x, y_w) / tau) from each prompt's preferred response."""
+  raw = ctx.score([ex["prompt"] for ex in examples], [ex["chosen"] for ex in examples])
+  return compute_targets(raw, ctx.norm, tau)
+
+
+def true_weights(examples: list[dict]) -> np.ndarray | None:
+  if examples and all("true_weights" in ex for ex in examples):
+    return np.asarray([ex["true_weights"] for ex in examples], np.float32)
+  return None
+
+
+def adapter_weights(ctx: Context, examples: list[dict]) -> np.ndarray:
+  pref = load_adapter(ctx.path("adapter"))
+  if list(pref.objectives) != ctx.objectives:
+    raise ValueError(f"the adapter in {ctx.path('adapter')} is for {list(pref.objectives)}, not {ctx.objectives}")
+  return pref([ex["prompt"] for ex in examples])
+
+
+def example_weights(ctx: Context, examples: list[dict], source: str, tau: float) -> np.ndarray:
+  return resolve_example_weights(source, len(examples), ctx.K,
+                                 targets_NxK=targets_for(ctx, examples, tau) if source == "target" else None,
+                                 adapter_fn=lambda: adapter_weights(ctx, examples))
+
+
+def soft_placeholder(tokenizer: Any) -> tuple[str, int]:
+  """(string, id) of the token that carries soft weight embeddings: the tokenizer's unk (else pad)
+  token, checked to encode as exactly that one id inside text."""
+  for name in ("unk_token", "pad_token"):
+    tok = getattr(tokenizer, name, None)
+    if tok:
+      tid = tokenizer.convert_tokens_to_ids(tok)
+      if tokenizer(f"a {tok} {tok}", add_special_tokens=False)["input_ids"][-2:] == [tid, tid]:
+        return tok, int(tid)
+  raise ValueError("soft weight tokens need a tokenizer whose unk or pad token encodes as one id in text")
+
+
+def soft_conditioning(ctx: Context) -> tuple[str, int, int]:
+  """(placeholder, id, n) for policy.pro.conditioning_mode='soft', else ("", 0, 0)."""
+  pro = ctx.cfg.policy.pro
+  if pro.conditioning_mode == "text":
+    return "", 0, 0
+  if pro.conditioning_mode != "soft":
+    raise ValueError(f"policy.pro.conditioning_mode must be 'text' or 'soft', got {pro.conditioning_mode!r}")
+  placeholder, tid = soft_placeholder(ctx.tokenizer)
+  return placeholder, tid, int(pro.soft_tokens)
+
+
+def write_json(path: str, obj: Any) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=float)
+  os.replace(tmp, path)
