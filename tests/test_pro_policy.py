@@ -287,3 +287,25 @@ def test_dpo_plugin_with_response_window_equals_the_full_lm_head(models):
   g_win = jax.grad(lambda p: policy_loss("dpo", model, response_window=6)(p, {"ref": ref}, batch, None)[0])(pol)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6),
                g_win, g_full)
+
+
+def test_ric_reward_conditioning_rows_and_deployment_prompt():
+  """RiC proper: training rows conditioned on each response's own normalized rewards; at evaluation a
+  weight vector becomes RiC's target rewards (l2 map over the training range) in the prompt."""
+  from pro_jax.stages.evaluate import Policy
+  from pro_jax.stages.policy import reward_conditioned_examples
+
+  names = ["concise", "informative", "harmless"]
+  ex = {"id": "a", "source": "s", "prompt": [{"role": "user", "content": "what color is the zorb ?"}],
+        "responses": ["the zorb is red .", "sorry , i can not help with that ."]}
+  z = np.array([[0.5, -1.23, 0.0], [1.0, 2.04, -0.04]])
+  rows = reward_conditioned_examples([ex], [z], names)
+  assert [r["chosen"] for r in rows] == ex["responses"]
+  assert rows[0]["prompt"][-1]["content"] == "what color is the zorb ? <r> concise 0.5 informative -1.2 harmless 0.0 </r>"
+  assert rows[1]["prompt"][-1]["content"] == "what color is the zorb ? <r> concise 1.0 informative 2.0 harmless 0.0 </r>"
+  pol = Policy("p", None, None, conditioned=True, reward_map={"low": [-2.0] * 3, "high": [2.0] * 3, "method": "l2"})
+  # w = (1, 0, 0): w / |w| = w -> (2, -2, -2); w = (0.6, 0.8, 0): (0.4, 1.2, -2)
+  assert pol.condition(ex["prompt"], [1.0, 0.0, 0.0], names)[-1]["content"].endswith(
+      "<r> concise 2.0 informative -2.0 harmless -2.0 </r>")
+  assert pol.condition(ex["prompt"], [0.6 / 1.4, 0.8 / 1.4, 0.0], names)[-1]["content"].endswith(
+      "<r> concise 0.4 informative 1.2 harmless -2.0 </r>")
