@@ -32,19 +32,31 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, list(overrides) + [f"--config.seed={seed}"])
     report = run_demo(cfg, os.path.join(args.workdir, f"seed{seed}"), table_rows=5)
     p, s = report["pro"], report["settings"]
+    c = report.get("ceilings", {})
     rows.append({"seed": seed, "pro": p["utility"], "pro_sem": s["PRO"]["utility_sem"],
                  "best_fixed": p["best_fixed"], "best_fixed_utility": p["best_fixed_utility"],
-                 "margin": p["margin"], "oracle": s.get("oracle", {}).get("utility"),
+                 "margin": p["margin"], "best_fixed_valid": p.get("best_fixed_valid"),
+                 "best_fixed_valid_utility": p.get("best_fixed_valid_utility"), "margin_valid": p.get("margin_valid"),
+                 "oracle": s.get("oracle", {}).get("utility"),
+                 "per_prompt_best_fixed": c.get("per_prompt_best_fixed"), "best_candidate": c.get("best_candidate"),
                  "pro_win_rate_vs_best": s[p["best_fixed"]]["pro_win_rate"],
                  "adapter_top1_vs_true": report.get("adapter_heldout", {}).get("top1_vs_true_weights"),
                  "adapter_kl": report.get("adapter_heldout", {}).get("kl"),
+                 "eval_prompts_seen_in_training": report.get("eval_prompts_seen_in_training"),
                  "seconds": report.get("timings_s", {}).get("total")})
-  lines = ["| seed | PRO U | best fixed weights | best fixed U | margin | oracle U | PRO win rate vs best | "
-           "adapter top-1 vs true | demo seconds |", "|---|---|---|---|---|---|---|---|---|"]
+
+  def f(x, fmt="{:.3f}"):
+    return "-" if x is None else fmt.format(x)
+
+  lines = ["| seed | PRO U | best fixed (eval-picked) | its U | margin | best fixed (validation-picked) | its U | "
+           "margin | oracle U | E_x max_w U (grid) | best candidate | PRO win rate vs best | adapter top-1 vs true | "
+           "demo seconds |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(f"| {r['seed']} | {r['pro']:.3f} +- {r['pro_sem']:.3f} | {r['best_fixed']} | "
-                 f"{r['best_fixed_utility']:.3f} | {r['margin']:+.3f} | {r['oracle']:.3f} | "
-                 f"{r['pro_win_rate_vs_best']:.2f} | {r['adapter_top1_vs_true']:.3f} | {r['seconds']} |")
+                 f"{r['best_fixed_utility']:.3f} | {r['margin']:+.3f} | {r['best_fixed_valid'] or '-'} | "
+                 f"{f(r['best_fixed_valid_utility'])} | {f(r['margin_valid'], '{:+.3f}')} | {f(r['oracle'])} | "
+                 f"{f(r['per_prompt_best_fixed'])} | {f(r['best_candidate'])} | "
+                 f"{r['pro_win_rate_vs_best']:.2f} | {f(r['adapter_top1_vs_true'])} | {r['seconds']} |")
   margins = np.array([r["margin"] for r in rows])
   ok = bool(np.all(margins > 0))
   lines.append("")

@@ -1,5 +1,7 @@
 """The embedded synthetic task: determinism, schema, reward formulas, pairs, theorem, tokenizer."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -225,7 +227,97 @@ def test_pairs_follow_hidden_weighting(task):
     assert uc > ur
     assert uc == pytest.approx(max(u), abs=1e-6)  # best_vs_random: chosen is the best candidate
     rc, rr = np.asarray(ex["reward_chosen"]), np.asarray(ex["reward_rejected"])
-    np.testing.assert_array_equal(ex["pair_objectives"], (rc > rr).astype(np.float32))
+    np.testing.assert_array_equal(ex["pair_objectives"], np.sign(rc - rr).astype(np.float32))
+
+
+def test_pair_labels_oriented_by_each_objective(task):
+  """A pair labels objective k by k's own ordering: -1 where the rejected response wins on k
+  (not dropped), +1 where the chosen one does, 0 on a tie."""
+  po = np.asarray([ex["pair_objectives"] for ex in task["train"]])
+  rc = np.asarray([ex["reward_chosen"] for ex in task["train"]])
+  rr = np.asarray([ex["reward_rejected"] for ex in task["train"]])
+  for k in range(3):
+    assert np.all(po[rc[:, k] > rr[:, k], k] == 1.0)
+    assert np.all(po[rc[:, k] < rr[:, k], k] == -1.0)
+    assert np.all(po[rc[:, k] == rr[:, k], k] == 0.0)
+    assert (po[:, k] == -1.0).sum() > 30  # every objective has pairs the utility's winner loses
+  np.testing.assert_array_equal(S.pair_labels([1.0, 0.5, 0.2], [0.5, 0.5, 0.3]), [1.0, 0.0, -1.0])
+
+
+def test_copied_total_utility_scores_worse_than_per_objective_scorer():
+  """Per-objective pair accuracy must measure per-objective skill: a scorer that copies the total
+  (hidden-weight) utility to every head is near chance on each objective's labels, while a scorer
+  with per-objective skill (here the true per-objective rewards, the trained heads' stand-in) is
+  right on every one. Before labels were oriented per objective, the copy scored 0.94-0.98."""
+  t = S.generate_task(S.SyntheticTaskConfig(seed=0))  # default label noise
+  stats = S.reward_stats(t["train"])
+  ev = t["eval"]
+  po = np.asarray([ex["pair_objectives"] for ex in ev])
+  rc = np.asarray([ex["reward_chosen"] for ex in ev])
+  rr = np.asarray([ex["reward_rejected"] for ex in ev])
+  w = np.asarray([ex["true_weights"] for ex in ev])
+  uc = np.asarray([_z_utility(r, x, *stats) for r, x in zip(rc, w)])
+  ur = np.asarray([_z_utility(r, x, *stats) for r, x in zip(rr, w)])
+  for k in range(3):
+    lab = po[:, k] != 0
+    assert lab.sum() > 200
+    per_objective = np.mean((rc[lab, k] > rr[lab, k]) == (po[lab, k] > 0))
+    copied = np.mean((uc[lab] > ur[lab]) == (po[lab, k] > 0))
+    assert per_objective == 1.0
+    assert copied < 0.7 and per_objective - copied > 0.3, (k, copied)
+
+
+def _template(ex) -> tuple[str, str]:
+  """(creature, the prompt with its creature replaced by a placeholder)."""
+  text = ex["prompt"][0]["content"]
+  entity = next(w for w in text.split() if w in S.ENTITY_POOL)
+  return entity, " ".join("_" if w == entity else w for w in text.split())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_eval_prompts_never_occur_in_training(seed):
+  """Held-out means unseen: no eval prompt occurs verbatim in the training prompts (it was 94-95%),
+  yet each eval prompt's creature and template occur in training (new combinations of seen parts)."""
+  t = S.generate_task(S.SyntheticTaskConfig(seed=seed))  # the default sizes
+  train = {ex["prompt"][0]["content"] for ex in t["train"]}
+  evals = {ex["prompt"][0]["content"] for ex in t["eval"]}
+  assert len(train & evals) == 0
+  assert len(evals) > 60
+  seen_e = {_template(ex)[0] for ex in t["train"]}
+  seen_t = {_template(ex)[1] for ex in t["train"]}
+  for ex in t["eval"]:
+    e, tmpl = _template(ex)
+    assert e in seen_e and tmpl in seen_t
+  # every prompt type is held out
+  assert {ex["prompt_type"] for ex in t["eval"]} == {"factual", "explain", "risky"}
+
+
+def test_validation_split_disjoint_from_train_and_eval():
+  cfg = S.SyntheticTaskConfig(seed=0, n_train=800, n_eval=200, n_valid=150, humor=True)
+  t = S.generate_task(cfg)
+  assert len(t["validation"]) == 150
+  text = {sp: {ex["prompt"][0]["content"] for ex in t[sp]} for sp in ("train", "eval", "validation")}
+  assert not text["train"] & text["eval"]
+  assert not text["train"] & text["validation"]
+  assert not text["eval"] & text["validation"]
+  assert {ex["prompt_type"] for ex in t["validation"]} == set(cfg.prompt_types)
+  for row, ex in enumerate(t["validation"]):
+    validate_example(ex, file="validation", row=row + 1)
+  # the combinations: shares as configured (1/20 steps), disjoint, covering every combination
+  splits = S.prompt_splits(cfg)
+  for ptype in cfg.prompt_types:
+    sets = {sp: set(splits[sp][ptype]) for sp in splits}
+    n = sum(len(v) for v in sets.values())
+    assert len(set().union(*sets.values())) == n
+    if n >= 100:
+      assert abs(len(sets["eval"]) / n - cfg.eval_fraction) < 0.05
+      assert abs(len(sets["validation"]) / n - cfg.valid_fraction) < 0.05
+  # n_valid changes neither the train nor the eval split (the validation combinations are always reserved)
+  no_valid = S.generate_task(dataclasses.replace(cfg, n_valid=0))
+  assert "validation" not in no_valid
+  assert no_valid["train"] == t["train"] and no_valid["eval"] == t["eval"]
+  with pytest.raises(ValueError, match="eval_fraction"):
+    S.SyntheticTaskConfig(eval_fraction=0.0)
 
 
 def test_chosen_kind_per_type(task):
@@ -253,7 +345,7 @@ def test_label_noise_rate():
       dominated += 1
     else:
       flipped.append(uc < ur)
-    assert sum(ex["pair_objectives"]) >= 1  # a valid pair always speaks for some objective
+    assert any(ex["pair_objectives"])  # a valid pair always speaks for some objective
   assert dominated > 50
   assert 0.25 < np.mean(flipped) < 0.35
 
@@ -362,3 +454,8 @@ def test_tokenizer_round_trip(tmp_path, task):
   assert tok.decode(tok(rendered, add_special_tokens=False)["input_ids"]) == \
       "<bos> <|user|> how big is the zorb ? <|assistant|>"
   assert tok("what is a xylophone ?", add_special_tokens=False)["input_ids"][3] == tok.unk_token_id
+  # the conditioning texts: weights (RiC-style) and target rewards (RiC proper, negative values too)
+  from pro_jax.pro.weights import format_rewards_text, format_weights_text
+  names = ["concise", "informative", "harmless", "humor"]
+  for cond in (format_weights_text([0.1, 0.2, 0.3, 0.4], names), format_rewards_text([-1.2, 0.0, 2.5, -0.3], names)):
+    assert tok.unk_token_id not in tok(cond, add_special_tokens=False)["input_ids"], cond

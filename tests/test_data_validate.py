@@ -195,6 +195,12 @@ def test_good_example_passes():
   validate_example(GOOD)
 
 
+def test_signed_pair_labels_pass():
+  """-1 = the rejected response is preferred on that objective (a label oriented by objective)."""
+  validate_example(_bad(pair_objectives=[1.0, -1.0]))
+  validate_example(_bad(pair_objectives=[0.0, -1.0]))
+
+
 @pytest.mark.parametrize("changes, field, reason", [
     (dict(id=""), "id", "empty_field"),
     (dict(source=None), "source", "missing_field"),
@@ -211,6 +217,7 @@ def test_good_example_passes():
     (dict(rejected="Hello"), "rejected", "chosen_equals_rejected"),
     (dict(pair_objectives=[1.0]), "pair_objectives", "wrong_num_objectives"),
     (dict(pair_objectives=[0.5, 0.0]), "pair_objectives", "bad_pair_objectives"),
+    (dict(pair_objectives=[-2.0, 1.0]), "pair_objectives", "bad_pair_objectives"),
     (dict(pair_objectives=[0.0, 0.0]), "pair_objectives", "bad_pair_objectives"),
     (dict(pair_objectives=[math.nan, 0.0]), "pair_objectives[0]", "non_finite_score"),
     (dict(responses=["Hello", ""]), "responses[1]", "empty_field"),

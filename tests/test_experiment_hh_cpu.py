@@ -45,10 +45,13 @@ def test_hh_rlhf_cpu_end_to_end(shared_data, tmp_path, capsys):
   assert rm["mean_accuracy"] > 0.55, rm
   assert min(rm["accuracy"].values()) > 0.5, rm
   # stage 4: prompt-aware weights point the right way on held-out prompts
+  # (with K = 2 the weights sum to 1, so the harmless side of this inequality is the same claim)
   assert w["helpful-base"]["helpful"] > w["harmless-base"]["helpful"], w
-  assert w["harmless-base"]["harmless"] > w["helpful-base"]["harmless"], w
   for split in w:
     np.testing.assert_allclose(sum(w[split].values()), 1.0, rtol=1e-5)
+  # per prompt, not only on average: a held-out helpful-base prompt gets a higher helpful weight than a
+  # held-out harmless-base prompt more often than chance (split AUC 0.59-0.63 on seeds 0-2)
+  assert report["adapter_split_auc"] > 0.55, report["adapter_split_auc"]
   # the targets themselves carry the signal the adapter learns (diagnosis of stage 3)
   assert t["helpful-base"]["helpful"] > t["harmless-base"]["helpful"], t
   saved = json.loads((tmp_path / "hh" / "report.json").read_text())

@@ -104,3 +104,39 @@ def test_train_adapter_learns_prompt_types_and_loads_back(tmp_path):
   assert again.objectives == tuple(tcfg.objectives)
   with pytest.raises(ValueError, match="not a preference-adapter run"):
     A.load_adapter(str(tmp_path / "sft"))
+
+
+def test_adapter_encoder_with_another_vocabulary(tmp_path):
+  """A feature encoder with its own vocabulary must not get the policy's token ids: an hf:DIR encoder
+  without a tokenizer whose vocabulary is smaller is an error (before any compile); with its own
+  tokenizer files the adapter tokenizes with (and records) that tokenizer."""
+  from transformers import AutoTokenizer
+
+  import pro_jax.data.synthetic as S
+  from pro_jax.models import Transformer, init_variables
+  from pro_jax.models.hf_io import save_hf_model
+  from pro_jax.stages.stage import engine_config
+
+  tcfg = S.SyntheticTaskConfig(n_train=24, n_eval=0, seed=0)
+  data = S.generate_task(tcfg)["train"]
+  tok_dir = S.build_tokenizer(tcfg, tmp_path / "tok")
+  tok = AutoTokenizer.from_pretrained(str(tok_dir))
+  targets = np.full((len(data), 3), 1 / 3, np.float32)
+  acfg = engine_config(total_steps=2, batch_size=8, **{"optim.warmup_steps": 1, "log.progress": False,
+                                                        "log.tensorboard": False})
+  small = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, mlp_dim=64, max_seq_len=64)
+  save_hf_model(tmp_path / "enc_small", small, init_variables(Transformer(small), jax.random.PRNGKey(0))["params"])
+  with pytest.raises(ValueError, match="vocabulary of 64 tokens"):
+    A.train_adapter(acfg, str(tmp_path / "a1"), data, targets, tok, backbone_source=f"hf:{tmp_path / 'enc_small'}",
+                    tokenizer_path=str(tok_dir), objectives=list(tcfg.objectives), hidden=8, layers=1,
+                    max_prompt_len=16)
+  assert not (tmp_path / "a1").exists() or not any((tmp_path / "a1").iterdir())
+  own = ModelConfig(vocab_size=len(tok), d_model=32, n_layers=1, n_heads=4, mlp_dim=64, max_seq_len=64)
+  save_hf_model(tmp_path / "enc_own", own, init_variables(Transformer(own), jax.random.PRNGKey(1))["params"],
+                tokenizer=tok)
+  pref = A.train_adapter(acfg, str(tmp_path / "a2"), data, targets, tok, backbone_source=f"hf:{tmp_path / 'enc_own'}",
+                         tokenizer_path="the-policy-tokenizer", objectives=list(tcfg.objectives), hidden=8,
+                         layers=1, max_prompt_len=16)
+  from pro_jax.train.checkpoint import load_checkpoint
+  assert load_checkpoint(str(tmp_path / "a2")).extra["adapter"]["tokenizer"] == str(tmp_path / "enc_own")
+  assert pref(["what color is the zorb ?"]).shape == (1, 3)

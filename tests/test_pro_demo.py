@@ -1,18 +1,20 @@
-"""`pro-jax demo` end to end at toy size: every stage runs, the report is complete and consistent.
-
-(The demo's claim, PRO above the best fixed weight vector, is checked at full size by
-experiments/demo_seeds.py on 3 seeds; here the sizes are too small for the policy to learn.)
+"""`pro-jax demo` end to end: at toy size every stage runs and the report is complete; at a small
+learning size (slow) the demo's claim holds: PRO above the best fixed weight vector by a margin, on
+held-out prompts never seen in training. (experiments/demo_seeds.py checks it at full size on 3 seeds.)
 """
 
 import json
 import os
 
 import numpy as np
+import pytest
 
 from pro_jax.configs import load_config
 from pro_jax.stages.demo import run_demo
 
-TINY = ["--config.task.n_train=96", "--config.task.n_eval=24", "--config.sft.total_steps=6",
+MARGIN = 0.1  # PRO minus the best fixed vector (mean U); calibrated below
+
+TINY = ["--config.task.n_train=96", "--config.task.n_eval=24", "--config.task.n_valid=16", "--config.sft.total_steps=6",
         "--config.sft.optim.warmup_steps=1", "--config.adapter.optim.warmup_steps=1",
         "--config.policy.optim.warmup_steps=1",
         "--config.adapter.total_steps=6", "--config.policy.total_steps=6", "--config.eval.grid_step=0.5",
@@ -36,11 +38,12 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
   fixed = report["fixed_settings"]
   assert len(fixed) == 6  # K=3, step 0.5
   assert set(report["settings"]) == set(fixed) | {"PRO", "oracle"}
-  best = max(fixed, key=lambda n: report["settings"][n]["utility"])
-  assert report["pro"]["best_fixed"] == best
-  assert report["pro"]["margin"] == report["settings"]["PRO"]["utility"] - report["settings"][best]["utility"]
-  th = report["theorem"]
-  assert th["per_prompt_best"] >= th["best_fixed_candidates"]  # the theorem's inequality on the candidates
+  # the report's figures are there and named for what they are
+  assert report["pareto"]["reference_point"] == [-2.0, -2.0, -2.0]  # fixed (config), not data-dependent
+  assert {"per_prompt_best_fixed", "best_fixed", "best_candidate"} <= set(report["ceilings"])
+  for row in report["settings"].values():
+    assert {"kl_to_reference", "kl_to_reference_sem", "logratio_to_reference"} <= set(row)
+  assert report["pro"]["best_fixed_valid"] in fixed and report["pro"]["valid_prompts"] == 16
   on_disk = json.loads((tmp_path / "report" / "report.json").read_text())
   assert on_disk["pro"] == report["pro"]
   assert (tmp_path / "report" / "front.png").read_bytes()[:4] == b"\x89PNG"
@@ -99,3 +102,29 @@ def test_downstream_loading_with_the_public_api_only(tmp_path):
   out = pro_jax.generate(ck.model, ck.variables, tokens, jnp.ones_like(tokens), max_new_tokens=5, greedy=True,
                          eos_token_id=2)
   assert out.tokens_BxN.shape == (1, 5)
+
+
+SMALL = ["--config.task.n_train=768", "--config.task.n_eval=96", "--config.task.n_valid=48",
+         "--config.sft.total_steps=150", "--config.adapter.total_steps=120", "--config.policy.total_steps=150",
+         "--config.eval.grid_step=0.25", "--config.eval.max_new_tokens=40", "--config.eval.kl=False",
+         "--config.sft.log.progress=False", "--config.adapter.log.progress=False",
+         "--config.policy.log.progress=False"]
+
+
+@pytest.mark.slow
+def test_demo_claim_pro_beats_the_best_fixed_vector_on_unseen_prompts(tmp_path):
+  """The claim, at a small learning size: on held-out prompts that never occur in training, PRO's mean
+  utility is above the best fixed weight vector's (picked on the eval set itself, which favours the
+  baseline, and picked on the separate validation split) by a clear margin."""
+  from pro_jax.stages.context import load_context
+
+  cfg = load_config("demo", SMALL)
+  report = run_demo(cfg, str(tmp_path), existing="overwrite")
+  ctx = load_context(cfg, str(tmp_path))
+  train = {ex["prompt"][0]["content"] for ex in ctx.train}
+  assert not train & {ex["prompt"][0]["content"] for ex in ctx.eval}  # unseen prompts
+  p = report["pro"]
+  print(f"PRO {p['utility']:.3f}, best fixed {p['best_fixed']} {p['best_fixed_utility']:.3f} (margin {p['margin']:+.3f}), "
+        f"validation-picked {p['best_fixed_valid']} margin {p['margin_valid']:+.3f}")
+  assert p["margin"] > MARGIN, p
+  assert p["margin_valid"] >= p["margin"] - 1e-9

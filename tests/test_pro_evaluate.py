@@ -104,3 +104,90 @@ def test_front_plot_shows_u_per_setting_best_first():
   labels = [t.get_text() for t in ax.get_xticklabels()]
   assert labels == ["oracle", "PRO", "best fixed\nfixed(b)"]
   plt.close(fig)
+
+
+def _dominates(a, b):
+  return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
+
+
+def _union_volume(points, ref):
+  """Volume of the union of the boxes [ref, p] by inclusion-exclusion (exact, for a few points)."""
+  import itertools
+  total = 0.0
+  for r in range(1, len(points) + 1):
+    for sub in itertools.combinations(points, r):
+      corner = np.min(np.asarray(sub), axis=0)
+      total += (-1) ** (r + 1) * float(np.prod(np.maximum(corner - ref, 0.0)))
+  return total
+
+
+def test_conditioned_policy_weight_routing_pareto_and_hypervolume(setup):
+  """A weight-conditioned policy (soft weight tokens: its output depends on the weights it is given):
+  each prompt gets its own row's weights, the fixed settings' front and hypervolume (fixed reference
+  point) match an independent computation, and the sampled KL to a different reference is positive."""
+  tok, _, _, prompts = setup
+  from pro_jax.stages.context import soft_placeholder
+  placeholder, tid = soft_placeholder(tok)
+  cfg = ModelConfig(vocab_size=len(tok), d_model=32, n_layers=1, n_heads=4, mlp_dim=64, max_seq_len=96,
+                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, weight_tokens=2, num_weights=3,
+                    weight_token_id=tid)
+  model = Transformer(cfg)
+  # large weights (x8, soft-token embeddings x160): a random model whose greedy text depends on its input
+  variables = jax.tree_util.tree_map(lambda x: x * 8.0, init_variables(model, jax.random.PRNGKey(1)))
+  variables["params"]["weight_embed"] = variables["params"]["weight_embed"] * 20.0
+  policy = E.Policy("cond", model, variables, conditioned=True, soft_placeholder=placeholder, soft_tokens=2)
+  N, K = len(prompts), 3
+  scorer = LengthScorer()
+  norm = fit_norm_stats(np.array([[-1, 1, 0.2], [-5, 5, 0.5], [-9, 9, 0.3]], np.float32), scorer.objectives)
+  uw = np.full((N, K), 1 / 3, np.float32)
+  corners = np.eye(3, dtype=np.float32)
+  pro_w = corners[[0, 1, 2, 0, 1]]  # each prompt its own corner
+  settings = {"PRO": pro_w, **{f"fixed({i})": np.tile(corners[i], (N, 1)) for i in range(3)},
+              "fixed(u)": np.full((N, K), 1 / 3, np.float32)}
+  gen = E.GenerationConfig(max_prompt_len=24, max_new_tokens=6, batch_size=8, greedy=True)
+  other_ref = init_variables(Transformer(cfg.replace(weight_tokens=0)), jax.random.PRNGKey(7))
+  report = E.evaluate_settings(policy, settings, prompts, tok, scorer, norm, uw, gen=gen, hv_reference=-3.0,
+                               reference=(Transformer(cfg.replace(weight_tokens=0)), other_ref), kl_samples=2)
+  def texts_for(w_NxK):  # independent generation, one setting at a time
+    cond = [policy.condition(p, w, scorer.objectives) for p, w in zip(prompts, w_NxK)]
+    return E.generate_texts(model, variables, tok, cond, gen, np.asarray(w_NxK, np.float32))[0]
+
+  def utility(texts):
+    z = (scorer.score(prompts, texts) - norm.loc) / (norm.scale + norm.eps)
+    return (uw * z).sum(1)
+
+  # the policy's output depends on its weights
+  outs = {i: texts_for(np.tile(corners[i], (N, 1))) for i in range(3)}
+  assert len({tuple(v) for v in outs.values()}) > 1
+  # routing: PRO's prompt n was answered under ITS row's weights (corner pro_w[n])
+  pro_texts = [outs[int(np.argmax(pro_w[n]))][n] for n in range(N)]
+  assert report["settings"]["PRO"]["utility"] == pytest.approx(float(utility(pro_texts).mean()), rel=1e-5, abs=1e-6)
+  # Pareto front and hypervolume of the fixed settings, recomputed by hand with the fixed reference
+  fixed = report["fixed_settings"]
+  pts = {n: [report["settings"][n]["normalized"][o] for o in scorer.objectives] for n in fixed}
+  front = [n for n in fixed if not any(_dominates(pts[m], pts[n]) for m in fixed)]
+  assert report["pareto"]["front"] == front
+  assert report["pareto"]["reference_point"] == [-3.0] * 3
+  want = _union_volume([pts[n] for n in front], np.full(3, -3.0))
+  assert report["pareto"]["hypervolume_fixed"] == pytest.approx(want, rel=1e-6)
+  # ceilings: E_x max_w U over the fixed settings' own responses
+  u_fixed = np.stack([utility(texts_for(settings[n])) for n in fixed], axis=1)
+  assert report["ceilings"]["per_prompt_best_fixed"] == pytest.approx(float(u_fixed.max(1).mean()), rel=1e-5, abs=1e-6)
+  assert report["ceilings"]["best_fixed"] == pytest.approx(float(u_fixed.mean(0).max()), rel=1e-5, abs=1e-6)
+  # KL(pi || pi_ref) from temperature-1 samples, with a different reference: clearly positive
+  for n in settings:
+    row = report["settings"][n]
+    assert row["kl_to_reference"] > 3 * row["kl_to_reference_sem"] > 0
+    assert "logratio_to_reference" in row
+
+
+def test_best_fixed_picked_on_validation():
+  report = {"fixed_settings": ["a", "b"], "settings": {"PRO": {"utility": 0.5}, "a": {"utility": 0.4},
+                                                       "b": {"utility": 0.1}},
+            "pro": {"utility": 0.5, "best_fixed": "a"}}
+  valid = {"num_prompts": 7, "settings": {"a": {"utility": 0.0}, "b": {"utility": 0.3}}}
+  E.add_validation_choice(report, valid)
+  assert report["pro"]["best_fixed"] == "a"  # the eval-picked one stays
+  assert report["pro"]["best_fixed_valid"] == "b"
+  assert report["pro"]["best_fixed_valid_utility"] == 0.1
+  assert report["pro"]["margin_valid"] == pytest.approx(0.4)

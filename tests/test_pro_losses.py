@@ -53,6 +53,23 @@ def test_bradley_terry_masked_entries_contribute_exactly_zero():
   np.testing.assert_allclose(g[1, 1], -0.5 / 3, rtol=1e-6)
 
 
+def test_bradley_terry_label_minus_one_orients_the_pair_by_that_objective():
+  """A -1 label (the rejected response is preferred on objective k) is the pair swapped for k."""
+  r_c = jnp.array([[2.0, 0.5], [1.0, 3.0]])
+  r_r = jnp.array([[1.0, 1.5], [2.0, 1.0]])
+  signed = jnp.array([[1.0, -1.0], [-1.0, 1.0]])
+  loss, met = losses.bradley_terry_multi(r_c, r_r, signed, objectives=("a", "b"))
+  # oriented margins: +1, +1 (1.5 - 0.5), +1 (2 - 1), +2
+  want = (3 * softplus(-1.0) + softplus(-2.0)) / 4
+  np.testing.assert_allclose(float(loss), want, rtol=1e-6)
+  assert float(met["accuracy"]) == 1.0 and float(met["labels"]) == 4.0
+  np.testing.assert_allclose(float(met["margin"]), 5 / 4, rtol=1e-6)
+  # the same as feeding the swapped pair with a +1 label, column by column
+  swap = signed < 0
+  loss2, _ = losses.bradley_terry_multi(jnp.where(swap, r_r, r_c), jnp.where(swap, r_c, r_r), jnp.abs(signed))
+  np.testing.assert_allclose(float(loss), float(loss2), rtol=1e-6)
+
+
 def test_bradley_terry_empty_mask_is_zero_not_nan():
   loss, met = losses.bradley_terry_multi(jnp.ones((2, 3)), jnp.zeros((2, 3)), jnp.zeros((2, 3)))
   assert float(loss) == 0.0 and float(met["accuracy"]) == 0.0
@@ -181,6 +198,29 @@ def test_modpo_hand_value_both_margin_shapes_and_clamp():
   assert np.all(np.asarray(g) == 0.0)
   with pytest.raises(ValueError, match="margins"):
     losses.modpo(lr_w, lr_l, w, jnp.zeros((1, 5)), beta=0.1)
+
+
+def test_modpo_fits_objective_zero_on_its_own_pairs_only():
+  """MODPO's DPO term is fit on objective 0's preference pairs: a pair with no objective-0 label is
+  left out (counted by `pairs`), a pair whose rejected response wins on objective 0 is reversed."""
+  lr_w, lr_l = jnp.array([1.0, 0.5, -0.3]), jnp.array([0.0, 0.2, 0.4])
+  w = jnp.array([[0.5, 0.5], [0.4, 0.6], [0.8, 0.2]])
+  margins = jnp.array([[0.0, 1.0], [0.0, -0.5], [0.0, 2.0]])
+  label0 = jnp.array([1.0, 0.0, -1.0])
+  loss, met = losses.modpo(lr_w, lr_l, w, margins, beta=0.1, label0_B=label0)
+  z0 = (0.1 * 1.0 - 0.5 * 1.0) / 0.5
+  z2 = -((0.1 * -0.7) - 0.2 * 2.0) / 0.8                   # reversed: s_0 = -1
+  np.testing.assert_allclose(float(loss), (softplus(-z0) + softplus(-z2)) / 2, rtol=1e-6)
+  assert float(met["pairs"]) == 2.0
+  # every pair entering (the old behaviour) gives a different loss and counts 3 rows
+  all_rows, met_all = losses.modpo(lr_w, lr_l, w, margins, beta=0.1)
+  assert float(met_all["pairs"]) == 3.0 and abs(float(all_rows) - float(loss)) > 1e-3
+  # the left-out row gets no gradient
+  g = jax.grad(lambda a: losses.modpo(a, lr_l, w, margins, beta=0.1, label0_B=label0)[0])(lr_w)
+  assert float(g[1]) == 0.0 and float(g[0]) != 0.0 and float(g[2]) != 0.0
+  # padding and the label combine: a padded labelled row is out too
+  _, met_pad = losses.modpo(lr_w, lr_l, w, margins, beta=0.1, label0_B=label0, mask_B=jnp.array([0.0, 1.0, 1.0]))
+  assert float(met_pad["pairs"]) == 1.0
 
 
 # ------------------------------------------------------------------ SFT

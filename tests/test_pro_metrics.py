@@ -73,3 +73,34 @@ def test_top1_kl_and_prompt_aware_gap():
   # U[x, w]: prompt 0 prefers w0, prompt 1 prefers w1
   e_max, max_e = M.prompt_aware_gap([[1.0, 0.0], [0.0, 1.0]])
   assert (e_max, max_e) == (1.0, 0.5)
+
+
+def test_kl_estimate_from_temperature_one_samples_matches_exact_kl():
+  """Sequences of 3 tokens from per-position categoricals p (policy) and q (reference): the mean
+  log-ratio of samples of p estimates sum_t KL(p_t || q_t); the greedy sequence's log-ratio is a
+  different number (what the old report called KL)."""
+  rng = np.random.default_rng(0)
+  p = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.5, 0.25, 0.25]])
+  q = np.array([[0.2, 0.5, 0.3], [0.3, 0.3, 0.4], [0.25, 0.5, 0.25]])
+  exact = float(np.sum(p * np.log(p / q)))
+  y = np.stack([rng.choice(3, size=20000, p=p[t]) for t in range(3)], axis=1)   # [N, T]
+  logp = np.log(p[np.arange(3), y]).sum(1)
+  logq = np.log(q[np.arange(3), y]).sum(1)
+  est = M.kl_estimate(logp, logq)
+  assert abs(est["kl"] - exact) < 3 * est["sem"] + 1e-3 and est["sem"] < 0.01
+  greedy = p.argmax(1)
+  greedy_ratio = float(np.log(p[np.arange(3), greedy] / q[np.arange(3), greedy]).sum())
+  assert abs(greedy_ratio - exact) > 0.3
+  with pytest.raises(ValueError):
+    M.kl_estimate([], [])
+
+
+def test_best_candidate_utility_and_pick_best():
+  w = [[1.0, 0.0], [0.5, 0.5]]
+  cands = [[[0.2, 9.0], [0.7, -1.0]], [[1.0, 1.0], [3.0, -2.0], [-1.0, 2.5]]]
+  # prompt 0: max(0.2, 0.7) = 0.7; prompt 1: max(1.0, 0.5, 0.75) = 1.0
+  assert M.best_candidate_utility(w, cands) == pytest.approx(0.85)
+  with pytest.raises(ValueError, match="no candidate"):
+    M.best_candidate_utility(w, [[[1.0, 0.0]], []])
+  u = {"a": 0.1, "b": 0.4, "c": 0.4, "d": 9.0}
+  assert M.pick_best(u, ["a", "b", "c"]) == "b"

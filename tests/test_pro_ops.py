@@ -59,6 +59,23 @@ def test_sequence_logprob_sum_and_average():
   np.testing.assert_allclose(np.asarray(a), [math.log(0.25)], rtol=1e-6)
 
 
+def test_window_sequence_logprob_average_matches_full_average():
+  """IPO feeds length-averaged log-probs (TRL): the windowed path gives them too."""
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(2, 6, 5)).astype(np.float32))
+  tokens = jnp.asarray(np.array([[1, 2, 3, 4, 0, 0], [1, 2, 4, 3, 2, 1]]))
+  loss_mask = jnp.asarray(np.array([[0, 0, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1]]))
+  positions, targets, wmask = ops.response_window(tokens, loss_mask, 4)
+  win_logits = jnp.take_along_axis(logits, positions[:, :, None], axis=1)
+  for average in (False, True):
+    full = ops.sequence_logprob(logits, tokens, loss_mask, average=average)
+    win = ops.window_sequence_logprob(win_logits, targets, wmask, loss_mask, average=average)
+    np.testing.assert_allclose(np.asarray(win), np.asarray(full), rtol=1e-5)
+  avg = np.asarray(ops.window_sequence_logprob(win_logits, targets, wmask, loss_mask, average=True))
+  tot = np.asarray(ops.window_sequence_logprob(win_logits, targets, wmask, loss_mask))
+  np.testing.assert_allclose(avg, tot / np.array([2, 4]), rtol=1e-5)
+
+
 def test_masked_mean_sum_empty_nan_and_grad():
   x = jnp.array([[1.0, 2.0, jnp.nan], [4.0, 5.0, 6.0]])
   m = jnp.array([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])

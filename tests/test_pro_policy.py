@@ -34,6 +34,7 @@ def _batch(rng, B=4, L=10, K=3):
   out["reward_chosen"] = r.normal(size=(B, K)).astype(np.float32)
   out["reward_rejected"] = r.normal(size=(B, K)).astype(np.float32)
   out["reward_rejected"][0, 1] = out["reward_chosen"][0, 1]  # a tie: no term
+  out["pair_objectives"] = np.ones((B, K), np.float32)
   return out
 
 
@@ -98,6 +99,46 @@ def test_modpo_plugin_matches_hand_formula(models):
   z = (beta * ((pc - rc) - (pr - rr)) - (w[:, 1:] * margins).sum(1)) / np.maximum(w[:, 0], 1e-2)
   real = b["example_id"] >= 0
   assert float(loss) == pytest.approx((-_logsig(z))[real].mean(), rel=1e-4)
+
+
+def test_modpo_plugin_fits_objective_zero_on_its_own_pairs(models):
+  """MODPO's DPO term sees only the pairs labelled for objective 0 (pair_objectives[:, 0]); a pair
+  whose rejected response wins on objective 0 is used reversed. Before, every pair entered."""
+  model, pol, ref = models
+  b, beta = _batch(2), 0.5
+  b["pair_objectives"] = np.array([[1, 1, 0], [0, 1, 1], [-1, 0, 1], [1, 0, 0]], np.float32)  # row 3: filler
+  loss, metrics = policy_loss("modpo", model, beta=beta)(pol, {"ref": ref}, b, jax.random.PRNGKey(0))
+  pc, pr = _side_logps(model, pol, b)
+  rc, rr = _side_logps(model, ref, b)
+  w = b["weights"]
+  margins = (b["reward_chosen"] - b["reward_rejected"])[:, 1:]
+  s0 = b["pair_objectives"][:, 0]
+  z = s0 * (beta * ((pc - rc) - (pr - rr)) - (w[:, 1:] * margins).sum(1)) / np.maximum(w[:, 0], 1e-2)
+  seen = (b["example_id"] >= 0) & (s0 != 0)
+  assert seen.sum() == 2
+  assert float(metrics["pairs"]) == 2 and float(metrics["loss_weight"]) == 2
+  assert float(loss) == pytest.approx((-_logsig(z))[seen].mean(), rel=1e-4)
+  z_all = (beta * ((pc - rc) - (pr - rr)) - (w[:, 1:] * margins).sum(1)) / np.maximum(w[:, 0], 1e-2)
+  assert abs(float(loss) - (-_logsig(z_all))[b["example_id"] >= 0].mean()) > 1e-3  # the old result differs
+
+
+def test_ipo_plugin_uses_length_averaged_logps(models):
+  """IPO through the plug-in: TRL's (logits - 1/(2 beta))^2 on length-AVERAGED log-probs."""
+  model, pol, ref = models
+  b, beta = _batch(6), 0.1
+  loss, _ = policy_loss("dpo", model, beta=beta, dpo_loss_type="ipo")(pol, {"ref": ref}, b, jax.random.PRNGKey(0))
+  n_c, n_r = b["chosen_loss_mask"].sum(1), b["rejected_loss_mask"].sum(1)
+  pc, pr = _side_logps(model, pol, b)
+  rc, rr = _side_logps(model, ref, b)
+  logits = (pc / n_c - pr / n_r) - (rc / n_c - rr / n_r)
+  real = b["example_id"] >= 0
+  assert float(loss) == pytest.approx(((logits - 1 / (2 * beta)) ** 2)[real].mean(), rel=1e-4)
+  # windowed LM head: the same
+  lw, _ = policy_loss("dpo", model, beta=beta, dpo_loss_type="ipo", response_window=8)(pol, {"ref": ref}, b,
+                                                                                        jax.random.PRNGKey(0))
+  assert float(lw) == pytest.approx(float(loss), rel=1e-4)
+  with pytest.raises(ValueError, match="dpo_loss_type"):
+    policy_loss("dpo", model, dpo_loss_type="kto")
 
 
 def test_dpo_plugin_with_precomputed_reference_equals_frozen_reference(models):
@@ -246,3 +287,25 @@ def test_dpo_plugin_with_response_window_equals_the_full_lm_head(models):
   g_win = jax.grad(lambda p: policy_loss("dpo", model, response_window=6)(p, {"ref": ref}, batch, None)[0])(pol)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6),
                g_win, g_full)
+
+
+def test_ric_reward_conditioning_rows_and_deployment_prompt():
+  """RiC proper: training rows conditioned on each response's own normalized rewards; at evaluation a
+  weight vector becomes RiC's target rewards (l2 map over the training range) in the prompt."""
+  from pro_jax.stages.evaluate import Policy
+  from pro_jax.stages.policy import reward_conditioned_examples
+
+  names = ["concise", "informative", "harmless"]
+  ex = {"id": "a", "source": "s", "prompt": [{"role": "user", "content": "what color is the zorb ?"}],
+        "responses": ["the zorb is red .", "sorry , i can not help with that ."]}
+  z = np.array([[0.5, -1.23, 0.0], [1.0, 2.04, -0.04]])
+  rows = reward_conditioned_examples([ex], [z], names)
+  assert [r["chosen"] for r in rows] == ex["responses"]
+  assert rows[0]["prompt"][-1]["content"] == "what color is the zorb ? <r> concise 0.5 informative -1.2 harmless 0.0 </r>"
+  assert rows[1]["prompt"][-1]["content"] == "what color is the zorb ? <r> concise 1.0 informative 2.0 harmless 0.0 </r>"
+  pol = Policy("p", None, None, conditioned=True, reward_map={"low": [-2.0] * 3, "high": [2.0] * 3, "method": "l2"})
+  # w = (1, 0, 0): w / |w| = w -> (2, -2, -2); w = (0.6, 0.8, 0): (0.4, 1.2, -2)
+  assert pol.condition(ex["prompt"], [1.0, 0.0, 0.0], names)[-1]["content"].endswith(
+      "<r> concise 2.0 informative -2.0 harmless -2.0 </r>")
+  assert pol.condition(ex["prompt"], [0.6 / 1.4, 0.8 / 1.4, 0.0], names)[-1]["content"].endswith(
+      "<r> concise 0.4 informative 1.2 harmless -2.0 </r>")

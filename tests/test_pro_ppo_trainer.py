@@ -262,6 +262,7 @@ def _engine_cfg():
                                 "checkpoint.keep": 2, "log.tensorboard": False, "log.progress": False})
 
 
+KL_AFTER_UPDATES = 0.05  # mean per-response KL(pi || pi_ref) of the last rollouts; calibrated below
 PPO = PT.PPOConfig(iterations=ITERATIONS, rollout_batch=64, minibatch=32, ppo_epochs=2, max_prompt_len=16,
                    max_new_tokens=40, temperature=TEMP, kl_coef=0.05, kl_target=3.0)
 
@@ -304,6 +305,12 @@ def test_ppo_fixed_weights_raises_the_reward(fixed_run):
                                rtol=1e-6)
   for a, b in zip(result.history, result.history[1:]):
     assert b["kl_coef"] == a["kl_coef_next"]
+  # the reference stays frozen: the first rollout comes from the initial policy (= the reference), so
+  # its KL is 0; after the updates the policy has moved away from the (unchanged) reference
+  kls = [h["kl"] for h in result.history]
+  print("KL per iteration:", np.round(kls, 4).tolist())
+  assert abs(kls[0]) < 1e-3
+  assert min(kls[-3:]) > KL_AFTER_UPDATES
   leaf = result.state.params["params"]["embed"]
   assert len(leaf.sharding.device_set) == 2
   lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]

@@ -141,13 +141,23 @@ def test_train_rm_from_scratch_reaches_high_held_out_accuracy(task, trained_rm, 
   res = R.evaluate_reward_model(model, variables, data["eval"], tok, objectives=cfg.objectives, max_prompt_len=16,
                                 max_response_len=48)
   # the eval pairs per objective: pair_objectives of the held-out examples
-  want_count = np.asarray([ex["pair_objectives"] for ex in data["eval"]]).sum(0)
+  want_count = np.abs(np.asarray([ex["pair_objectives"] for ex in data["eval"]])).sum(0)
   assert [res["count"][o] for o in cfg.objectives] == want_count.astype(int).tolist()
   with capsys.disabled():
     print("\nsynthetic RM held-out accuracy (200 steps, 3 heads):",
           {k: round(v, 3) for k, v in res["accuracy"].items()}, "pairs", res["count"])
   for o in cfg.objectives:  # chance is 0.5
     assert res["accuracy"][o] > 0.85, res
+  # the labels are oriented per objective: a scorer that copies the total (hidden-weight) utility to every
+  # head (no per-objective skill) is clearly worse than the trained heads on each objective
+  stats = S.reward_stats(data["train"])
+  po = np.asarray([ex["pair_objectives"] for ex in data["eval"]])
+  u = [np.asarray([(((np.asarray(ex[f]) - stats[0]) / stats[1]) * ex["true_weights"]).sum() for ex in data["eval"]])
+       for f in ("reward_chosen", "reward_rejected")]
+  for k, o in enumerate(cfg.objectives):
+    lab = po[:, k] != 0
+    copied = np.mean((u[0][lab] > u[1][lab]) == (po[lab, k] > 0))
+    assert res["accuracy"][o] > copied + 0.2, (o, res["accuracy"][o], copied)
   # an untrained model of the same shape is near chance: the accuracy comes from training
   fresh = init_variables(model, jax.random.PRNGKey(7))
   base = R.evaluate_reward_model(model, fresh, data["eval"], tok, objectives=cfg.objectives, max_prompt_len=16,

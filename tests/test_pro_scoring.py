@@ -15,6 +15,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from pro_jax.data import synthetic as S
 from pro_jax.models import ModelConfig
 from pro_jax.models.hf_io import load_hf_model
+from pro_jax.pro.normalize import fit_norm_stats
 from pro_jax.stages import rm as R
 from pro_jax.stages.scoring import (CachedScorer, RewardModelScorer, StackedScorer, hf_reward_scorer, scorer_key,
                                  tokenize_for_scoring)
@@ -241,3 +242,35 @@ def test_tokenize_for_scoring_rejects_no_room_for_the_response(task):
   _, _, tok = task
   with pytest.raises(ValueError, match="leaves no room for a response"):
     tokenize_for_scoring(tok, ["hi"], ["there"], max_prompt_len=16, max_len=16)
+
+
+def test_norm_json_is_refit_when_the_data_or_scorers_change(tmp_path):
+  """W/norm.json is keyed on the scorers, method, objectives and training responses: a stale file
+  (another task seed in the same workdir, or a file without a fingerprint) is fit again, not reused."""
+  import json
+
+  from pro_jax.configs import load_config
+  from pro_jax.stages.context import load_context, responses_of
+
+  def ctx_for(seed):
+    return load_context(load_config("demo", ["--config.task.n_train=40", "--config.task.n_eval=8",
+                                             f"--config.seed={seed}"]), str(tmp_path))
+
+  def fit(ctx):
+    rows = [(ex["prompt"], r) for ex in ctx.train for r in responses_of(ex)]
+    return fit_norm_stats(ctx.score([p for p, _ in rows], [r for _, r in rows]), ctx.objectives)
+
+  a = ctx_for(0)
+  na = a.norm
+  np.testing.assert_allclose(na.loc, fit(a).loc, rtol=1e-6)
+  again = ctx_for(0)
+  np.testing.assert_allclose(again.norm.loc, na.loc, rtol=1e-6)  # same fingerprint: reused
+  b = ctx_for(1)  # other data (and scorer config) in the same workdir
+  assert b.norm.loc.tolist() != na.loc.tolist()
+  np.testing.assert_allclose(b.norm.loc, fit(b).loc, rtol=1e-6)
+  # an old file without a fingerprint (or one edited by hand) is not trusted
+  d = json.loads((tmp_path / "norm.json").read_text())
+  d.pop("fingerprint")
+  d["loc"] = [9.0, 9.0, 9.0]
+  (tmp_path / "norm.json").write_text(json.dumps(d))
+  np.testing.assert_allclose(ctx_for(1).norm.loc, fit(b).loc, rtol=1e-6)

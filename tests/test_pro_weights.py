@@ -101,3 +101,19 @@ def test_weights_text_format_and_parse():
       W.parse_weights_text(text, names)
   with pytest.raises(ValueError, match="whitespace"):
     W.format_weights_text([0.5, 0.5], ["very helpful", "x"])
+
+
+def test_rewards_text_and_ric_preference_to_reward_map():
+  """RiC conditions on target rewards: "<r> name value ... </r>" and RiC's map from a preference
+  to target rewards (l2 / linear / linf), checked by hand."""
+  assert W.format_rewards_text([0.5, -1.23, -0.04], ["a", "b", "c"]) == "<r> a 0.5 b -1.2 c 0.0 </r>"
+  with pytest.raises(ValueError):
+    W.format_rewards_text([0.5, float("nan")], ["a", "b"])
+  lo, hi = np.array([-2.0, 0.0]), np.array([2.0, 1.0])
+  # l2: w / |w| = (0.6, 0.8) for w = (0.3, 0.4)/0.7 -> (-2 + 0.6 * 4, 0.8) = (0.4, 0.8)
+  np.testing.assert_allclose(W.rewards_from_preference([3 / 7, 4 / 7], lo, hi), [0.4, 0.8])
+  np.testing.assert_allclose(W.rewards_from_preference([[0.25, 0.75]], lo, hi, "linear"), [[-1.0, 0.8]])
+  # linf: the top objective gets high, the other min(K w, 1) of the span: 2 * 0.25 = 0.5 -> 0.0
+  np.testing.assert_allclose(W.rewards_from_preference([0.25, 0.75], lo, hi, "linf"), [0.0, 1.0])
+  with pytest.raises(ValueError, match="method"):
+    W.rewards_from_preference([0.5, 0.5], lo, hi, "l1")

@@ -16,6 +16,7 @@ def get_config():
   c = pro_config()
   c.model.update(d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=384, max_seq_len=128)
   c.data.update(max_prompt_len=16, max_response_len=48, bucket_multiple=8)
+  c.task.update(n_valid=128)  # validation prompts (disjoint from train and eval) pick a fixed vector too
   c.sft.update(total_steps=300, batch_size=64)
   c.adapter.update(total_steps=300, batch_size=64)
   # conditioning "own": each training response y is conditioned on its own w*(x, y) = softmax(r~ / tau)

@@ -34,7 +34,10 @@ def pro_config() -> mc.ConfigDict:
       eval_fraction=0.1, max_eval=0,  # max_eval 0 = all
       manual_dir="", data_dir="", mode="lenient",  # raw files (tfds manual_dir) or prepared data_dir
       max_prompt_len=256, max_response_len=256, bucket_multiple=128, template="auto"))
-  c.task = mc.ConfigDict(dict(n_train=2048, n_eval=256, n_candidates=6, label_noise=0.05, humor=False))
+  # the embedded task: eval prompts are (creature, template) combinations never seen in training
+  # (eval_fraction of them); n_valid > 0 adds a validation split from its own valid_fraction.
+  c.task = mc.ConfigDict(dict(n_train=2048, n_eval=256, n_valid=0, eval_fraction=0.2, valid_fraction=0.1,
+                              n_candidates=6, label_noise=0.05, humor=False))
   c.tokenizer = ""  # "" = the synthetic task's own; a HF tokenizer directory or a SentencePiece .model
   c.model = base_config().model  # architecture of "scratch" sources (vocab_size 0 = the tokenizer's)
   c.model.vocab_size = 0
@@ -52,18 +55,27 @@ def pro_config() -> mc.ConfigDict:
   # (ric conditions on the weights instead: its training data carries them, see `conditioning`).
   c.policy = stage(
       250, 64, 1e-3, name="policy", loss="ric", weights_source="adapter", init="stage:sft", reference="stage:sft",
-      beta=0.1,
+      beta=0.1, dpo_loss_type="sigmoid", label_smoothing=0.0,  # dpo: TRL's loss_type (sigmoid | ipo | hinge), cDPO
       tau=1.0, precompute_reference=False,
       conditioning="best_of", samples=6, concentration=0.5, decimals=1, max_prompt_len=288,
       conditioning_mode="text", soft_tokens=4,  # ric: weights as text, or as soft tokens (learned embeddings)
+      # conditioning "rewards": RiC proper, each response conditioned on its own normalized rewards
+      # ("<r> name value ... </r>"); weights are mapped to target rewards by RiC's map (l2 | linear | linf)
+      ric_reward_map="l2",
       # MORLHF-PPO (loss "ppo"): pro_jax.stages.ppo.PPOConfig; the policy's engine optim holds
       # lr / clip_norm (the paper: 1e-5, 0.5); reward_clip <= 0 = off.
       ppo=mc.ConfigDict(dict(iterations=100, rollout_batch=64, minibatch=16, ppo_epochs=4, max_new_tokens=128,
                              temperature=0.7, top_k=0, top_p=1.0, kl_coef=0.2, adaptive_kl=True, kl_target=3.0,
                              kl_horizon=10000.0, gamma=1.0, lam=0.95, whiten_advantages=True, clip_eps=0.2,
                              vf_coef=0.1, vf_clip=0.2, entropy_coef=0.0, reward_clip=0.0)))
+  # kl: KL(pi || pi_ref) estimated from kl_samples temperature-1 samples per prompt of pi (plus the
+  # log-ratio of the evaluated responses, named for what it is); hv_reference: the hypervolume's
+  # reference point on the normalized scale (one value for every objective, or K values), fixed
+  # across seeds and settings; the best fixed vector is also picked on the validation split
+  # (the data's, when it has one: task.n_valid > 0).
   c.eval = mc.ConfigDict(dict(grid_step=0.25, max_new_tokens=128, batch_size=64, greedy=True, temperature=1.0,
-                              kl=True, oracle=True, utility_weights="true", max_prompts=0,
+                              kl=True, kl_samples=1, oracle=True, utility_weights="true", max_prompts=0,
+                              hv_reference=(-2.0,), max_valid_prompts=0,
                               policies=()))  # policy run names to compare; () = policy.pro.name
   return c
 

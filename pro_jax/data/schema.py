@@ -9,7 +9,8 @@ An example is a plain dict::
     "prompt": list[{"role": str, "content": str}],   # roles system/user/assistant; ends with "user"
     "chosen": str,                 # preferred response ("" when the row has no pair)
     "rejected": str,               # dispreferred response ("" when the row has no pair)
-    "pair_objectives": list[float],        # [K] 1.0 where (chosen, rejected) speaks for objective k
+    "pair_objectives": list[float],        # [K] label per objective: 1.0 chosen preferred on k,
+                                   #   -1.0 rejected preferred on k, 0.0 no label for k
     "responses": list[str],        # [N] responses with per-objective scores (may be empty)
     "scores": list[list[float]],   # [N, K] scores (0.0 where not annotated)
     "score_mask": list[list[float]],       # [N, K] 1.0 where annotated

@@ -8,7 +8,7 @@ vector per prompt is therefore known, which makes PRO's claim (prompt-aware weig
 weight vector) testable. See docs/synthetic_task.md for every formula.
 
     config = SyntheticTaskConfig(seed=0)
-    task = generate_task(config)              # {"train": [...], "eval": [...]} schema dicts
+    task = generate_task(config)              # {"train": [...], "eval": [...]} schema dicts (disjoint prompts)
     rewards = SyntheticRewards(config)        # .objectives, .score(prompts, responses) -> [N, K]
     stats = reward_stats(task["train"])       # z-score statistics (mean [K], std [K])
     build_tokenizer(config, "out/tok")        # word-level HF tokenizer directory
@@ -143,6 +143,13 @@ class SyntheticTaskConfig:
     humor: add the "humor" objective and the "playful" prompt type (K = 4 instead of 3).
     type_weights: hidden weight vector per prompt type (each on the simplex); None = the defaults.
     type_probs: probability of each prompt type (in `prompt_types` order); None = uniform.
+    n_valid: examples of the validation split (0 = no validation split): prompts from their own
+      reserved (creature, template) combinations (reserved also when n_valid = 0), disjoint from
+      train and eval, for model selection (e.g. picking the best fixed weight vector) that must not
+      see the eval prompts.
+    eval_fraction, valid_fraction: share of each prompt type's (creature, prompt template)
+      combinations reserved for the eval split and the validation split, in steps of 1/20. Training prompts never use a reserved combination, so every eval prompt is
+      unseen in training (its creature and its template are both seen, never together).
     label_noise: probability that a (chosen, rejected) pair is swapped (pairs whose chosen response
       is at least as good on every objective are never swapped).
     pair_mode: "best_vs_random": chosen = the candidate with the highest hidden utility, rejected =
@@ -155,6 +162,9 @@ class SyntheticTaskConfig:
   seed: int = 0
   n_train: int = 4096
   n_eval: int = 512
+  n_valid: int = 0
+  eval_fraction: float = 0.2
+  valid_fraction: float = 0.1
   n_candidates: int = 6
   n_entities: int = 16
   humor: bool = False
@@ -167,8 +177,13 @@ class SyntheticTaskConfig:
   info_cap: int = 6
 
   def __post_init__(self):
-    if self.n_train < 0 or self.n_eval < 0:
-      raise ValueError(f"n_train / n_eval must be >= 0, got {self.n_train} / {self.n_eval}")
+    if self.n_train < 0 or self.n_eval < 0 or self.n_valid < 0:
+      raise ValueError(f"n_train / n_eval / n_valid must be >= 0, got {self.n_train} / {self.n_eval} / "
+                       f"{self.n_valid}")
+    if not (_holdout_keys(self.eval_fraction) >= 1 and _holdout_keys(self.valid_fraction) >= 1
+            and _holdout_keys(self.eval_fraction) + _holdout_keys(self.valid_fraction) < _HOLDOUT_PERIOD):
+      raise ValueError(f"eval_fraction and valid_fraction must each be >= {1 / _HOLDOUT_PERIOD} and sum to "
+                       f"< 1, got {self.eval_fraction} / {self.valid_fraction}")
     if self.n_candidates < 3:
       raise ValueError(f"n_candidates must be >= 3, got {self.n_candidates}")
     if not 1 <= self.n_entities <= len(ENTITY_POOL):
@@ -559,20 +574,69 @@ def _compose(style: str, entity: str, asked: str | None, kb: KnowledgeBase,
   return " ".join(body)
 
 
-def _make_prompt(ptype: str, entity: str, rng: np.random.Generator) -> tuple[str, str | None]:
-  def pick(options):
-    return options[int(rng.integers(len(options)))]
+_HOLDOUT_PERIOD = 20  # combinations are split by a key in 0..19: fractions are in steps of 1/20
 
+
+def _holdout_keys(fraction: float) -> int:
+  return int(round(float(fraction) * _HOLDOUT_PERIOD))
+
+
+def _templates(ptype: str) -> list[tuple[str, str | None]]:
+  """The prompt templates of a type: (text with {e} = the creature, asked attribute)."""
   if ptype == "factual":
-    asked = pick(ATTR_NAMES)
-    return pick(FACTUAL_PREFIXES) + FACTUAL_QUESTIONS[asked].format(e=entity), asked
+    return [(prefix + q, attr) for attr, q in FACTUAL_QUESTIONS.items() for prefix in FACTUAL_PREFIXES]
   if ptype == "explain":
-    return pick(EXPLAIN_PROMPTS).format(e=entity), None
+    return [(p, None) for p in EXPLAIN_PROMPTS]
   if ptype == "risky":
-    return pick(RISKY_PROMPTS).format(e=entity, v=pick(RISKY_VERBS)), None
+    return [(p.replace("{v}", v), None) for p in RISKY_PROMPTS for v in RISKY_VERBS]
   if ptype == "playful":
-    return pick(PLAYFUL_PROMPTS).format(e=entity), None
+    return [(p, None) for p in PLAYFUL_PROMPTS]
   raise ValueError(ptype)
+
+
+def prompt_splits(config: SyntheticTaskConfig) -> dict[str, dict[str, list[tuple[str, str, str | None]]]]:
+  """The (creature, prompt template) combinations each split draws from: {split: {type: [(entity,
+  template, asked)]}} for splits "train", "eval" and "validation".
+
+  Per prompt type, combination (creature i, template j) gets the key (a_i + b_j) mod 20 with a_i, b_j
+  seeded permutations of the creature and template indices; the first round(20 * eval_fraction) keys
+  go to eval, the next round(20 * valid_fraction) to validation (reserved whether or not a
+  validation split is drawn, so n_valid changes neither the train nor the eval split), the rest
+  to train. So the splits' prompts are disjoint, and each creature and each template occurs in the
+  training prompts with other partners (a held-out prompt is a NEW combination of seen parts). A
+  split left without any combination of a type (tiny worlds) takes one from train.
+  """
+  kb = make_knowledge_base(config)
+  rng = _rng(config.seed, 5)
+  n_ev, n_va = _holdout_keys(config.eval_fraction), _holdout_keys(config.valid_fraction)
+  splits = ("train", "eval", "validation")
+  out: dict[str, dict[str, list]] = {sp: {} for sp in splits}
+  for ptype in config.prompt_types:
+    templates = _templates(ptype)
+    a = rng.permutation(len(kb.entities))
+    b = rng.permutation(len(templates))
+    parts: dict[str, list] = {sp: [] for sp in splits}
+    for i, e in enumerate(kb.entities):
+      for j, (t, asked) in enumerate(templates):
+        key = (int(a[i]) + int(b[j])) % _HOLDOUT_PERIOD
+        sp = "eval" if key < n_ev else "validation" if key < n_ev + n_va else "train"
+        parts[sp].append((e, t, asked))
+    for sp in splits[1:]:
+      if not parts[sp]:
+        if len(parts["train"]) < 2:
+          raise ValueError(f"prompt type {ptype!r}: too few (creature, template) combinations "
+                           f"({len(kb.entities)} x {len(templates)}) for disjoint splits {splits}")
+        parts[sp].append(parts["train"].pop())
+    for sp in splits:
+      out[sp][ptype] = parts[sp]
+  return out
+
+
+def _make_prompt(combos: Sequence[tuple[str, str, str | None]],
+                 rng: np.random.Generator) -> tuple[str, str, str | None]:
+  """-> (entity, prompt text, asked attribute) of a uniformly drawn combination."""
+  entity, template, asked = combos[int(rng.integers(len(combos)))]
+  return entity, template.format(e=entity), asked
 
 
 def _candidates(ptype: str, entity: str, asked: str | None, kb: KnowledgeBase, n: int,
@@ -651,29 +715,35 @@ def _choose_pair(scores_CxK: np.ndarray, w_K: np.ndarray, stats, rng: np.random.
 
 
 def generate_task(config: SyntheticTaskConfig | None = None) -> dict[str, list[dict[str, Any]]]:
-  """Generate the task: {"train": [...], "eval": [...]} examples in the shared schema.
+  """Generate the task: {"train": [...], "eval": [...]} (+ "validation" when n_valid > 0) examples
+  in the shared schema.
 
-  Schema fields are exact (source "synthetic", objectives = the K names, one user turn, chosen /
-  rejected picked by the prompt type's hidden weights on z-normalized rewards, pair_objectives[k] =
-  1 where r_k(chosen) > r_k(rejected), responses = the candidates, scores = their rewards,
-  score_mask = 1; so pair_objectives has at least one 1). Extra fields: "prompt_type" (str), "prompt_type_id" (int, index in
+  The splits' prompts are disjoint (`prompt_splits`: eval and validation prompts are (creature,
+  template) combinations that never occur in training). Schema fields are exact (source
+  "synthetic", objectives = the K names, one user turn, chosen / rejected picked by the prompt
+  type's hidden weights on z-normalized rewards, responses = the candidates, scores = their
+  rewards, score_mask = 1). pair_objectives[k] is the pair's label for objective k, oriented by that
+  objective (`pair_labels`): +1 where r_k(chosen) > r_k(rejected), -1 where the rejected response is
+  better on k, 0 on a tie. Extra fields: "prompt_type" (str), "prompt_type_id" (int, index in
   config.prompt_types), "true_weights" [K], "reward_chosen" [K], "reward_rejected" [K].
-  Normalization statistics come from the TRAIN candidates (also used for the eval split).
+  Normalization statistics come from the TRAIN candidates (also used for the other splits).
   """
   config = config or SyntheticTaskConfig()
   kb = make_knowledge_base(config)
   rewards = SyntheticRewards(config)
   types = config.prompt_types
   weights = config.weights()
+  combos = prompt_splits(config)
   probs = None if config.type_probs is None else np.asarray(config.type_probs, np.float64)
+  sizes = (("train", 1, 3, config.n_train), ("eval", 2, 4, config.n_eval)) + (
+      (("validation", 6, 7, config.n_valid),) if config.n_valid > 0 else ())
   raw: dict[str, list[tuple]] = {}
-  for split, stream, n in (("train", 1, config.n_train), ("eval", 2, config.n_eval)):
+  for split, stream, _, n in sizes:
     rng = _rng(config.seed, stream)
     rows = []
     for _ in range(n):
       ptype = types[int(rng.choice(len(types), p=probs))]
-      entity = kb.entities[int(rng.integers(len(kb.entities)))]
-      text, asked = _make_prompt(ptype, entity, rng)
+      entity, text, asked = _make_prompt(combos[split][ptype], rng)
       cands = _candidates(ptype, entity, asked, kb, config.n_candidates, rng, config.humor)
       rows.append((ptype, text, cands))
     flat_p = [text for _, text, cands in rows for _ in cands]
@@ -683,21 +753,22 @@ def generate_task(config: SyntheticTaskConfig | None = None) -> dict[str, list[d
   if raw["train"]:
     all_s = np.concatenate([s for *_, s in raw["train"]]).astype(np.float64)
   else:
-    all_s = np.concatenate([s for *_, s in raw["eval"]]).astype(np.float64)
+    all_s = np.concatenate([s for sp in raw for *_, s in raw[sp]]).astype(np.float64)
   stats = (all_s.mean(0).astype(np.float32), np.maximum(all_s.std(0), 1e-6).astype(np.float32))
   objectives = list(config.objectives)
   out: dict[str, list[dict[str, Any]]] = {}
-  for split, stream in (("train", 3), ("eval", 4)):
+  for split, _, stream, _ in sizes:
     rng = _rng(config.seed, stream)
     examples = []
     for i, (ptype, text, cands, s) in enumerate(raw[split]):
       w = weights[ptype]
       ci, ri = _choose_pair(s, w, stats, rng, config.pair_mode)
       # Label noise swaps the pair, except when chosen is at least as good on every objective (a
-      # swapped pair would then speak for no objective at all).
+      # swapped pair would then be a preference against every objective).
       if rng.random() < config.label_noise and np.any(s[ri] > s[ci] + 1e-9):
         ci, ri = ri, ci
-      pair_obj = (s[ci] > s[ri] + 1e-9).astype(np.float32)
+      # Each objective's label is oriented by that objective: +1 chosen wins on k, -1 rejected wins.
+      pair_obj = pair_labels(s[ci], s[ri])
       examples.append({
           "id": f"synthetic/{split}/{i:06d}",
           "source": "synthetic",
@@ -717,6 +788,13 @@ def generate_task(config: SyntheticTaskConfig | None = None) -> dict[str, list[d
       })
     out[split] = examples
   return out
+
+
+def pair_labels(r_chosen_K: np.ndarray, r_rejected_K: np.ndarray, tie_eps: float = 1e-9) -> np.ndarray:
+  """Per-objective pair labels [K] float32: +1 where r_k(chosen) > r_k(rejected) + tie_eps, -1 where
+  r_k(rejected) > r_k(chosen) + tie_eps, 0 on a tie (the pair says nothing about objective k)."""
+  d = np.asarray(r_chosen_K, np.float64) - np.asarray(r_rejected_K, np.float64)
+  return np.where(d > tie_eps, 1.0, np.where(d < -tie_eps, -1.0, 0.0)).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -788,8 +866,9 @@ CHAT_TEMPLATE = (
 # Words of the plain "\n\nHuman: ...\n\nAssistant:" template, so it also works without <unk>.
 _PLAIN_TEMPLATE_WORDS = ("human", "assistant", ":")
 # Words of the RiC-style weight text "<w> concise 0.7 informative 0.2 harmless 0.1 </w>"
-# (pro_jax.pro.weights.format_weights_text) as this tokenizer's pre-tokenizer splits it.
-_WEIGHT_TEXT_WORDS = ("<", ">", "</", "w") + tuple(str(d) for d in range(10)) + (
+# (pro_jax.pro.weights.format_weights_text) and of RiC's reward text "<r> concise -1.2 ... </r>"
+# (format_rewards_text) as this tokenizer's pre-tokenizer splits them.
+_WEIGHT_TEXT_WORDS = ("<", ">", "</", "w", "r", "-") + tuple(str(d) for d in range(10)) + (
     "concise", "informative", "harmless", "humor")
 
 

@@ -40,7 +40,7 @@ REASONS = {
     "wrong_num_objectives": "a score / pair_objectives width does not match the objectives",
     "wrong_shape": "scores / score_mask do not have one row per response",
     "bad_score_mask": "score_mask is not 0/1, or a masked-out score is not 0",
-    "bad_pair_objectives": "pair_objectives is not 0/1, all 0 for a pair, or set without a pair",
+    "bad_pair_objectives": "pair_objectives is not -1/0/1, all 0 for a pair, or set without a pair",
     "undecodable_text": "text with bytes that are not UTF-8 or lone surrogates",
     "chosen_equals_rejected": "the pair's two responses are identical",
     "prompt_not_ending_with_user": "the prompt's last turn is not a user turn",
@@ -172,8 +172,9 @@ def validate_example(example, *, file=None, row=None, max_tokens: int | None = N
 
   Checks: every field present with the right type; non-empty id / source / objectives / prompt
   turns; roles known and the prompt ending with a user turn; text decodable; chosen / rejected
-  both set (a pair) or both empty, and different; pair_objectives of length K with 0/1 values
-  (at least one 1 for a pair, all 0 without); responses non-empty; scores and score_mask of
+  both set (a pair) or both empty, and different; pair_objectives of length K with values in
+  {-1, 0, 1} (the pair's label per objective: 1 = chosen preferred on k, -1 = rejected preferred
+  on k, 0 = no label; at least one label for a pair, all 0 without); responses non-empty; scores and score_mask of
   shape [N, K], finite, mask 0/1 and masked-out scores 0; a pair or at least one response; and,
   with ``count_tokens`` and ``max_tokens``, the tokenized length (``check_length``).
   """
@@ -213,8 +214,8 @@ def validate_example(example, *, file=None, row=None, max_tokens: int | None = N
                "pair_objectives", "wrong_num_objectives", file, row)
   pair_objectives = [check_number(x, f"pair_objectives[{i}]", file=file, row=row)
                      for i, x in enumerate(pair_objectives)]
-  if any(x not in (0.0, 1.0) for x in pair_objectives):
-    raise _err(f"values must be 0 or 1, got {pair_objectives}", "pair_objectives",
+  if any(x not in (-1.0, 0.0, 1.0) for x in pair_objectives):
+    raise _err(f"values must be -1, 0 or 1, got {pair_objectives}", "pair_objectives",
                "bad_pair_objectives", file, row)
   if has_pair and not any(pair_objectives):
     raise _err("the pair speaks for no objective (all 0)", "pair_objectives",

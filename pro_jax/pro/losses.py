@@ -46,20 +46,26 @@ def bradley_terry_multi(r_chosen_BxK: Array, r_rejected_BxK: Array, pair_mask_Bx
                         objectives: Sequence[str] | None = None) -> tuple[Array, Metrics]:
   """Masked per-objective Bradley-Terry loss for a K-head reward model.
 
-  loss = sum_{b,k} m_bk * -log sigmoid(r_k(x_b, y_w) - r_k(x_b, y_l)) / max(sum_{b,k} m_bk, 1)
+  `pair_mask_BxK` holds the pairs' labels per objective (the schema's `pair_objectives`): +1 = the
+  chosen response is preferred on objective k, -1 = the rejected one is (the pair is oriented by
+  objective k), 0 = no label. With s_bk the label and m_bk = |s_bk|:
+
+    loss = sum_{b,k} m_bk * -log sigmoid(s_bk * (r_k(x_b, y_w) - r_k(x_b, y_l))) / max(sum_{b,k} m_bk, 1)
 
   i.e. the mean over the (example, objective) labels present in the batch (each label counts
   once, so objectives with more labels weigh more, as if each head were trained on its own pairs
   concatenated). A masked label contributes exactly 0 to the loss and to every gradient.
-  Rows with no label at all (padding) simply have m = 0.
+  Rows with no label at all (padding) simply have m = 0. A 0/1 mask is the all-oriented case.
 
-  Metrics: `loss`, `accuracy` (over all labels; ties r_w == r_l count as wrong), `margin`
-  (mean r_w - r_l over labels), `labels` (count), and per objective `accuracy/<name>`,
+  Metrics: `loss`, `accuracy` (over all labels: the preferred response of objective k scored
+  strictly higher by head k; ties count as wrong), `margin` (mean oriented margin
+  s * (r_w - r_l) over labels), `labels` (count), and per objective `accuracy/<name>`,
   `labels/<name>` (accuracy is 0 where an objective has no label in the batch: aggregate
   across batches with the `labels/<name>` counts).
   """
-  m_BxK = pair_mask_BxK.astype(jnp.float32)
-  margin_BxK = r_chosen_BxK.astype(jnp.float32) - r_rejected_BxK.astype(jnp.float32)
+  s_BxK = jnp.sign(pair_mask_BxK.astype(jnp.float32))
+  m_BxK = jnp.abs(s_BxK)
+  margin_BxK = s_BxK * (r_chosen_BxK.astype(jnp.float32) - r_rejected_BxK.astype(jnp.float32))
   nll_BxK = jax.nn.softplus(-margin_BxK)               # -log sigmoid(margin), stable
   loss = ops.masked_mean(nll_BxK, m_BxK)
   correct_BxK = (margin_BxK > 0).astype(jnp.float32)
@@ -183,23 +189,36 @@ def weighted_mo_dpo(logratio_a_B: Array, logratio_b_B: Array, signs_BxK: Array, 
 
 
 def modpo(logratio_w_B: Array, logratio_l_B: Array, weights_BxK: Array, margins_BxK: Array,
-          beta: float, w0_min: float = 1e-2, mask_B: Array | None = None) -> tuple[Array, Metrics]:
+          beta: float, w0_min: float = 1e-2, mask_B: Array | None = None,
+          label0_B: Array | None = None) -> tuple[Array, Metrics]:
   """MODPO (Zhou et al. 2023, "Beyond One-Preference-Fits-All") with prompt-aware weights:
 
     z = (1 / w_0) * [beta * (logratio(y_w) - logratio(y_l)) - sum_{k>=1} w_k (r_k(y_w) - r_k(y_l))]
-    loss = -log sigmoid(z), mean over (unmasked) examples.
+    loss = -log sigmoid(s_0 * z), mean over the pairs labelled for objective 0.
 
-  Objective 0 is learned through the DPO implicit reward; objectives k >= 1 enter as margins.
+  Objective 0 is learned through the DPO implicit reward, fit on objective 0's OWN preference data
+  only (as in MODPO, where the DPO term uses the target objective's preference pairs); objectives
+  k >= 1 enter only through the margins of their reward models. `label0_B` is the pairs' label for
+  objective 0 (the schema's `pair_objectives[:, 0]`): +1 = y_w is preferred on objective 0, -1 = y_l
+  is (the pair is used reversed: swapping y_w and y_l negates the bracket, so the loss is
+  -log sigmoid(-z)), 0 = the pair says nothing about objective 0 and is left out (row mask). None
+  = every pair is an objective-0 pair with y_w preferred (the plain formula).
   `margins_BxK` may be [B, K] (column 0 is ignored) or [B, K - 1] (objectives 1..K-1).
   w_0 is clamped to >= `w0_min` (default 1e-2, a reconstruction) so 1 / w_0 stays finite when the
   adapter puts (almost) no weight on objective 0; the clamp is reported as `w0_clamped_fraction`.
   Weights and margins are constants (stop-gradient). With K = 1 (no margins) the loss equals DPO
   with beta / w_0.
 
-  Metrics: `loss`, `accuracy` (z > 0), `rewards/margin` (mean beta * (logratio(y_w) -
-  logratio(y_l))), `margin_term` (mean sum_{k>=1} w_k margin_k), `w0_clamped_fraction`.
+  Metrics: `loss`, `accuracy` (s_0 z > 0), `rewards/margin` (mean beta * (logratio(y_w) -
+  logratio(y_l)), oriented by s_0), `margin_term` (mean sum_{k>=1} w_k margin_k, oriented),
+  `w0_clamped_fraction`, `pairs` (how many rows entered the loss).
   """
   m_B = _example_mask(mask_B, logratio_w_B)
+  if label0_B is None:
+    s_B = jnp.ones_like(m_B)
+  else:
+    s_B = _sg(jnp.sign(label0_B.astype(jnp.float32)))
+  m_B = m_B * jnp.abs(s_B)
   w_BxK = _sg(weights_BxK.astype(jnp.float32))
   num_k = w_BxK.shape[-1]
   margins = _sg(margins_BxK.astype(jnp.float32))
@@ -210,8 +229,8 @@ def modpo(logratio_w_B: Array, logratio_l_B: Array, weights_BxK: Array, margins_
                      f"got shape {margins_BxK.shape}")
   w0_B = w_BxK[:, 0]
   w0_safe_B = jnp.maximum(w0_B, w0_min)
-  dpo_margin_B = beta * (logratio_w_B.astype(jnp.float32) - logratio_l_B.astype(jnp.float32))
-  margin_term_B = jnp.sum(w_BxK[:, 1:] * margins, axis=-1)
+  dpo_margin_B = s_B * beta * (logratio_w_B.astype(jnp.float32) - logratio_l_B.astype(jnp.float32))
+  margin_term_B = s_B * jnp.sum(w_BxK[:, 1:] * margins, axis=-1)
   z_B = (dpo_margin_B - margin_term_B) / w0_safe_B
   loss = ops.masked_mean(jax.nn.softplus(-z_B), m_B)
   metrics: Metrics = {
@@ -220,6 +239,7 @@ def modpo(logratio_w_B: Array, logratio_l_B: Array, weights_BxK: Array, margins_
       "rewards/margin": ops.masked_mean(_sg(dpo_margin_B), m_B),
       "margin_term": ops.masked_mean(margin_term_B, m_B),
       "w0_clamped_fraction": ops.masked_mean((w0_B < w0_min).astype(jnp.float32), m_B),
+      "pairs": jnp.sum(m_B),
   }
   return loss, metrics
 

@@ -187,11 +187,50 @@ def top1_agreement(a_NxK, b_NxK) -> float:
 
 
 def kl_from_logprobs(logp_NxT, ref_logp_NxT, mask_NxT) -> float:
-  """Sampled KL(pi || pi_ref): mean over responses of sum_t mask * (logp - ref_logp)."""
+  """Mean over responses of sum_t mask * (logp - ref_logp). An estimate of KL(pi || pi_ref) only
+  when the responses are samples of pi at temperature 1 (see `kl_estimate`)."""
   logp = np.asarray(logp_NxT, np.float64)
   ref = np.asarray(ref_logp_NxT, np.float64)
   m = np.asarray(mask_NxT) != 0
   return float(np.mean(np.sum(np.where(m, logp - ref, 0.0), axis=-1)))
+
+
+def kl_estimate(logp_N, ref_logp_N) -> dict[str, float]:
+  """Monte Carlo estimate of KL(pi || pi_ref) = E_{y ~ pi}[log pi(y|x) - log pi_ref(y|x)] from
+  sequence log-probs [N] of responses SAMPLED from pi at temperature 1 without top-k / top-p (other
+  responses, e.g. greedy decodes, give a log-ratio that is not this expectation).
+
+  Returns {"kl": mean, "sem": its standard error (std / sqrt(N), ddof 1; 0 for N = 1)}. Single
+  draws can be negative; the mean converges to the (non-negative) KL.
+  """
+  d = np.asarray(logp_N, np.float64) - np.asarray(ref_logp_N, np.float64)
+  if d.ndim != 1 or d.size == 0:
+    raise ValueError(f"kl_estimate: need two equal non-empty vectors [N], got shape {d.shape}")
+  sem = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else 0.0
+  return {"kl": float(d.mean()), "sem": sem}
+
+
+def best_candidate_utility(weights_NxK, candidate_rewards: Sequence) -> float:
+  """The ceiling over a candidate set: E_x max_y U(x, y) = mean_x max_j w*(x) . r~(x, y_j), with
+  `candidate_rewards[i]` the [C_i, K] normalized rewards of prompt i's candidates (C_i >= 1)."""
+  w = np.asarray(weights_NxK, np.float64)
+  if len(candidate_rewards) != w.shape[0]:
+    raise ValueError(f"best_candidate_utility: {w.shape[0]} weight rows, {len(candidate_rewards)} candidate sets")
+  best = []
+  for i, r in enumerate(candidate_rewards):
+    r = np.asarray(r, np.float64).reshape(-1, w.shape[1])
+    if r.shape[0] == 0:
+      raise ValueError(f"best_candidate_utility: prompt {i} has no candidate")
+    best.append(float(np.max(r @ w[i])))
+  return float(np.mean(best))
+
+
+def pick_best(utilities: dict[str, float], names: Sequence[str]) -> str:
+  """The name in `names` with the highest utility (first on ties); e.g. the best fixed vector
+  picked on a validation split, whose evaluation-set utility is then reported."""
+  if not names:
+    raise ValueError("pick_best: no names")
+  return max(names, key=lambda n: utilities[n])
 
 
 def prompt_aware_gap(utility_NxW) -> tuple[float, float]:

@@ -70,12 +70,13 @@ def response_window(tokens_BxL: Array, loss_mask_BxL: Array, window: int) -> tup
 
 
 def window_sequence_logprob(logits_BxRxV: Array, targets_BxR: Array, mask_BxR: Array,
-                            loss_mask_BxL: Array) -> Array:
-  """`sequence_logprob` from windowed logits (`response_window`): sum of the targets' log-probs.
-  NaN for a row whose loss mask has tokens outside the window (never silently dropped)."""
+                            loss_mask_BxL: Array, average: bool = False) -> Array:
+  """`sequence_logprob` from windowed logits (`response_window`): sum (mean when `average`) of the
+  targets' log-probs. NaN for a row whose loss mask has tokens outside the window (never silently
+  dropped)."""
   logits = logits_BxRxV.astype(jnp.float32)
   logp_BxR = _pick(logits, targets_BxR) - jax.nn.logsumexp(logits, axis=-1)
-  total_B = masked_sum(logp_BxR, mask_BxR, axis=-1)
+  total_B = (masked_mean if average else masked_sum)(logp_BxR, mask_BxR, axis=-1)
   covered_B = jnp.sum(mask_BxR, axis=-1) == jnp.sum(loss_mask_BxL.astype(jnp.float32), axis=-1)
   return jnp.where(covered_B, total_B, jnp.nan)
 

@@ -226,3 +226,58 @@ def parse_weights_text(text: str, objectives: Sequence[str]) -> np.ndarray:
   if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
     raise ValueError(f"parse_weights_text: weights must be non-negative with a positive sum, got {w}")
   return w / w.sum()
+
+
+# ---------------------------------------------------------------------------------------------
+# RiC proper: conditioning on target reward values [RiC]
+
+R_OPEN, R_CLOSE = "<r>", "</r>"
+RIC_REWARD_MAPS = ("l2", "linf", "linear")
+
+
+def format_rewards_text(rewards: Sequence[float], objectives: Sequence[str], decimals: int = 1) -> str:
+  """"<r> helpful 0.5 harmless -1.2 </r>": RiC's conditioning on (normalized) reward values
+  (Yang et al. 2024: each training response is conditioned on its own rewards, rounded to one
+  decimal; at inference a preference is mapped to target rewards, `rewards_from_preference`)."""
+  r = np.asarray(rewards, np.float64)
+  if r.shape != (len(objectives),) or not np.all(np.isfinite(r)):
+    raise ValueError(f"format_rewards_text: need {len(objectives)} finite rewards for {list(objectives)}, got {r}")
+  for name in objectives:
+    if not name or re.search(r"\s", name) or "<" in name or ">" in name:
+      raise ValueError(f"format_rewards_text: objective name {name!r} must be non-empty, without "
+                       "whitespace or angle brackets")
+  vals = np.round(r, decimals) + 0.0  # + 0.0: no "-0.0"
+  parts = [f"{name} {v:.{decimals}f}" for name, v in zip(objectives, vals)]
+  return f"{R_OPEN} {' '.join(parts)} {R_CLOSE}"
+
+
+def rewards_from_preference(weights_NxK, low_K, high_K, method: str = "l2", decimals: int = 1) -> np.ndarray:
+  """RiC's preference-to-reward map (`map_rewards_from_preference` in YangRui2015/RiC ric/utils.py):
+  target rewards [N, K] for weights [N, K] (or [K]), with low / high the range of each objective's
+  normalized rewards (RiC: the 0 and 1 quantiles of a reference sample), rounded to `decimals`:
+
+    l2:     r_k = w_k / ||w||_2 * (high_k - low_k) + low_k          (RiC's evaluation default)
+    linear: r_k = w_k * (high_k - low_k) + low_k
+    linf:   r_k = high_k for k = argmax w; else min(K w_k, 1) * (high_k - low_k) + low_k
+  """
+  if method not in RIC_REWARD_MAPS:
+    raise ValueError(f"rewards_from_preference: method must be one of {RIC_REWARD_MAPS}, got {method!r}")
+  w = np.asarray(weights_NxK, np.float64)
+  single = w.ndim == 1
+  w = np.atleast_2d(w)
+  lo, hi = np.asarray(low_K, np.float64), np.asarray(high_K, np.float64)
+  if lo.shape != (w.shape[1],) or hi.shape != (w.shape[1],) or np.any(hi < lo):
+    raise ValueError(f"rewards_from_preference: low / high must be [K={w.shape[1]}] with low <= high, "
+                     f"got {lo} / {hi}")
+  span = hi - lo
+  if method == "l2":
+    norm = np.sqrt(np.sum(w * w, axis=1, keepdims=True))
+    out = w / np.where(norm > 0, norm, 1.0) * span + lo
+  elif method == "linear":
+    out = w * span + lo
+  else:
+    out = np.minimum(w.shape[1] * w, 1.0) * span + lo
+    top = np.argmax(w, axis=1)
+    out[np.arange(len(w)), top] = hi[top]
+  out = np.round(out, decimals) + 0.0
+  return out[0] if single else out

@@ -182,6 +182,31 @@ def load_adapter(directory: str, step: int | None = None, *, batch_size: int = 6
                            template=meta["template"], batch_size=batch_size)
 
 
+def encoder_tokenizer(backbone_source: str, backbone: Any, tokenizer: Any, tokenizer_path: str) -> tuple[Any, str]:
+  """The tokenizer of the adapter's feature encoder, and its path for the checkpoint: the encoder's
+  own where the source brings one (a llama2.c source: "builtin"; an "hf:DIR" source whose DIR holds
+  tokenizer files), else `tokenizer` (the policy's: right for the default encoder, the reference
+  policy). A ValueError when that tokenizer's ids do not fit the encoder's vocabulary (another
+  encoder would silently read the policy's token ids as its own)."""
+  if backbone.tokenizer is not None:
+    tokenizer, tokenizer_path = backbone.tokenizer, "builtin"
+  elif backbone_source.startswith("hf:"):
+    directory = backbone_source[3:]
+    try:
+      own = load_tokenizer(directory)
+    except Exception:  # noqa: BLE001 - no tokenizer files in DIR: fall back to the given tokenizer
+      own = None
+    if own is not None:
+      tokenizer, tokenizer_path = own, directory
+  vocab = backbone.config.vocab_size
+  if len(tokenizer) > vocab:
+    raise ValueError(f"the adapter's feature encoder {backbone_source!r} has a vocabulary of {vocab} tokens, but the "
+                     f"tokenizer {tokenizer_path!r} has {len(tokenizer)}: its token ids are not the encoder's. Give "
+                     "the encoder its own tokenizer (an hf:DIR with tokenizer files, or a llama2.c source) or use "
+                     "the policy's backbone")
+  return tokenizer, tokenizer_path
+
+
 def train_adapter(engine_cfg: Any, workdir: str, examples: Sequence[dict], targets_NxK: np.ndarray,
                   tokenizer: Any, *, backbone_source: str, tokenizer_path: str, objectives: Sequence[str],
                   hidden: int = 256, layers: int = 2, max_prompt_len: int = 256, template: str = "auto",
@@ -205,6 +230,7 @@ def train_adapter(engine_cfg: Any, workdir: str, examples: Sequence[dict], targe
   bb = load_source(backbone_source)
   if bb.config is None:
     raise ValueError(f"the adapter's backbone {backbone_source!r} must hold weights (not 'scratch')")
+  tokenizer, tokenizer_path = encoder_tokenizer(backbone_source, bb, tokenizer, tokenizer_path)
   backbone_config = bb.config.replace(head="none", value_head=False, lora=None)
   rows = [dict(ex, target_weights=targets_NxK[i].tolist()) for i, ex in enumerate(examples)]
   pc = PipelineConfig(kind="prompt", batch_size=engine_cfg.batch_size, max_prompt_len=max_prompt_len,

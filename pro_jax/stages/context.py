@@ -7,6 +7,7 @@ tokenizer, the K objectives' scorers (cached in ``W/scores.sqlite``), the normal
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from typing import Any
 
@@ -41,6 +42,7 @@ class Context:
   train: list[dict]
   eval: list[dict]
   task_config: synthetic.SyntheticTaskConfig | None = None
+  valid: list[dict] = dataclasses.field(default_factory=list)  # validation prompts (model selection), disjoint from eval
   _scorer: Any = None
   _norm: NormStats | None = None
 
@@ -80,8 +82,9 @@ class Context:
 
 def _synthetic_config(cfg: Any) -> synthetic.SyntheticTaskConfig:
   t = cfg.task
-  return synthetic.SyntheticTaskConfig(seed=int(cfg.seed), n_train=t.n_train, n_eval=t.n_eval, n_candidates=t.n_candidates,
-                               label_noise=t.label_noise, humor=t.humor)
+  return synthetic.SyntheticTaskConfig(seed=int(cfg.seed), n_train=t.n_train, n_eval=t.n_eval, n_valid=t.n_valid,
+                                       eval_fraction=t.eval_fraction, valid_fraction=t.valid_fraction,
+                                       n_candidates=t.n_candidates, label_noise=t.label_noise, humor=t.humor)
 
 
 def remap_objectives(ex: dict, objectives: list[str]) -> dict:
@@ -114,7 +117,7 @@ def load_context(cfg: Any, workdir: str) -> Context:
     if list(task_cfg.objectives) != objectives:
       raise ValueError(f"objectives {objectives} differ from the synthetic task's {list(task_cfg.objectives)}")
     data = synthetic.generate_task(task_cfg)
-    train_ex, eval_ex = data["train"], data["eval"]
+    train_ex, eval_ex, valid_ex = data["train"], data["eval"], data.get("validation", [])
   else:
     from pro_jax.data.sources import load_examples  # heavy (tensorflow_datasets): real data sets only
     def read(specs):
@@ -127,6 +130,7 @@ def load_context(cfg: Any, workdir: str) -> Context:
                               mode=d.mode)
       return [remap_objectives(ex, objectives) for ex in rows]
     rows = read(d.sources)
+    valid_ex = []
     if d.eval_sources:
       train_ex, eval_ex = rows, read(d.eval_sources)
     else:
@@ -137,7 +141,8 @@ def load_context(cfg: Any, workdir: str) -> Context:
     if d.max_eval and len(eval_ex) > d.max_eval:
       eval_ex = eval_ex[:d.max_eval]
   tokenizer, tok_path = _tokenizer(cfg, workdir, task_cfg)
-  return Context(cfg, workdir, objectives, tokenizer, tok_path, list(train_ex), list(eval_ex), task_cfg)
+  return Context(cfg, workdir, objectives, tokenizer, tok_path, list(train_ex), list(eval_ex), task_cfg,
+                 valid=list(valid_ex))
 
 
 def _tokenizer(cfg: Any, workdir: str, task_cfg: synthetic.SyntheticTaskConfig | None) -> tuple[Any, str]:
@@ -211,17 +216,35 @@ def responses_of(ex: dict) -> list[str]:
   return [r for r in (ex.get("chosen"), ex.get("rejected")) if r]
 
 
+def norm_fingerprint(ctx: Context) -> str:
+  """What the normalization statistics depend on: the scorers (their cache key: config / weight
+  fingerprints and order), the method, the objectives and the training responses they were fit on."""
+  from pro_jax.data.tokenize import normalize_messages
+  h = hashlib.sha256()
+  h.update(json.dumps([scorer_key(ctx.scorer), ctx.cfg.norm.method, list(ctx.objectives)]).encode())
+  for ex in ctx.train:
+    for r in responses_of(ex):
+      h.update(json.dumps([normalize_messages(ex["prompt"]), r], sort_keys=True).encode())
+  return h.hexdigest()
+
+
 def fit_or_load_norm(ctx: Context) -> NormStats:
+  """W/norm.json, reused only when its fingerprint (`norm_fingerprint`: scorers, method, objectives,
+  training responses) matches; otherwise (another scorer, a retrained reward model, other data, or a
+  file without a fingerprint) the statistics are fit again and the file replaced."""
   path = ctx.path("norm.json")
+  key = norm_fingerprint(ctx)
   if files.as_path(path).exists():
-    norm = NormStats.from_dict(json.loads(files.as_path(path).read_text()), source=path)
-    if list(norm.objectives) == ctx.objectives and norm.method == ctx.cfg.norm.method:
-      return norm
+    saved = json.loads(files.as_path(path).read_text())
+    if saved.get("fingerprint") == key:
+      return NormStats.from_dict(saved, source=path)
+    say(f"{path} was fit on other scorers / data / method (fingerprint "
+        f"{str(saved.get('fingerprint'))[:12]} != {key[:12]}): fitting it again")
   prompts = [ex["prompt"] for ex in ctx.train for _ in responses_of(ex)]
   responses = [r for ex in ctx.train for r in responses_of(ex)]
   norm = fit_norm_stats(ctx.score(prompts, responses), ctx.objectives, method=ctx.cfg.norm.method)
   if jax.process_index() == 0:
-    files.write_text(path, json.dumps(norm.to_dict(), indent=2, sort_keys=True) + "\n")
+    files.write_text(path, json.dumps(dict(norm.to_dict(), fingerprint=key), indent=2, sort_keys=True) + "\n")
   return norm
 
 

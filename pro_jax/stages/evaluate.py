@@ -42,9 +42,9 @@ from pro_jax.models.sources import load_source
 from pro_jax.pro import metrics as pm
 from pro_jax.pro import ops
 from pro_jax.pro.normalize import NormStats
-from pro_jax.pro.weights import simplex_grid
+from pro_jax.pro.weights import format_rewards_text, rewards_from_preference, simplex_grid
 from pro_jax.stages.adapter import evaluate_adapter
-from pro_jax.stages.context import Context, adapter_weights, targets_for, true_weights
+from pro_jax.stages.context import Context, adapter_weights, say, targets_for, true_weights
 from pro_jax.stages.policy import condition_prompt, resolve_example_weights
 from pro_jax.train.checkpoint import load_checkpoint
 
@@ -61,10 +61,18 @@ class Policy:
   conditioned: bool = False
   soft_placeholder: str = ""
   soft_tokens: int = 0
+  # RiC proper (`conditioning="rewards"`): {"low": [K], "high": [K], "method": "l2", "decimals": 1}; the
+  # weights are mapped to target rewards (`weights.rewards_from_preference`) and the prompt carries those
+  reward_map: dict | None = None
 
   def condition(self, prompt: Any, weights: Any, objectives: Sequence[str]) -> Any:
     if not self.conditioned:
       return prompt
+    if self.reward_map is not None:
+      m = self.reward_map
+      target = rewards_from_preference(weights, m["low"], m["high"], m.get("method", "l2"), m.get("decimals", 1))
+      return condition_prompt(prompt, weights, objectives, text=format_rewards_text(target, objectives,
+                                                                                    m.get("decimals", 1)))
     return condition_prompt(prompt, weights, objectives, soft_placeholder=self.soft_placeholder,
                             soft_tokens=self.soft_tokens)
 
@@ -134,17 +142,35 @@ def response_logps(model: Transformer, variables: Any, tokenizer: Any, prompts: 
   return np.asarray(out, np.float32)
 
 
+def _hv_reference(hv_reference: float | Sequence[float], K: int) -> np.ndarray:
+  ref = np.asarray(hv_reference, np.float64).reshape(-1)
+  if ref.size == 1:
+    ref = np.full(K, float(ref[0]))
+  if ref.shape != (K,) or not np.all(np.isfinite(ref)):
+    raise ValueError(f"eval.hv_reference: one value or K={K} finite values, got {hv_reference!r}")
+  return ref
+
+
 def evaluate_settings(policy: Policy | dict[str, Policy], settings: dict[str, np.ndarray], prompts: Sequence[Any],
                       tokenizer: Any,
                       scorer: Any, norm: NormStats, utility_weights_NxK: np.ndarray, *,
                       gen: GenerationConfig = GenerationConfig(), reference: tuple[Transformer, Any] | None = None,
                       pro_setting: str = "PRO", fixed_settings: Sequence[str] | None = None,
-                      progress: Callable[[str], None] | None = None, keep_samples: int = 3) -> dict[str, Any]:
+                      progress: Callable[[str], None] | None = None, keep_samples: int = 3,
+                      hv_reference: float | Sequence[float] = -2.0, kl_samples: int = 1,
+                      candidates: Sequence[Sequence[str]] | None = None) -> dict[str, Any]:
   """Generate, score and compare every setting (see the module docstring). Returns the report dict.
 
   `policy` is one policy for every setting (a weight-conditioned policy: the settings differ in the
   weights it is given), or a dict setting name -> policy (separately trained policies; their weights
   are reported but only condition a policy that is `conditioned`).
+  `hv_reference`: the hypervolume's reference point on the normalized scale (one value for every
+  objective, or K values), the same for every seed and setting. `reference` given: per setting
+  `kl_to_reference` = KL(pi || pi_ref) estimated from `kl_samples` responses per prompt SAMPLED from
+  the policy at temperature 1 (`metrics.kl_estimate`, with `kl_to_reference_sem`), and
+  `logratio_to_reference` = the mean log-ratio of the evaluated (e.g. greedy) responses, which is not
+  a KL. `candidates`: each prompt's candidate responses (e.g. the data's); gives the ceiling
+  E_x max_y U over them (`ceilings`).
   """
   policies = policy if isinstance(policy, dict) else {name: policy for name in settings}
   missing = [n for n in settings if n not in policies]
@@ -155,6 +181,9 @@ def evaluate_settings(policy: Policy | dict[str, Policy], settings: dict[str, np
   uw = np.asarray(utility_weights_NxK, np.float32)
   if uw.shape != (N, K):
     raise ValueError(f"utility weights have shape {uw.shape}, expected {(N, K)}")
+  ref_pt = _hv_reference(hv_reference, K)
+  if candidates is not None and len(candidates) != N:
+    raise ValueError(f"candidates: {len(candidates)} candidate sets for {N} prompts")
   rows: dict[str, dict[str, Any]] = {}
   per_prompt_U: dict[str, np.ndarray] = {}
   for name, w_NxK in settings.items():
@@ -180,12 +209,24 @@ def evaluate_settings(policy: Policy | dict[str, Policy], settings: dict[str, np
     if reference is not None:
       lp = response_logps(pol.model, pol.variables, tokenizer, cond, tok, msk, gen, soft_w)
       lr = response_logps(reference[0], reference[1], tokenizer, list(prompts), tok, msk, gen)
-      row["kl_to_reference"] = float(np.mean(lp - lr))
+      row["logratio_to_reference"] = float(np.mean(lp - lr))
+      if kl_samples > 0:  # KL(pi || pi_ref) from temperature-1 samples of pi
+        sgen = dataclasses.replace(gen, greedy=False, temperature=1.0, top_k=0, top_p=1.0)
+        s_cond = [c for c in cond for _ in range(kl_samples)]
+        s_w = None if soft_w is None else np.repeat(soft_w, kl_samples, axis=0)
+        s_prompts = [p for p in prompts for _ in range(kl_samples)]
+        _, s_tok, s_msk = generate_texts(pol.model, pol.variables, tokenizer, s_cond, sgen, s_w)
+        s_lp = response_logps(pol.model, pol.variables, tokenizer, s_cond, s_tok, s_msk, gen, s_w)
+        s_lr = response_logps(reference[0], reference[1], tokenizer, s_prompts, s_tok, s_msk, gen)
+        kl = pm.kl_estimate(s_lp, s_lr)
+        row["kl_to_reference"], row["kl_to_reference_sem"] = kl["kl"], kl["sem"]
     row["policy"] = pol.name
     rows[name] = row
   fixed = list(fixed_settings) if fixed_settings is not None else [n for n in settings if n != pro_setting]
   report: dict[str, Any] = {"objectives": objectives, "num_prompts": N, "settings": rows,
                             "generation": dataclasses.asdict(gen)}
+  if reference is not None and kl_samples > 0:
+    report["kl"] = {"estimator": "KL(pi || pi_ref) from temperature-1 samples of pi", "samples_per_prompt": kl_samples}
   if pro_setting in rows:
     pro_U = per_prompt_U[pro_setting]
     for name in rows:
@@ -195,10 +236,30 @@ def evaluate_settings(policy: Policy | dict[str, Policy], settings: dict[str, np
     report["pro"] = {"setting": pro_setting, "utility": rows[pro_setting]["utility"],
                      "best_fixed": best, "best_fixed_utility": rows[best]["utility"] if best else None,
                      "margin": rows[pro_setting]["utility"] - rows[best]["utility"] if best else None}
+  ceilings: dict[str, Any] = {}
+  if fixed:
+    # the policy's own per-prompt best over the fixed vectors: E_x max_w U(x, y_pi(x, w))
+    u_NxW = np.stack([per_prompt_U[n] for n in fixed], axis=1)
+    ceilings["per_prompt_best_fixed"] = float(u_NxW.max(axis=1).mean())
+    ceilings["best_fixed"] = float(u_NxW.mean(axis=0).max())
+  if candidates is not None:
+    flat_p = [p for p, c in zip(prompts, candidates) for _ in c]
+    flat_r = [r for c in candidates for r in c]
+    r_all = np.asarray(norm.apply(np.asarray(scorer.score(flat_p, flat_r), np.float32)), np.float64)
+    sets, i = [], 0
+    for c in candidates:
+      sets.append(r_all[i:i + len(c)])
+      i += len(c)
+    ceilings["best_candidate"] = pm.best_candidate_utility(uw, sets)
+  if ceilings:
+    report["ceilings"] = ceilings
+    if "pro" in report and "per_prompt_best_fixed" in ceilings:
+      span = ceilings["per_prompt_best_fixed"] - ceilings["best_fixed"]
+      report["pro"]["share_of_prompt_aware_gap"] = (
+          (report["pro"]["utility"] - ceilings["best_fixed"]) / span if span > 0 else None)
   if fixed:
     pts = np.array([[rows[n]["normalized"][o] for o in objectives] for n in fixed], np.float64)
     front = pm.pareto_mask(pts)
-    ref_pt = pts.min(0) - 1.0
     report["pareto"] = {"front": [n for n, f in zip(fixed, front) if f], "reference_point": ref_pt.tolist(),
                         "hypervolume_fixed": float(pm.hypervolume(pts[front], ref_pt))}
     if pro_setting in rows:
@@ -208,6 +269,21 @@ def evaluate_settings(policy: Policy | dict[str, Policy], settings: dict[str, np
       report["pareto"]["pro_dominated"] = dominated
       report["pareto"]["hypervolume_with_pro"] = float(pm.hypervolume(both[pm.pareto_mask(both)], ref_pt))
   report["fixed_settings"] = fixed
+  return report
+
+
+def add_validation_choice(report: dict[str, Any], valid_report: dict[str, Any]) -> dict[str, Any]:
+  """The best fixed vector picked on a validation split (`valid_report`, the same fixed settings on
+  other prompts), and its utility on the evaluation prompts: `report["pro"]["best_fixed_valid"]`,
+  `best_fixed_valid_utility` (eval), `margin_valid` (PRO minus that). The eval-picked best fixed
+  vector (which favours the baseline) stays in `best_fixed`."""
+  fixed = [n for n in report.get("fixed_settings", []) if n in valid_report["settings"]]
+  if not fixed or "pro" not in report:
+    return report
+  name = pm.pick_best({n: valid_report["settings"][n]["utility"] for n in fixed}, fixed)
+  u = report["settings"][name]["utility"]
+  report["pro"].update(best_fixed_valid=name, best_fixed_valid_utility=u, margin_valid=report["pro"]["utility"] - u,
+                       valid_prompts=valid_report["num_prompts"])
   return report
 
 
@@ -426,9 +502,10 @@ def run_eval(ctx: Context) -> dict[str, Any]:
     src = load_source(f"checkpoint:{ctx.path(run)}")
     model = Transformer(src.config.replace(value_head=False))
     mode = meta.get("conditioning")
-    return Policy(run, model, {"params": src.params}, conditioned=mode in ("text", "soft"),
-                    soft_placeholder=meta.get("soft_placeholder", ""),
-                    soft_tokens=src.config.weight_tokens if mode == "soft" else 0), meta
+    return Policy(run, model, {"params": src.params}, conditioned=mode in ("text", "soft", "rewards"),
+                  soft_placeholder=meta.get("soft_placeholder", ""),
+                  soft_tokens=src.config.weight_tokens if mode == "soft" else 0,
+                  reward_map=meta.get("reward_map") if mode == "rewards" else None), meta
 
   settings: dict[str, np.ndarray] = {}
   policies: dict[str, Policy] = {}
@@ -473,10 +550,28 @@ def run_eval(ctx: Context) -> dict[str, Any]:
     bar.set_postfix_str(name)
     bar.update(1)
 
+  candidates = [list(ex["responses"]) for ex in examples] if all(len(ex.get("responses", [])) for ex in examples) \
+      else None
   report = evaluate_settings(policies, settings, prompts, ctx.tokenizer, ctx.scorer, ctx.norm, uw, gen=gen,
-                               reference=ref, fixed_settings=fixed_names, progress=progress)
+                             reference=ref, fixed_settings=fixed_names, progress=progress,
+                             hv_reference=tuple(ecfg.hv_reference), kl_samples=int(ecfg.kl_samples),
+                             candidates=candidates)
   bar.close()
+  # the best fixed vector picked on the validation split (prompts disjoint from the eval prompts)
+  valid = ctx.valid[:ecfg.max_valid_prompts] if ecfg.max_valid_prompts else ctx.valid
+  if valid and fixed_names and "PRO" in settings:
+    v_true = true_weights(valid)
+    v_uw = v_true if uw_name == "true" and v_true is not None else targets_for(ctx, valid, ctx.cfg.adapter.pro.tau)
+    v_settings = {n: np.broadcast_to(settings[n][0], (len(valid), K)).astype(np.float32) for n in fixed_names}
+    say(f"eval: picking the best fixed vector on {len(valid)} validation prompts")
+    v_report = evaluate_settings({n: policies[n] for n in fixed_names}, v_settings, [ex["prompt"] for ex in valid],
+                                 ctx.tokenizer, ctx.scorer, ctx.norm, v_uw, gen=gen, fixed_settings=fixed_names,
+                                 hv_reference=tuple(ecfg.hv_reference))
+    add_validation_choice(report, v_report)
   report["utility_weights"] = uw_name
+  seen = {json.dumps(normalize_messages(ex["prompt"]), sort_keys=True) for ex in ctx.train}
+  report["eval_prompts_seen_in_training"] = sum(json.dumps(normalize_messages(p), sort_keys=True) in seen
+                                                for p in prompts)
   if target_w is not None and "PRO" in settings:
     report["adapter"] = evaluate_adapter(settings["PRO"], target_w)
   if ctx.task_config is not None and fixed_names and conditioned:

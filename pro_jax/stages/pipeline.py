@@ -47,7 +47,7 @@ from pro_jax.stages.adapter import evaluate_adapter, train_adapter
 from pro_jax.stages.context import (Context, example_weights, load_context, remap_objectives, responses_of, say,
                                     soft_conditioning, targets_for, true_weights, write_json)
 from pro_jax.stages.policy import (DPO_TYPE, best_of_examples, dpo_task, precompute_reference_logps, ric_examples,
-                                   sft_task)
+                                   reward_conditioned_examples, sft_task)
 from pro_jax.stages.ppo import PPOConfig, run_ppo
 from pro_jax.stages.rm import pair_accuracy, train_reward_model
 from pro_jax.stages.stage import StageInputs, stage_engine_config
@@ -190,8 +190,11 @@ def run_policy(ctx: Context, existing: str = "auto") -> str:
   mcfg = stage_model_config(ctx, pcfg, init, head="lm", value_head=kind == "ppo", **soft)
   extra = {"tokenizer": ctx.tokenizer_path, "objectives": ctx.objectives, "loss": kind,
            "weights_source": pro.weights_source,
-           "conditioning": ("soft" if n_soft else "text") if kind == "ric" else "none",
+           "conditioning": ("soft" if n_soft else "rewards" if pro.conditioning == "rewards" else "text")
+                           if kind == "ric" else "none",
            "soft_placeholder": placeholder, "decimals": pro.decimals}
+  if kind == "ric" and pro.conditioning == "rewards":
+    extra["reward_map"] = _reward_map(ctx)
   if kind in ("ric", "ppo") + DPO_TYPE:  # these use the normalized rewards: keep the statistics with the run
     extra["norm"] = ctx.norm.to_dict()
   if kind == "ppo":
@@ -224,7 +227,8 @@ def run_policy(ctx: Context, existing: str = "auto") -> str:
     if pro.precompute_reference:
       ref_model = Transformer(mcfg.replace(lora=None, value_head=False))
       pass_pipe = _pipeline(ctx, rows, pcfg, "pair", name="train", epochs=1, shuffle=False)
-      logps = precompute_reference_logps(ref_model, {"params": ref.params}, pass_pipe, ctx.cfg.data.max_response_len)
+      logps = precompute_reference_logps(ref_model, {"params": ref.params}, pass_pipe, ctx.cfg.data.max_response_len,
+                                         average=kind == "dpo" and pro.dpo_loss_type == "ipo")
       for i, r in enumerate(rows):
         r["ref_chosen_logp"], r["ref_rejected_logp"] = logps[i]
       fields += ("ref_chosen_logp", "ref_rejected_logp")
@@ -236,6 +240,7 @@ def run_policy(ctx: Context, existing: str = "auto") -> str:
     # the pair pipeline keeps responses within max_response_len: the LM head runs on those slots only
     task = dpo_task(ecfg, mcfg, pipe.batch_spec(), kind, beta=pro.beta, ref_key=ref_key, ref_config=ref_config,
                     response_window=ctx.cfg.data.max_response_len, name="policy",
+                    dpo_loss_type=pro.dpo_loss_type, label_smoothing=pro.label_smoothing,
                     inputs=StageInputs(init=init.params, frozen=frozen, data=pipe, extra=extra, eval_data=held))
   else:
     raise ValueError(f"policy.pro.loss must be one of sft, ric, dpo, wdpo, modpo, ppo; got {kind!r}")
@@ -245,7 +250,17 @@ def run_policy(ctx: Context, existing: str = "auto") -> str:
 
 
 def _dpo_rows(ctx: Context, pro: Any, examples: list[dict] | None = None) -> tuple[list[dict], tuple[str, ...]]:
+  """The pair rows of a DPO-type policy with their weights and normalized rewards. MODPO fits its DPO
+  term on objective 0's own preference pairs: rows without a label for objective 0
+  (pair_objectives[0] == 0) are left out (the loss also masks them)."""
   rows = [dict(ex) for ex in (ctx.train if examples is None else examples) if ex.get("chosen") and ex.get("rejected")]
+  if pro.loss == "modpo":
+    n_all = len(rows)
+    rows = [r for r in rows if r["pair_objectives"][0] != 0]
+    if not rows:
+      raise ValueError(f"modpo: none of the {n_all} training pairs has a label for objective 0 "
+                       f"({ctx.objectives[0]!r}, pair_objectives[0]); MODPO fits objective 0 on its own pairs")
+    say(f"modpo: {len(rows)} of {n_all} pairs are labelled for objective 0 ({ctx.objectives[0]})")
   norm = ctx.norm
   rc = norm.apply(ctx.score([r["prompt"] for r in rows], [r["chosen"] for r in rows]))
   rr = norm.apply(ctx.score([r["prompt"] for r in rows], [r["rejected"] for r in rows]))
@@ -277,7 +292,22 @@ def _ric_rows(ctx: Context, examples: list[dict] | None = None) -> list[dict]:
   if pro.conditioning == "best_of":
     return best_of_examples(scored, z, ctx.objectives, pro.samples, seed=int(ctx.cfg.seed), decimals=pro.decimals,
                             concentration=pro.concentration, **soft)
-  raise ValueError(f"policy.pro.conditioning must be 'own' or 'best_of', got {pro.conditioning!r}")
+  if pro.conditioning == "rewards":  # RiC proper: condition on the response's own normalized rewards
+    if n_soft:
+      raise ValueError("policy.pro.conditioning='rewards' (RiC proper) is text conditioning: set conditioning_mode='text'")
+    return reward_conditioned_examples(scored, z, ctx.objectives, pro.decimals)
+  raise ValueError(f"policy.pro.conditioning must be 'own', 'best_of' or 'rewards', got {pro.conditioning!r}")
+
+
+def _reward_map(ctx: Context) -> dict:
+  """RiC's preference-to-reward map for a reward-conditioned policy: the range [low, high] of the
+  training responses' normalized rewards (RiC: the 0 and 1 quantiles of its reference rewards)."""
+  pro = ctx.cfg.policy.pro
+  rows = [ex for ex in ctx.train if len(responses_of(ex)) >= 1]
+  z = ctx.norm.apply(ctx.score([ex["prompt"] for ex in rows for _ in responses_of(ex)],
+                               [r for ex in rows for r in responses_of(ex)]))
+  return {"low": np.asarray(z).min(0).tolist(), "high": np.asarray(z).max(0).tolist(), "method": pro.ric_reward_map,
+          "decimals": int(pro.decimals)}
 
 
 def _run_ppo(ctx: Context, extra: dict, existing: str) -> str:

@@ -47,8 +47,9 @@ def _cat(batch: dict, a: str, b: str) -> jax.Array:
 
 
 def pair_logps(model: Transformer, variables: Any, batch: dict,
-               response_window: int | None = None) -> tuple[jax.Array, jax.Array]:
-  """Summed response log-probs (chosen_B, rejected_B), one forward over [chosen; rejected].
+               response_window: int | None = None, average: bool = False) -> tuple[jax.Array, jax.Array]:
+  """Summed (`average`: length-averaged, as TRL feeds IPO) response log-probs (chosen_B, rejected_B),
+  one forward over [chosen; rejected].
 
   response_window: the longest response (tokens, EOS included; the pipeline's max_response_len).
   Given, the LM head runs only on each row's response window instead of all L positions (the
@@ -59,11 +60,11 @@ def pair_logps(model: Transformer, variables: Any, batch: dict,
   loss_mask = _cat(batch, "chosen_loss_mask", "rejected_loss_mask")
   if response_window is None or response_window >= tokens.shape[1] - 1:
     logits = model.apply(variables, tokens, mask).logits
-    logp_2B = ops.sequence_logprob(logits, tokens, loss_mask)
+    logp_2B = ops.sequence_logprob(logits, tokens, loss_mask, average=average)
   else:
     positions, targets, window_mask = ops.response_window(tokens, loss_mask, response_window)
     logits = model.apply(variables, tokens, mask, logit_positions_BxR=positions).logits
-    logp_2B = ops.window_sequence_logprob(logits, targets, window_mask, loss_mask)
+    logp_2B = ops.window_sequence_logprob(logits, targets, window_mask, loss_mask, average=average)
   return jnp.split(logp_2B, 2)
 
 
@@ -100,15 +101,19 @@ def policy_loss(kind: str, model: Transformer, *, ref_model: Transformer | None 
     raise ValueError(f"ref_key must be 'ref', 'base' or 'batch', got {ref_key!r}")
   if ref_model is None:  # the reference is the policy's architecture without LoRA (its base for ref_key="base")
     ref_model = model if model.config.lora is None else Transformer(model.config.replace(lora=None))
+  if dpo_loss_type not in losses.DPO_LOSS_TYPES:
+    raise ValueError(f"dpo_loss_type must be one of {losses.DPO_LOSS_TYPES}, got {dpo_loss_type!r}")
+  # IPO takes length-averaged log-probs (TRL); the other losses summed ones
+  average = kind == "dpo" and dpo_loss_type == "ipo"
 
   def dpo_fn(params, frozen, batch, rng):
     del rng
-    policy_chosen_logp_B, policy_rejected_logp_B = pair_logps(model, params, batch, response_window)
+    policy_chosen_logp_B, policy_rejected_logp_B = pair_logps(model, params, batch, response_window, average)
     if ref_key == "batch":
       ref_chosen_logp_B, ref_rejected_logp_B = batch["ref_chosen_logp"], batch["ref_rejected_logp"]
     else:
       ref_vars = frozen["ref"] if ref_key == "ref" else {"params": params["params"]}
-      ref_chosen_logp_B, ref_rejected_logp_B = pair_logps(ref_model, ref_vars, batch, response_window)
+      ref_chosen_logp_B, ref_rejected_logp_B = pair_logps(ref_model, ref_vars, batch, response_window, average)
     ref_chosen_logp_B = jax.lax.stop_gradient(ref_chosen_logp_B)
     ref_rejected_logp_B = jax.lax.stop_gradient(ref_rejected_logp_B)
     chosen_logratio_B = policy_chosen_logp_B - ref_chosen_logp_B
@@ -123,21 +128,23 @@ def policy_loss(kind: str, model: Transformer, *, ref_model: Transformer | None 
                                              beta, mask_B=real_B)
     else:
       margins_BxK = batch["reward_chosen"] - batch["reward_rejected"]
+      # the DPO term is fit on objective 0's own pairs: pair_objectives[:, 0] masks / orients the rows
       loss, metrics = losses.modpo(chosen_logratio_B, rejected_logratio_B, batch["weights"], margins_BxK, beta,
-                                   modpo_w0_min, mask_B=real_B)
+                                   modpo_w0_min, mask_B=real_B, label0_B=batch["pair_objectives"][:, 0])
     metrics = dict(metrics)
     metrics["logratio/chosen"] = ops.masked_mean(chosen_logratio_B, real_B)
     metrics["logratio/rejected"] = ops.masked_mean(rejected_logratio_B, real_B)
-    metrics["loss_weight"] = real_B.sum()
+    metrics["loss_weight"] = metrics["pairs"] if kind == "modpo" else real_B.sum()
     return loss, metrics
 
   return dpo_fn
 
 
 def precompute_reference_logps(ref_model: Transformer, ref_variables: Any, pipeline: Any,
-                               response_window: int | None = None) -> dict[int, tuple]:
-  """example_id -> (ref log p(chosen), ref log p(rejected)) over one pass of a pair pipeline."""
-  fn = jax.jit(lambda variables, batch: pair_logps(ref_model, variables, batch, response_window))
+                               response_window: int | None = None, average: bool = False) -> dict[int, tuple]:
+  """example_id -> (ref log p(chosen), ref log p(rejected)) over one pass of a pair pipeline
+  (`average`: length-averaged, for IPO)."""
+  fn = jax.jit(lambda variables, batch: pair_logps(ref_model, variables, batch, response_window, average))
   out = {}
   for batch in pipeline.iterator():
     ref_chosen_logp_B, ref_rejected_logp_B = jax.device_get(fn(ref_variables, batch))
@@ -164,10 +171,12 @@ def sft_task(ecfg: Any, mcfg: ModelConfig, spec: dict, *, name: str = "sft",
 
 def dpo_task(ecfg: Any, mcfg: ModelConfig, spec: dict, kind: str, *, beta: float, ref_key: str,
              ref_dtype: str = "float32", ref_config: ModelConfig | None = None, response_window: int | None = None,
-             name: str = "policy", inputs: StageInputs | None = None) -> Task:
+             name: str = "policy", inputs: StageInputs | None = None, dpo_loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0) -> Task:
   """A DPO-type policy (dpo / wdpo / modpo) on pair batches; the reference as `ref_key` says (see
   `policy_loss`): "ref" = a frozen input (`ref_config`, default the policy without LoRA, weights
-  in `ref_dtype`), "base" = the LoRA policy's own base, "batch" = precomputed log-probs."""
+  in `ref_dtype`), "base" = the LoRA policy's own base, "batch" = precomputed log-probs.
+  `dpo_loss_type` / `label_smoothing`: TRL's DPO loss (sigmoid / ipo / hinge) and cDPO smoothing."""
   model = Transformer(mcfg)
   frozen = {}
   if ref_key == "ref":
@@ -175,7 +184,8 @@ def dpo_task(ecfg: Any, mcfg: ModelConfig, spec: dict, kind: str, *, beta: float
   B, L = spec["chosen_tokens"].shape
   fwd = mcfg.flops_per_token(L)
   flops = trained_passes(mcfg, ecfg.trainable) * fwd * 2 * B * L + (0.0 if ref_key == "batch" else fwd * 2 * B * L)
-  loss = policy_loss(kind, model, beta=beta, ref_key=ref_key, response_window=response_window)
+  loss = policy_loss(kind, model, beta=beta, ref_key=ref_key, response_window=response_window,
+                     dpo_loss_type=dpo_loss_type, label_smoothing=label_smoothing)
   return make_task(name, loss, abstract_variables(model), logical_axes(model), spec,
                    init=lambda rng: init_variables(model, rng), frozen=frozen, model_config=mcfg,
                    tokens_per_step=2 * B * L, flops_per_step=flops, inputs=inputs)
@@ -209,16 +219,19 @@ def resolve_example_weights(source: str | WeightsSource, num_examples: int, num_
 
 
 def condition_prompt(prompt: Any, weights: Sequence[float], objectives: Sequence[str], decimals: int = 1, *,
-                     soft_placeholder: str = "", soft_tokens: int = 0) -> list[dict]:
+                     soft_placeholder: str = "", soft_tokens: int = 0, text: str | None = None) -> list[dict]:
   """RiC-style conditioning of the last user turn (a new message list is returned).
 
   Text conditioning (default): the weight text "<w> concise 0.7 ... </w>" is appended. Soft
   conditioning (`soft_tokens` > 0): `soft_tokens` copies of `soft_placeholder` (a single-token
   string of the tokenizer) are appended instead; the model adds w . weight_embed[:, j] to the j-th
   (ModelConfig.weight_tokens), so the weights themselves go to the model as `weights_BxK`.
+  `text` given: that text is appended instead (e.g. RiC's reward text, `format_rewards_text`).
   """
   msgs = [dict(m) for m in normalize_messages(prompt)]
-  if soft_tokens:
+  if text is not None:
+    pass
+  elif soft_tokens:
     if not soft_placeholder:
       raise ValueError("soft conditioning needs the tokenizer's placeholder token string")
     text = " ".join([soft_placeholder] * soft_tokens)
@@ -245,6 +258,22 @@ def ric_examples(examples: Sequence[dict], response_weights: Sequence[np.ndarray
                                              soft_placeholder=soft_placeholder, soft_tokens=soft_tokens),
                   "chosen": resp, "rejected": "", "pair_objectives": [0.0] * len(objectives), "responses": [],
                   "scores": [], "score_mask": [], "weights": np.asarray(w, np.float32).tolist()})
+  return out
+
+
+def reward_conditioned_examples(examples: Sequence[dict], normalized_scores: Sequence[np.ndarray],
+                                objectives: Sequence[str], decimals: int = 1) -> list[dict]:
+  """RiC proper: one row per (example, response) with the prompt conditioned on that response's own
+  normalized rewards r~(x, y) ("<r> name value ... </r>", rounded to `decimals`), as RiC's offline
+  stage trains (`normalized_scores[i]` is [N_i, K] for example i's `responses`)."""
+  from pro_jax.pro.weights import format_rewards_text
+  out = []
+  for ex, z_NxK in zip(examples, normalized_scores):
+    for j, (resp, z) in enumerate(zip(ex["responses"], np.asarray(z_NxK, np.float64))):
+      out.append({"id": f"{ex['id']}#r{j}", "source": ex["source"], "objectives": list(objectives),
+                  "prompt": condition_prompt(ex["prompt"], z, objectives, text=format_rewards_text(z, objectives, decimals)),
+                  "chosen": resp, "rejected": "", "pair_objectives": [0.0] * len(objectives), "responses": [],
+                  "scores": [], "score_mask": [], "rewards": z.astype(np.float32).tolist()})
   return out
 
 

@@ -74,7 +74,8 @@ def _pair_scores(model: Transformer, variables: Any, batch: dict) -> tuple[jax.A
 
 
 def rm_loss(model: Transformer, objectives: Sequence[str]):
-  """Plug-in loss: Bradley-Terry per objective on a pair batch (``pair_objectives`` is the mask)."""
+  """Plug-in loss: Bradley-Terry per objective on a pair batch (``pair_objectives`` holds each
+  objective's oriented label: +1 chosen preferred, -1 rejected preferred, 0 none)."""
 
   def loss_fn(params: Any, frozen: Any, batch: dict, rng: jax.Array):
     del frozen, rng
@@ -83,7 +84,7 @@ def rm_loss(model: Transformer, objectives: Sequence[str]):
     mask_BxK = batch["pair_objectives"] * real_B[:, None]
     loss, metrics = bradley_terry_multi(r_chosen_BxK, r_rejected_BxK, mask_BxK, objectives)
     metrics = dict(metrics)
-    metrics["loss_weight"] = mask_BxK.sum()
+    metrics["loss_weight"] = jnp.abs(mask_BxK).sum()
     return loss, metrics
 
   return loss_fn
@@ -91,7 +92,8 @@ def rm_loss(model: Transformer, objectives: Sequence[str]):
 
 def pair_accuracy(model: Transformer, variables: Any, pipeline: Pipeline,
                   objectives: Sequence[str]) -> dict[str, Any]:
-  """Per-objective held-out accuracy (chosen scored strictly higher) over one pass of `pipeline`.
+  """Per-objective held-out accuracy over one pass of `pipeline`: for each pair labelled for objective
+  k, head k scores the response the label prefers (chosen for +1, rejected for -1) strictly higher.
 
   Returns {"accuracy": {objective: acc}, "count": {objective: n_pairs}, "mean_accuracy": float}
   (the mean over objectives that have pairs). Multi-host: every process returns the totals over all
@@ -102,9 +104,9 @@ def pair_accuracy(model: Transformer, variables: Any, pipeline: Pipeline,
   count = np.zeros(len(objectives))
   for batch in pipeline.iterator():
     rc, rr = jax.device_get(fn(variables, batch))
-    m = batch["pair_objectives"] * (batch["example_id"] >= 0)[:, None]
-    correct += ((rc > rr) * m).sum(0)
-    count += m.sum(0)
+    s = np.sign(batch["pair_objectives"]) * (batch["example_id"] >= 0)[:, None]
+    correct += (((rc - rr) * s > 0) * np.abs(s)).sum(0)
+    count += np.abs(s).sum(0)
   if jax.process_count() > 1:  # each host scored its rows of every batch: add the hosts' counts
     correct, count = multihost_utils.process_allgather(np.stack([correct, count])).sum(0)
   acc = {o: (float(c / n) if n else float("nan")) for o, c, n in zip(objectives, correct, count)}
