@@ -269,7 +269,8 @@ def _run_blocks(cfg: Any, layer_params: Any, n: int, x_BxLxD: Any, cos: Any, sin
   from pro_jax.models.transformer import Block
   stack = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=(nn.broadcast, 0),
                   length=n)
-  x, _ = stack(cfg.replace(n_layers=n), True).apply({"params": layer_params}, x_BxLxD, (cos, sin, amask, 0), None)
+  x, _ = stack(cfg.replace(n_layers=n), True).apply({"params": layer_params}, x_BxLxD, (cos, sin, amask, 0),
+                                                     (None, None))  # per layer: (no KV cache, no local/global flag)
   return x
 
 

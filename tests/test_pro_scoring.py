@@ -8,6 +8,8 @@ import threading
 import time
 
 import jax
+import json
+
 import numpy as np
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -146,7 +148,14 @@ class Counting:
 
 def test_cached_scorer_hits_misses_persistence_and_equality(task, trained_rm, tmp_path):
   cfg, data, _ = task
-  ex = data["eval"][:30]
+  seen, ex = set(), []  # 30 distinct (prompt, response) pairs: the eval split repeats some
+  for e in data["eval"]:
+    key = json.dumps([e["prompt"], e["chosen"]], sort_keys=True, default=str)
+    if key not in seen:
+      seen.add(key)
+      ex.append(e)
+  ex = ex[:30]
+  assert len(ex) == 30
   prompts = [e["prompt"] for e in ex]
   chosen = [e["chosen"] for e in ex]
   fresh = trained_rm.score(prompts, chosen)

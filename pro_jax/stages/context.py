@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from pro_jax.data import files, synthetic
+from pro_jax.data.tokenize import normalize_messages
 from pro_jax.models.encoder_scorer import PRESETS as ENCODER_PRESETS
 from pro_jax.models.encoder_scorer import encoder_reward_scorer
 from pro_jax.models.encoders import ENCODER_ARCHITECTURES, ENCODER_MODEL_TYPES
@@ -219,7 +220,6 @@ def responses_of(ex: dict) -> list[str]:
 def norm_fingerprint(ctx: Context) -> str:
   """What the normalization statistics depend on: the scorers (their cache key: config / weight
   fingerprints and order), the method, the objectives and the training responses they were fit on."""
-  from pro_jax.data.tokenize import normalize_messages
   h = hashlib.sha256()
   h.update(json.dumps([scorer_key(ctx.scorer), ctx.cfg.norm.method, list(ctx.objectives)]).encode())
   for ex in ctx.train:

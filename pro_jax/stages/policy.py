@@ -34,7 +34,8 @@ import numpy as np
 from pro_jax.data.tokenize import normalize_messages
 from pro_jax.models import ModelConfig, Transformer, abstract_variables, init_variables, logical_axes
 from pro_jax.pro import losses, ops
-from pro_jax.pro.weights import WeightsSource, format_weights_text, parse_weights_source, parse_weights_text
+from pro_jax.pro.weights import (WeightsSource, format_rewards_text, format_weights_text, parse_weights_source,
+                                  parse_weights_text)
 from pro_jax.stages.stage import StageInputs, make_task, trained_passes
 from pro_jax.train.trainer import Task
 
@@ -266,7 +267,6 @@ def reward_conditioned_examples(examples: Sequence[dict], normalized_scores: Seq
   """RiC proper: one row per (example, response) with the prompt conditioned on that response's own
   normalized rewards r~(x, y) ("<r> name value ... </r>", rounded to `decimals`), as RiC's offline
   stage trains (`normalized_scores[i]` is [N_i, K] for example i's `responses`)."""
-  from pro_jax.pro.weights import format_rewards_text
   out = []
   for ex, z_NxK in zip(examples, normalized_scores):
     for j, (resp, z) in enumerate(zip(ex["responses"], np.asarray(z_NxK, np.float64))):

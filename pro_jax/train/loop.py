@@ -75,8 +75,10 @@ def raise_if_preempted(result: Any, workdir: Any, unit: str = "step") -> None:
 
 
 def check_workdir(workdir: Any) -> None:
-  """WorkdirError unless `workdir` is a directory or absent (its parents too)."""
-  for p in (workdir, *workdir.parents):
+  """WorkdirError unless `workdir` is a directory or absent (its local parents too: an object store's
+  prefixes cannot be files, and its bucket / scheme roots are no paths to stat)."""
+  remote = "://" in str(workdir)
+  for p in (workdir,) if remote else (workdir, *workdir.parents):
     if p.exists() and not p.is_dir():
       raise WorkdirError(f"workdir {workdir}: {p} exists and is not a directory")
 
