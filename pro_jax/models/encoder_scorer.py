@@ -21,7 +21,6 @@ right to a multiple of 64 and scored in jitted fixed-size batches (a few compile
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import re
@@ -29,10 +28,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from pro_jax.models.encoders import EncoderClassifier, EncoderConfig, load_encoder_classifier
+from pro_jax.models.inference import params_fingerprint
 from pro_jax.models.tokenizer import load_tokenizer
 
 TEXT_MODES = ("response", "response_prompt", "prompt_response")
@@ -74,17 +73,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "humor": dict(label=1, text="response", output="logit"),
     "faithfulness": dict(label=1, text="response_prompt", prompt_text="tldr_post", output="logit"),
 }
-
-
-def _fingerprint(params: Any) -> str:
-  leaves = jax.tree_util.tree_leaves_with_path(params)
-  sums = jax.device_get([jnp.stack([jnp.sum(x.astype(jnp.float32)), jnp.sum(jnp.square(x.astype(jnp.float32)))])
-                         for _, x in leaves])
-  h = hashlib.sha256()
-  for (path, x), s in zip(leaves, sums):
-    h.update(f"{jax.tree_util.keystr(path)}|{tuple(x.shape)}|{x.dtype}|".encode())
-    h.update(np.asarray(s, np.float32).tobytes())
-  return h.hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=32)
@@ -149,7 +137,7 @@ class EncoderClassifierScorer:
   def key(self) -> str:
     """Identifies this scorer in a disk cache (settings, tokenizer and a fingerprint of the weights)."""
     if self._fingerprint is None:
-      self._fingerprint = _fingerprint(self.params)
+      self._fingerprint = params_fingerprint(self.params)
     tok = [type(self.tokenizer).__name__, len(self.tokenizer), getattr(self.tokenizer, "name_or_path", "")]
     return json.dumps([self.name, self.objectives, self.label, self.text, getattr(self.prompt_text, "__name__", "fn"),
                        self.output, self.max_len, tok, self._fingerprint])

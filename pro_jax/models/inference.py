@@ -11,10 +11,12 @@ padded by repeating its last row, `pad_rows`), so `fn` compiles once.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -47,3 +49,15 @@ def batched_apply(fn: Callable[..., Any], variables: Any, arrays: Mapping[str, A
 
 
 __all__ = ["pad_rows", "batched_apply"]
+
+
+def params_fingerprint(variables: Any) -> str:
+  """A short hash of a parameter tree: paths, shapes, dtypes and per-leaf sums (computed on device)."""
+  leaves = jax.tree_util.tree_leaves_with_path(variables)
+  sums = jax.device_get([jnp.stack([jnp.sum(x.astype(jnp.float32)), jnp.sum(jnp.square(x.astype(jnp.float32)))])
+                         for _, x in leaves])
+  h = hashlib.sha256()
+  for (path, x), s in zip(leaves, sums):
+    h.update(f"{jax.tree_util.keystr(path)}|{tuple(x.shape)}|{x.dtype}|".encode())
+    h.update(np.asarray(s, np.float32).tobytes())
+  return h.hexdigest()[:16]

@@ -32,7 +32,7 @@ from pro_jax.models import Transformer
 from pro_jax.models.heads import head_to_params
 from pro_jax.models.hf_io import load_hf_model
 from pro_jax.models.hub import is_hub_id
-from pro_jax.models.inference import batched_apply
+from pro_jax.models.inference import batched_apply, params_fingerprint
 from pro_jax.models.tokenizer import load_tokenizer
 
 
@@ -77,18 +77,6 @@ def tokenize_for_scoring(tokenizer: Any, prompts: Sequence[Any], responses: Sequ
       r = r[:room - 1] + r[-1:] if append_eos else r[:room]
     rows.append(np.asarray(p + r, np.int32))
   return pad_right(rows, max_len, pad_id(tokenizer))
-
-
-def params_fingerprint(variables: Any) -> str:
-  """A short hash of a parameter tree: paths, shapes, dtypes and per-leaf sums (computed on device)."""
-  leaves = jax.tree_util.tree_leaves_with_path(variables)
-  sums = jax.device_get([jnp.stack([jnp.sum(x.astype(jnp.float32)), jnp.sum(jnp.square(x.astype(jnp.float32)))])
-                         for _, x in leaves])
-  h = hashlib.sha256()
-  for (path, x), s in zip(leaves, sums):
-    h.update(f"{jax.tree_util.keystr(path)}|{tuple(x.shape)}|{x.dtype}|".encode())
-    h.update(np.asarray(s, np.float32).tobytes())
-  return h.hexdigest()[:16]
 
 
 class RewardModelScorer:
