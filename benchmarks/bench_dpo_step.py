@@ -60,8 +60,19 @@ import numpy as np
 FRAMEWORKS = ("pro_jax", "tunix", "trl")
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-TUNIX_VENV = "/tmp/tunixvenv"
-TRL_VENV = "/tmp/trlvenv"
+TUNIX_VENV = "/work/tunix-venv"
+TRL_VENV = "/work/trl-venv"
+SMOLLM2_GGUF = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The matrix (--matrix): name, flags. Frameworks that cannot run a row are named in its notes.
+MATRIX = [
+    ("default (d 512, 4 layers, vocab 32000, 4 pairs x 128)", []),
+    ("layer-dominated (d 512, 8 layers, mlp 1408, vocab 2048, 4 pairs x 256, prompt 64)",
+     ["--n-layers", "8", "--mlp-dim", "1408", "--vocab", "2048", "--seq-len", "256", "--prompt-len", "64"]),
+    ("SmolLM2-135M full fine-tuning (2 pairs x 128)", ["--model", "smollm2", "--batch", "2"]),
+    ("SmolLM2-135M LoRA r 16, all linear layers (2 pairs x 128)", ["--model", "smollm2", "--batch", "2", "--lora-rank", "16"]),
+    ("default shape, bf16 compute (TRL: bf16 autocast)", ["--dtype", "bfloat16"]),
+]
 TORCH_WHEEL_VERSION = "2.13.0"
 TUNIX_PACKAGES = ["jax==0.10.2", "jaxlib==0.10.2", "flax==0.12.8", "google-tunix==0.1.7"]
 TRL_PACKAGES = [f"torch=={TORCH_WHEEL_VERSION}", "trl", "transformers==5.24.0", "accelerate", "datasets"]
@@ -77,6 +88,13 @@ def parse_args(argv=None) -> argparse.Namespace:
   m.add_argument("--n-kv-heads", type=int, default=None, help="default: n_heads (MHA)")
   m.add_argument("--mlp-dim", type=int, default=1376)
   m.add_argument("--vocab", type=int, default=32000)
+  m.add_argument("--model", choices=("random", "smollm2"), default="random",
+                 help="smollm2: the real SmolLM2-135M-Instruct (GGUF in $PRO_JAX_SHARED_DATA, dequantized, "
+                      "exported with save_hf_model) instead of a random Llama of the flags' size")
+  m.add_argument("--lora-rank", type=int, default=0, help="> 0: LoRA on every linear layer (alpha = 2 r); "
+                 "the reference is the base model (pro_jax ref_key='base', TRL's peft path)")
+  m.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                 help="compute dtype (params stay fp32): pro_jax's model dtype, TRL's bf16 autocast")
   d = p.add_argument_group("batch")
   d.add_argument("--batch", type=int, default=4, help="preference pairs per step")
   d.add_argument("--seq-len", type=int, default=128, help="prompt + response slots per sequence")
@@ -96,10 +114,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   r.add_argument("--peak-seconds", type=float, default=3.0, help="duration of the matmul-peak measurement")
   r.add_argument("--tunix-python", default=f"{TUNIX_VENV}/bin/python")
   r.add_argument("--trl-python", default=f"{TRL_VENV}/bin/python")
+  r.add_argument("--matrix", action="store_true", help="run every row of MATRIX (other model flags ignored) "
+                 "in one run and write one table")
   r.add_argument("--setup-venvs", action="store_true", help="create the Tunix / TRL venvs if missing, then exit")
   r.add_argument("--results-dir", default=str(HERE / "results"), help="'' = do not write a results file")
   r.add_argument("--timeout", type=float, default=1800.0, help="seconds per framework subprocess")
-  p.add_argument("--worker", choices=FRAMEWORKS + ("peak",), help=argparse.SUPPRESS)
+  p.add_argument("--worker", choices=FRAMEWORKS + ("peak", "rates_jax", "rates_torch"), help=argparse.SUPPRESS)
   p.add_argument("--spec", help=argparse.SUPPRESS)
   return p.parse_args(argv)
 
@@ -128,10 +148,19 @@ def make_batch(args) -> dict[str, np.ndarray]:
 
 
 def write_weights(args, path: Path) -> dict:
-  """Random Llama weights as a transformers checkpoint (config.json + safetensors); its ModelConfig."""
+  """Random Llama weights (or SmolLM2's, --model smollm2) as a transformers checkpoint; its ModelConfig."""
   import jax
   from pro_jax.models import ModelConfig, Transformer, init_variables
   from pro_jax.models.hf_io import save_hf_model
+
+  if args.model == "smollm2":
+    from pro_jax.models.gguf import load_gguf
+    gguf = Path(os.environ.get("PRO_JAX_SHARED_DATA", "/work/shared/data")) / SMOLLM2_GGUF
+    if not gguf.exists():
+      raise SystemExit(f"--model smollm2: {gguf} not found (set PRO_JAX_SHARED_DATA)")
+    model, params, _ = load_gguf(gguf, tokenizer=False)
+    save_hf_model(path, model, params, overwrite=True)
+    return model.config.to_dict()
 
   # rope_theta 1e6: Tunix 0.1.7's Llama3 applies RoPE with theta = 1e6 whatever its config says, so
   # the three frameworks compute the same function with this value.
@@ -173,6 +202,38 @@ def _timings(step_fn, warmup: int, steps: int) -> tuple[list[float], list[float]
 def worker_peak(spec: dict) -> dict:
   from pro_jax.train.flops import measure_cpu_matmul_peak
   return {"peak_flops": measure_cpu_matmul_peak(seconds=spec["peak_seconds"], n=2048)}
+
+
+def _rate(fn, n: int, seconds: float) -> float:
+  fn()
+  iters, t0 = 0, time.perf_counter()
+  while time.perf_counter() - t0 < seconds or iters < 2:
+    fn()
+    iters += 1
+  return 2.0 * n ** 3 * iters / (time.perf_counter() - t0)
+
+
+def worker_rates_jax(spec: dict) -> dict:
+  """2048^3 matmul rates of this host: XLA fp32, XLA bf16 (fp32 accumulation), numpy fp32."""
+  import jax
+  import jax.numpy as jnp
+  n, sec = 2048, spec["peak_seconds"]
+  a32 = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+  out = {"numpy fp32": _rate(lambda: a32 @ a32, n, sec)}
+  for name, dt in (("XLA fp32", jnp.float32), ("XLA bf16 (fp32 acc.)", jnp.bfloat16)):
+    x = jnp.asarray(a32, dt)
+    f = jax.jit(lambda u, v: jnp.dot(u, v, preferred_element_type=jnp.float32))
+    out[name] = _rate(lambda: f(x, x).block_until_ready(), n, sec)
+  return out
+
+
+def worker_rates_torch(spec: dict) -> dict:
+  import torch
+  torch.set_num_threads(spec["threads"])
+  n, sec = 2048, spec["peak_seconds"]
+  a = torch.randn(n, n)
+  b16 = a.to(torch.bfloat16)
+  return {"torch fp32": _rate(lambda: a @ a, n, sec), "torch bf16": _rate(lambda: b16 @ b16, n, sec)}
 
 
 class _FixedPairs:
@@ -235,7 +296,10 @@ def build_pro_jax_step(spec: dict):
   cfg = pro_config().policy
   cfg.batch_size = B
   cfg.total_steps = spec["warmup"] + spec["steps"]
-  cfg.trainable = "full"
+  cfg.trainable = "lora" if spec.get("lora_rank") else "full"
+  cfg.model.dtype = spec.get("dtype", "float32")
+  if spec.get("lora_rank"):
+    cfg.model.lora = dict(rank=spec["lora_rank"], alpha=2.0 * spec["lora_rank"], dropout=0.0, targets=ALL_LINEAR)
   cfg.optim.update(lr=spec["lr"], warmup_steps=0, decay="constant", b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
                    clip_norm=1.0)
   # run_policy: init = load_source(...); the stage model = the backbone's architecture with the
@@ -247,9 +311,12 @@ def build_pro_jax_step(spec: dict):
   # The reference shares the backbone's arrays, as in run_policy (the stage init copies them); the task
   # comes from the policy stage's own builder (`dpo_task`).
   pairs = _FixedPairs(batch_np)
-  task = dpo_task(cfg, mcfg, pairs.batch_spec(), "dpo", beta=spec["beta"], ref_key="ref",
+  # With LoRA the reference is the policy's own base (the stage's ref_key="base"), as TRL's peft path.
+  ref_key = "base" if spec.get("lora_rank") else "ref"
+  frozen_in = {} if ref_key == "base" else {"ref": {"params": init.params}}
+  task = dpo_task(cfg, mcfg, pairs.batch_spec(), "dpo", beta=spec["beta"], ref_key=ref_key,
                   response_window=spec.get("response_window"), name="policy",
-                  inputs=StageInputs(init=init.params, frozen={"ref": {"params": init.params}}, data=pairs))
+                  inputs=StageInputs(init=init.params, frozen=frozen_in, data=pairs))
   mesh = shd.mesh_from_config(cfg.mesh)
   su = setup(cfg, task, mesh)
   # as trainer.train: variables with their shardings, split, the state, the frozen inputs, the batch
@@ -259,7 +326,8 @@ def build_pro_jax_step(spec: dict):
   state = jax.jit(lambda p, r: init_state(p, su.optimizer, r), out_shardings=su.state_shardings,
                   donate_argnums=(0,))(trainable, jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1))
   frozen = {"base": base}
-  frozen.update(task.init_frozen(shardings={k: v for k, v in su.frozen_shardings.items() if k != "base"}))
+  if task.init_frozen is not None:
+    frozen.update(task.init_frozen(shardings={k: v for k, v in su.frozen_shardings.items() if k != "base"}))
   batch = shd.host_local_to_global(batch_np, mesh, B)
   return su, state, frozen, batch
 
@@ -288,6 +356,10 @@ def worker_tunix(spec: dict) -> dict:
   from tunix.sft.dpo import dpo_trainer
 
   m = spec["model"]
+  if spec.get("lora_rank") or spec.get("dtype", "float32") != "float32" or m.get("tie_embeddings"):
+    raise SystemExit("tunix: this harness runs Tunix only on the random untied fp32 full-fine-tuning Llamas "
+                     "(Tunix 0.1.7's Llama3 applies RoPE with theta 1e6 whatever the config says, so it would "
+                     "compute a different function from SmolLM2's weights; its LoRA goes through qwix)")
   data = dict(np.load(spec["batch_file"]))
   hd = m["d_model"] // m["n_heads"]
   cfg = llama_lib.ModelConfig(num_layers=m["n_layers"], vocab_size=m["vocab_size"], embed_dim=m["d_model"],
@@ -372,10 +444,17 @@ def worker_trl(spec: dict) -> dict:
                    max_steps=n_steps, learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0,
                    adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, weight_decay=0.0, max_grad_norm=1.0,
                    beta=spec["beta"], loss_type=["sigmoid"], logging_steps=1, save_strategy="no", report_to="none",
-                   use_cpu=True, bf16=False, fp16=False, dataloader_num_workers=0, seed=spec["seed"],
+                   use_cpu=True, bf16=spec.get("dtype") == "bfloat16", fp16=False, dataloader_num_workers=0, seed=spec["seed"],
                    train_sampling_strategy="sequential", max_length=None, disable_tqdm=True,
                    gradient_checkpointing=False)
-  trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=text_dataset, processing_class=tok)
+  peft_config = None
+  if spec.get("lora_rank"):
+    from peft import LoraConfig
+    peft_config = LoraConfig(r=spec["lora_rank"], lora_alpha=2 * spec["lora_rank"], lora_dropout=0.0,
+                             target_modules=list(ALL_LINEAR), bias="none", task_type="CAUSAL_LM")
+    ref = None  # TRL's peft path: the reference is the policy with its adapters disabled
+  trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=text_dataset, processing_class=tok,
+                       peft_config=peft_config)
   trainer.train_dataset = dataset
   trainer.add_callback(Clock())
   trainer.train()
@@ -384,7 +463,8 @@ def worker_trl(spec: dict) -> dict:
           "version": f"trl {trl.__version__} (torch {torch.__version__}, transformers {transformers.__version__})"}
 
 
-WORKERS = {"pro_jax": worker_pro_jax, "tunix": worker_tunix, "trl": worker_trl, "peak": worker_peak}
+WORKERS = {"pro_jax": worker_pro_jax, "tunix": worker_tunix, "trl": worker_trl, "peak": worker_peak,
+           "rates_jax": worker_rates_jax, "rates_torch": worker_rates_torch}
 
 
 def run_worker(name: str, spec_path: str) -> None:
@@ -450,6 +530,8 @@ def main(argv=None) -> dict:
   if args.setup_venvs:
     setup_venvs(args)
     return {}
+  if args.matrix:
+    return run_matrix(args, argv)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")  # this process only writes the weights and counts FLOPs
   frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
   bad = [f for f in frameworks if f not in FRAMEWORKS]
@@ -465,17 +547,19 @@ def main(argv=None) -> dict:
   from pro_jax.models import ModelConfig
 
   workdir = Path(tempfile.mkdtemp(prefix="bench_dpo_"))
-  data = make_batch(args)
-  np.savez(workdir / "batch.npz", **data)
-  print(f"[bench] writing random Llama weights to {workdir / 'weights'}", flush=True)
+  print(f"[bench] writing {args.model} Llama weights to {workdir / 'weights'}", flush=True)
   mdict = write_weights(args, workdir / "weights")
   mcfg = ModelConfig.from_dict(mdict)
+  args.vocab = mcfg.vocab_size
+  data = make_batch(args)
+  np.savez(workdir / "batch.npz", **data)
   B, L = args.batch, args.seq_len
   tokens = 2 * B * L
   flops = train_flops.model_flops_per_step(mcfg, tokens, L, extra_forward_tokens=tokens)
   spec = {"batch_file": str(workdir / "batch.npz"), "weights_dir": str(workdir / "weights"), "model": mdict,
           "steps": args.steps, "warmup": args.warmup, "lr": args.lr, "beta": args.beta, "seed": args.seed,
-          "threads": args.threads, "peak_seconds": args.peak_seconds,
+          "threads": args.threads, "peak_seconds": args.peak_seconds, "lora_rank": args.lora_rank,
+          "dtype": args.dtype,
           "response_window": None if args.full_lm_head else L - args.prompt_len}
   load_before = _load_avg()
   print(f"[bench] load average {load_before}; measuring the fp32 matmul peak", flush=True)
@@ -515,8 +599,10 @@ def main(argv=None) -> dict:
         ratios[f] = rows[f]["s_per_step"] / rows["pro_jax"]["s_per_step"]
 
   nkv = mcfg.kv_heads
-  header = (f"model: Llama d_model={mcfg.d_model} layers={mcfg.n_layers} heads={mcfg.n_heads}/{nkv} "
-            f"mlp={mcfg.mlp_dim} vocab={mcfg.vocab_size} ({mcfg.num_params() / 1e6:.1f}M params), fp32\n"
+  header = (f"model: {'SmolLM2-135M ' if args.model == 'smollm2' else ''}Llama d_model={mcfg.d_model} "
+            f"layers={mcfg.n_layers} heads={mcfg.n_heads}/{nkv} mlp={mcfg.mlp_dim} vocab={mcfg.vocab_size} "
+            f"({mcfg.num_params() / 1e6:.1f}M params), params fp32, compute {args.dtype}"
+            f"{f', LoRA r={args.lora_rank} on all linear layers' if args.lora_rank else ', full fine-tuning'}\n"
             f"batch: {B} pairs x {L} tokens (prompt {args.prompt_len}) = {tokens} policy tokens/step "
             f"(+ the same through the frozen reference)\n"
             f"model FLOPs/step: {flops / 1e9:.1f} GFLOP (6NT policy + 2NT reference + attention)\n"
@@ -553,7 +639,68 @@ def main(argv=None) -> dict:
       fh.write(f"## {stamp:%Y-%m-%d %H:%M}\n\n`{cmd.strip()}`\n\n```\n{header}\n```\n\n" + "\n".join(lines) +
                "\n\n" + ratio_line.replace("\n", "  \n") + "\n\n" + ("\n".join(errors) + "\n\n" if errors else ""))
     print(f"[bench] appended to {path}")
-  return {"rows": rows, "ratios": ratios, "peaks": peaks, "flops_per_step": flops}
+  return {"rows": rows, "ratios": ratios, "peaks": peaks, "flops_per_step": flops, "header": header}
+
+
+def _cpu_model() -> str:
+  fields = {}
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      k, _, v = line.partition(":")
+      fields.setdefault(k.strip(), v.strip())
+  except OSError:
+    pass
+  flags = fields.get("flags", "").split()
+  isa = ", ".join(f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags) or "no AVX-512"
+  return f"{fields.get('model name', platform.processor())}, cpu family {fields.get('cpu family', '?')} ({isa})"
+
+
+def run_matrix(args, argv) -> dict:
+  """Every MATRIX row in one run (same steps / threads), then one table with the CPU and matmul rates."""
+  workdir = Path(tempfile.mkdtemp(prefix="bench_dpo_rates_"))
+  spec = {"peak_seconds": args.peak_seconds, "threads": args.threads}
+  rates = _spawn(sys.executable, "rates_jax", spec, workdir, args.threads, args.timeout)
+  if Path(args.trl_python).exists():
+    rates.update(_spawn(args.trl_python, "rates_torch", spec, workdir, args.threads, args.timeout))
+  rates.pop("wall_s", None)
+  print(f"[bench] matmul rates: {rates}", flush=True)
+  common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--rounds", str(args.rounds),
+            "--threads", str(args.threads), "--results-dir", "", "--frameworks", args.frameworks,
+            "--tunix-python", args.tunix_python, "--trl-python", args.trl_python, "--timeout", str(args.timeout)]
+  out = {}
+  for name, flags in MATRIX:
+    print(f"\n[bench] ===== {name} =====", flush=True)
+    out[name] = main(flags + common)
+  fws = [f for f in args.frameworks.split(",") if f]
+  lines = ["| shape | " + " | ".join(f"{f} s/step" for f in fws) + " | pro_jax vs fastest other |",
+           "|---|" + "---|" * (len(fws) + 1)]
+  for name, res in out.items():
+    cells = []
+    for f in fws:
+      r = res["rows"].get(f, {})
+      cells.append(f"{r['s_per_step']:.3f}" if "s_per_step" in r else "n/a")
+    others = [v for k, v in res["ratios"].items()]
+    best = f"{min(others):.2f}x" if others else "n/a"
+    lines.append(f"| {name} | " + " | ".join(cells) + f" | {best} |")
+  rate_line = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in rates.items() if isinstance(v, float))
+  header = (f"CPU: {_cpu_model()}, {os.cpu_count()} cores, threads {args.threads}\n"
+            f"2048^3 matmul GFLOP/s: {rate_line}\n"
+            f"{args.warmup} warm-up + {args.steps} timed steps per framework and row, median; "
+            f"ratio = the other's s/step / pro_jax's (> 1: pro_jax faster)")
+  report = header + "\n\n" + "\n".join(lines)
+  print("\n" + report)
+  if args.results_dir:
+    out_dir = Path(args.results_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc)
+    path = out_dir / f"dpo_matrix_{stamp:%Y-%m-%d}.md"
+    cmd = "python benchmarks/bench_dpo_step.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    details = "\n\n".join(f"### {n}\n\n```\n{r['header']}\n```" for n, r in out.items())
+    with open(path, "a") as fh:
+      fh.write(f"## {stamp:%Y-%m-%d %H:%M} UTC\n\n`{cmd.strip()}`\n\n```\n{header}\n```\n\n" + "\n".join(lines) +
+               "\n\n" + details + "\n\n")
+    print(f"[bench] appended to {path}")
+  return {"rates": rates, "rows": out}
 
 
 if __name__ == "__main__":

@@ -20,28 +20,40 @@ CONFIGS = {
                              sliding_window=6),
     # GPT-2: LayerNorm, learned positions, fused c_attn. (Untied: greedy decoding of a tiny random
     # model with tied embeddings just repeats its last token, which would make the test weak.)
+    # Gemma-2/3-style: alternating local (window 6, own RoPE theta) / global layers, embedding scaling,
+    # norm offset, sandwich norms, q/k norms, GeGLU, attention and final logit soft-capping: the decode
+    # step (generate._decode_step) re-implements the forward's embedding, layer and head ends.
+    "gemma_mixed": ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, mlp_dim=64,
+                               sliding_window=6, layer_types=("sliding_attention", "full_attention",
+                                                              "sliding_attention"),
+                               local_rope_theta=100.0, qk_norm=True, norm_offset=1.0, scale_embeddings=True,
+                               mlp_act="gelu_tanh", sandwich_norms=True, query_pre_attn_scalar=16.0,
+                               attn_logit_softcap=20.0, final_logit_softcap=15.0),
     "gpt2": ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, mlp_dim=64, arch="gpt2",
                         max_seq_len=64),
 }
 
 
-def _sharpen(variables, factor=8.0):
+def _sharpen(variables, factor=8.0, norm_offset=0.0):
   """Scale the final norm (hence the logits) so the tiny random model has peaked next-token
-  distributions: greedy paths without near-ties, and sampling that is not uniform noise."""
+  distributions: greedy paths without near-ties, and sampling that is not uniform noise. (With a
+  Gemma norm offset the effective scale is offset + weight.)"""
   params = dict(variables["params"])
-  params["final_norm"] = {k: v * factor for k, v in params["final_norm"].items()}
+  params["final_norm"] = {k: (v + norm_offset) * factor - norm_offset if k == "scale" else v * factor
+                          for k, v in params["final_norm"].items()}
   return {**variables, "params": params}
 
 
 @functools.lru_cache(maxsize=None)
 def _init(config, seed=0):
   model = Transformer(config)
-  return model, _sharpen(jax.jit(functools.partial(init_variables, model))(jax.random.key(seed)))
+  return model, _sharpen(jax.jit(functools.partial(init_variables, model))(jax.random.key(seed)),
+                         factor=40.0 if config.final_logit_softcap else 8.0, norm_offset=config.norm_offset)
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def model_and_vars(request):
-  """Both architectures: for the comparisons with the cache-free forward."""
+  """Every architecture: for the comparisons with the cache-free forward."""
   return _init(CONFIGS[request.param])
 
 

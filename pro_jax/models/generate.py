@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pro_jax.models.config import ModelConfig
-from pro_jax.models.transformer import Transformer, init_cache, positions_from_mask
+from pro_jax.models.transformer import (Block, Linear, Transformer, _dot, _norm, init_cache, make_attention_mask,
+                                        positions_from_mask, rope_cos_sin)
 
 Array = jax.Array
 
@@ -132,6 +133,63 @@ def _as_variables(variables: Any) -> dict:
   return {"params": variables}
 
 
+def _unstack_layers(variables: dict, cache: dict, n_layers: int) -> tuple[list[dict], list[dict]]:
+  """Split the layer-stacked variables ({col: {"layers": [n_layers, ...]}}) and the stacked KV cache
+  ({"k", "v"}: [n_layers, B, T, K, hd]) into one tree per layer."""
+  stacked = {col: tree["layers"] for col, tree in variables.items() if "layers" in tree}
+  layer_vars = [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n_layers)]
+  layer_caches = [{"k": cache["k"][i], "v": cache["v"][i]} for i in range(n_layers)]
+  return layer_vars, layer_caches
+
+
+def _decode_step(config: ModelConfig, variables: dict, layer_vars: list[dict], caches: list[dict], tokens_Bx1: Array,
+                 positions_Bx1: Array, cache_index: Array, cache_mask_BxT: Array) -> tuple[Array, list[dict]]:
+  """One decode step: `Transformer.__call__` for one token per row (no soft weight tokens), with the
+  layers unrolled over per-layer weights and per-layer caches. Returns (logits_BxV float32, caches).
+
+  Why not `model.apply`: its layer loop indexes [n_layers, ...] stacks, and XLA:CPU materializes each
+  layer's slice of the weights before every matmul (a copy of all layer weights per token, which
+  doubles to triples the memory traffic of a bandwidth-bound decode step); with one array per layer
+  the matmuls read the weights in place and each cache update is an in-place write."""
+  params = variables["params"]
+  dtype = config.jnp_dtype
+  x_Bx1xD = jnp.take(params["embed"], tokens_Bx1, axis=0).astype(dtype)
+  if config.scale_embeddings:  # as Transformer.__call__ (HF Gemma)
+    x_Bx1xD = x_Bx1xD * jnp.asarray(np.float32(config.d_model**0.5), dtype)
+  T = caches[0]["k"].shape[1]
+  if config.arch == "gpt2":
+    x_Bx1xD = x_Bx1xD + jnp.take(params["wpe"], positions_Bx1, axis=0).astype(dtype)
+    cos = sin = None
+  else:
+    cos, sin = rope_cos_sin(config, positions_Bx1, local=all(config.sliding_layers))
+  if config.mixed_layers:  # local / global layers: both tables and masks, each layer picks by its flag
+    mask = make_attention_mask(cache_mask_BxT, 1, T, cache_index)
+    mask_local = make_attention_mask(cache_mask_BxT, 1, T, cache_index, sliding_window=config.sliding_window)
+    ctx = (cos, sin, mask, cache_index, *rope_cos_sin(config, positions_Bx1, local=True), mask_local)
+    slidings = [jnp.asarray(s) for s in config.sliding_layers]
+  else:
+    mask = make_attention_mask(cache_mask_BxT, 1, T, cache_index, sliding_window=config.sliding_window)
+    ctx = (cos, sin, mask, cache_index)
+    slidings = [None] * config.n_layers
+  block = Block(config)
+  new_caches = []
+  for lv, layer_cache, sliding in zip(layer_vars, caches, slidings):
+    x_Bx1xD, c = block.apply(lv, x_Bx1xD, ctx, (layer_cache, sliding))
+    new_caches.append(c)
+  h_BxD = _norm(config, "final_norm").apply({"params": params["final_norm"]}, x_Bx1xD)[:, 0]
+  if config.tie_embeddings:
+    logits_BxV = _dot(h_BxD, params["embed"].astype(dtype).T, out_dtype=jnp.float32)
+  else:
+    lm_head = Linear(config.vocab_size, (None, None), config)
+    head_vars = {"params": params["lm_head"]}
+    if "lm_head" in variables.get("lora", {}):
+      head_vars["lora"] = variables["lora"]["lm_head"]
+    logits_BxV = lm_head.apply(head_vars, h_BxD).astype(jnp.float32)
+  if config.final_logit_softcap is not None:  # as Transformer.__call__ (Gemma 2)
+    logits_BxV = jnp.tanh(logits_BxV / config.final_logit_softcap) * config.final_logit_softcap
+  return logits_BxV, new_caches
+
+
 @functools.partial(jax.jit, static_argnames=("config", "settings"))
 def _generate_jit(config: ModelConfig, settings: SamplingSettings, variables: dict, prompt_BxP: Array,
                   prompt_mask_BxP: Array, rng: Array, temperature: Array, top_p: Array, eos_E: Array,
@@ -162,18 +220,21 @@ def _generate_jit(config: ModelConfig, settings: SamplingSettings, variables: di
   mask_BxN = jnp.zeros((B, N), jnp.int32).at[:, 0].set(1)
   done_B = is_eos(tok_B)
 
+  # Decode with per-layer weights and caches (see `_decode_step`): split once here, outside the loop.
+  layer_vars, layer_caches = _unstack_layers(variables, out.cache, config.n_layers)
+
   def cond(state):
     i, _, _, _, _, done_B = state
     return (i < N) & ~jnp.all(done_B)
 
   def body(state):
-    i, cache, tokens_BxN, logprobs_BxN, mask_BxN, done_B = state
+    i, caches, tokens_BxN, logprobs_BxN, mask_BxN, done_B = state
     # Feed response token i - 1 at slot P + i - 1 (position = real tokens before it).
     prev_Bx1 = jax.lax.dynamic_slice_in_dim(tokens_BxN, i - 1, 1, axis=1)
     pos_Bx1 = (n_real_B + i - 1)[:, None]
-    out = model.apply(variables, prev_Bx1, None, pos_Bx1, cache=cache, cache_index=P + i - 1,
-                      cache_mask_BxT=cache_mask_BxT)
-    tok_B, lp_B = sample(out.logits[:, -1], i)
+    logits_BxV, caches = _decode_step(config, variables, layer_vars, caches, prev_Bx1, pos_Bx1, P + i - 1,
+                                      cache_mask_BxT)
+    tok_B, lp_B = sample(logits_BxV, i)
     tok_B = jnp.where(done_B, pad_id, tok_B)
     lp_B = jnp.where(done_B, 0.0, lp_B)
     live_B = (~done_B).astype(jnp.int32)
@@ -181,9 +242,9 @@ def _generate_jit(config: ModelConfig, settings: SamplingSettings, variables: di
     logprobs_BxN = jax.lax.dynamic_update_slice_in_dim(logprobs_BxN, lp_B[:, None], i, axis=1)
     mask_BxN = jax.lax.dynamic_update_slice_in_dim(mask_BxN, live_B[:, None], i, axis=1)
     done_B = done_B | is_eos(tok_B)
-    return i + 1, out.cache, tokens_BxN, logprobs_BxN, mask_BxN, done_B
+    return i + 1, caches, tokens_BxN, logprobs_BxN, mask_BxN, done_B
 
-  state = (jnp.asarray(1, jnp.int32), out.cache, tokens_BxN, logprobs_BxN, mask_BxN, done_B)
+  state = (jnp.asarray(1, jnp.int32), layer_caches, tokens_BxN, logprobs_BxN, mask_BxN, done_B)
   _, _, tokens_BxN, logprobs_BxN, mask_BxN, _ = jax.lax.while_loop(cond, body, state)
   return GenerateOutput(
       tokens_BxN=tokens_BxN,

@@ -60,6 +60,14 @@ def _remat_policy(name: str):
   }[name]
 
 
+def _dot(x: Array, w: Array, out_dtype: Any = None) -> Array:
+  """x @ w accumulated in float32, returned in `out_dtype` (default x's dtype). For bf16 operands this
+  is what TPUs do anyway, and on CPU it is what selects XLA's fast bf16 GEMM (a bf16-output dot falls
+  back to a loop ~40x slower on jaxlib 0.10's CPU backend; benchmarks/bench_generate_real.py)."""
+  y = jnp.dot(x, w, preferred_element_type=jnp.float32)
+  return y.astype(out_dtype or x.dtype)
+
+
 def _init_normal(std: float):
   return nn.initializers.normal(stddev=std)
 
@@ -84,7 +92,7 @@ class Linear(nn.Module):
         (in_features, self.features), cfg.jnp_param_dtype)
     dtype = cfg.jnp_dtype
     x = x.astype(dtype)
-    y = jnp.dot(x, kernel.astype(dtype))
+    y = _dot(x, kernel.astype(dtype))
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[1],)),
                         (self.features,), cfg.jnp_param_dtype)
@@ -101,7 +109,7 @@ class Linear(nn.Module):
       b = self.variable("lora", "b", lambda: b_init(self.make_rng("params"), (r, self.features),
                                                     cfg.jnp_param_dtype)).value
       xd = nn.Dropout(self.lora.dropout)(x, deterministic=self.deterministic) if self.lora.dropout else x
-      y = y + jnp.dot(jnp.dot(xd, a.astype(dtype)), b.astype(dtype)) * jnp.asarray(self.lora.scale, dtype)
+      y = y + _dot(_dot(xd, a.astype(dtype)), b.astype(dtype)) * jnp.asarray(self.lora.scale, dtype)
     return y
 
 
@@ -477,7 +485,7 @@ class Transformer(nn.Module):
       if logit_positions_BxR is not None:
         h = jnp.take_along_axis(hidden, logit_positions_BxR.astype(jnp.int32)[..., None], axis=1)
       if cfg.tie_embeddings:
-        logits = jnp.dot(h, embedding.astype(dtype).T)
+        logits = _dot(h, embedding.astype(dtype).T, out_dtype=jnp.float32)
       else:
         logits = Linear(cfg.vocab_size, (EMBED, VOCAB), cfg, name="lm_head")(h)
       logits = logits.astype(jnp.float32)
