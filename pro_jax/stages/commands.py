@@ -14,9 +14,8 @@ from pro_jax.stages.pipeline import run_stage
 from pro_jax.stages.tasks import aot_target
 from pro_jax.stages.use import load_pro
 from pro_jax.train.aot import AotError, aot_compile
-from pro_jax.train.commands import (EXIT_FAIL, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, Command, add_config_arguments,
-                                    config_from_args, existing_mode)
-from pro_jax.train.trainer import NonFiniteError, Preempted, WorkdirError
+from pro_jax.train.commands import (EXIT_FAIL, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, Command, add_config_arguments,  # noqa: F401
+                                    config_from_args, existing_mode, run_error_exit)
 
 HELP = {
     "sft": "stage 0: the reference policy (SFT on the data's responses; skip it if you bring one)",
@@ -53,18 +52,17 @@ def _args(stage: str):
 
 def _run(stage: str):
   def run(args: argparse.Namespace) -> int:
-    try:
-      cfg = config_from_args(args)
+    cfg = config_from_args(args)
+    try:  # run_stage / run_pipeline check the config, sources and data before they write anything
       if stage == "demo":
         run_demo(cfg, args.workdir, existing=existing_mode(args))
         return EXIT_OK
       out = run_stage(stage, cfg, args.workdir, existing=existing_mode(args))
-    except Preempted as e:
-      print(f"pro-jax {stage}: {e}", file=sys.stderr)
-      return EXIT_PREEMPTED
-    except NonFiniteError as e:
-      print(f"pro-jax {stage}: stopped: {e}", file=sys.stderr)
-      return EXIT_FAIL
+    except Exception as e:  # noqa: BLE001 - the run's known endings get their exit code, the rest propagates
+      code = run_error_exit(stage, e)
+      if code is None:
+        raise
+      return code
     if isinstance(out, dict) and stage != "eval":
       print(json.dumps(out, default=float))
     if stage == "eval" and out.get("pro"):

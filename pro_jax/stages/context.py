@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import tempfile
 from typing import Any
 
 import jax
@@ -26,6 +27,7 @@ from pro_jax.stages.adapter import compute_targets, load_adapter
 from pro_jax.stages.policy import resolve_example_weights
 from pro_jax.stages.rm import load_reward_model
 from pro_jax.stages.scoring import CachedScorer, StackedScorer, hf_reward_scorer, scorer_key
+from pro_jax.train.loop import check_workdir
 
 
 def say(msg: str) -> None:
@@ -46,6 +48,20 @@ class Context:
   valid: list[dict] = dataclasses.field(default_factory=list)  # validation prompts (model selection), disjoint from eval
   _scorer: Any = None
   _norm: NormStats | None = None
+  unsaved_tokenizer: str | None = None  # local folder of a tokenizer built for W/tokenizer, not saved yet
+  _written: bool = False
+
+  def write_workdir(self) -> None:
+    """Create the workdir and save a newly built tokenizer to W/tokenizer (whole: a temporary name,
+    then a rename; `files.publish_dir`). The first write of a run: stages call it once the config,
+    the model sources and the data passed `pro_jax.stages.checks.check_stages`. Idempotent."""
+    if self._written:
+      return
+    if jax.process_index() == 0:
+      files.as_path(self.workdir).mkdir(parents=True, exist_ok=True)
+      if self.unsaved_tokenizer is not None:
+        files.publish_dir(self.unsaved_tokenizer, self.tokenizer_path, last="tokenizer.json")
+    self._written = True
 
   @property
   def K(self) -> int:
@@ -107,9 +123,10 @@ def remap_objectives(ex: dict, objectives: list[str]) -> dict:
 
 
 def load_context(cfg: Any, workdir: str) -> Context:
+  """The run's data, tokenizer and config, read and checked without writing anything: the workdir
+  and W/tokenizer are written by `Context.write_workdir` once every check passed."""
   workdir = str(files.as_path(workdir))  # local: absolute; gs://...: as is
-  if jax.process_index() == 0:
-    files.as_path(workdir).mkdir(parents=True, exist_ok=True)
+  check_workdir(files.as_path(workdir))
   objectives = list(cfg.objectives)
   d = cfg.data
   task_cfg = None
@@ -141,26 +158,35 @@ def load_context(cfg: Any, workdir: str) -> Context:
       train_ex = [rows[i] for i in sorted(order[n_eval:])]
     if d.max_eval and len(eval_ex) > d.max_eval:
       eval_ex = eval_ex[:d.max_eval]
-  tokenizer, tok_path = _tokenizer(cfg, workdir, task_cfg)
+  tokenizer, tok_path, unsaved = _tokenizer(cfg, workdir, task_cfg)
   return Context(cfg, workdir, objectives, tokenizer, tok_path, list(train_ex), list(eval_ex), task_cfg,
-                 valid=list(valid_ex))
+                 valid=list(valid_ex), unsaved_tokenizer=unsaved)
 
 
-def _tokenizer(cfg: Any, workdir: str, task_cfg: synthetic.SyntheticTaskConfig | None) -> tuple[Any, str]:
+def _tokenizer(cfg: Any, workdir: str, task_cfg: synthetic.SyntheticTaskConfig | None
+               ) -> tuple[Any, str, str | None]:
+  """(tokenizer, the path runs record, a local folder still to be saved as W/tokenizer or None).
+
+  The embedded task's tokenizer is W/tokenizer when that loads; when it is absent it is built (into
+  a local temporary folder; deterministic, so every process gets the same) and saved later by
+  `Context.write_workdir`; when a saved one fails to load (a half-written tokenizer.json from an
+  interrupted write), a warning names it and it is rebuilt the same way (the damaged copy is kept
+  as W/tokenizer.damaged)."""
   from transformers import AutoTokenizer  # heavy: imported when a run starts, not with the package
   if not cfg.tokenizer:
     if task_cfg is None:
       raise ValueError("config.tokenizer is empty: only the synthetic task brings its own tokenizer")
     path = files.join(workdir, "tokenizer")
-    if not files.as_path(path).joinpath("tokenizer.json").exists():
-      # built locally (deterministic: every process gets the same), saved to the workdir by process 0
-      local = files.cache_dir(path, "build") if files.is_remote(path) else path
-      synthetic.build_tokenizer(task_cfg, local)
-      if files.is_remote(path) and jax.process_index() == 0:
-        files.upload(local, path)
-      return AutoTokenizer.from_pretrained(str(local)), path
-    return AutoTokenizer.from_pretrained(str(files.local_copy(path))), path
-  return load_tokenizer(cfg.tokenizer), str(cfg.tokenizer)
+    if files.as_path(path).joinpath("tokenizer.json").exists():
+      try:
+        return AutoTokenizer.from_pretrained(str(files.local_copy(path))), path, None
+      except Exception as e:  # noqa: BLE001 - any failure to load (JSON, tokenizers, missing file) means rebuild
+        say(f"warning: the saved tokenizer {path} fails to load ({type(e).__name__}: {str(e)[:200]}); "
+            "rebuilding it from the embedded task (the damaged copy is kept as tokenizer.damaged)")
+    local = tempfile.mkdtemp(prefix="pro_jax_tokenizer_")
+    synthetic.build_tokenizer(task_cfg, local)
+    return AutoTokenizer.from_pretrained(local), path, local
+  return load_tokenizer(cfg.tokenizer), str(cfg.tokenizer), None
 
 
 def imported_scorer(directory: str, objective: str) -> Any:
@@ -198,6 +224,7 @@ def build_scorer(ctx: Context) -> Any:
     stacked = _Reordered(stacked, [have.index(o) for o in ctx.objectives], ctx.objectives)
   # the cache key identifies what is computed (each scorer's config / weight fingerprint, the order),
   # so a retrained reward model or another task seed never reads stale scores
+  ctx.write_workdir()  # the cache is a file in the workdir
   return CachedScorer(stacked, ctx.path("scores.sqlite"))
 
 
@@ -243,6 +270,7 @@ def fit_or_load_norm(ctx: Context) -> NormStats:
   prompts = [ex["prompt"] for ex in ctx.train for _ in responses_of(ex)]
   responses = [r for ex in ctx.train for r in responses_of(ex)]
   norm = fit_norm_stats(ctx.score(prompts, responses), ctx.objectives, method=ctx.cfg.norm.method)
+  ctx.write_workdir()
   if jax.process_index() == 0:
     files.write_text(path, json.dumps(dict(norm.to_dict(), fingerprint=key), indent=2, sort_keys=True) + "\n")
   return norm

@@ -44,11 +44,12 @@ from pro_jax.models.sources import Backbone, load_source
 from pro_jax.pro.weights import target_weights
 from pro_jax.stages import evaluate
 from pro_jax.stages.adapter import evaluate_adapter, train_adapter
+from pro_jax.stages.checks import check_stages, ppo_config
 from pro_jax.stages.context import (Context, example_weights, load_context, remap_objectives, responses_of, say,
                                     soft_conditioning, targets_for, true_weights, write_json)
 from pro_jax.stages.policy import (DPO_TYPE, best_of_examples, dpo_task, precompute_reference_logps, ric_examples,
                                    reward_conditioned_examples, sft_task)
-from pro_jax.stages.ppo import PPOConfig, run_ppo
+from pro_jax.stages.ppo import run_ppo
 from pro_jax.stages.rm import pair_accuracy, train_reward_model
 from pro_jax.stages.stage import StageInputs, stage_engine_config
 from pro_jax.train.config import model_config_from
@@ -315,13 +316,7 @@ def _run_ppo(ctx: Context, extra: dict, existing: str) -> str:
   pcfg, pro = ctx.cfg.policy, ctx.cfg.policy.pro
   pp = pro.ppo
   w = example_weights(ctx, ctx.train, pro.weights_source, pro.tau)
-  ppo = PPOConfig(iterations=pp.iterations, rollout_batch=pp.rollout_batch, minibatch=pp.minibatch,
-                  ppo_epochs=pp.ppo_epochs, max_prompt_len=ctx.cfg.data.max_prompt_len,
-                  max_new_tokens=pp.max_new_tokens, temperature=pp.temperature, top_k=pp.top_k, top_p=pp.top_p,
-                  kl_coef=pp.kl_coef, adaptive_kl=pp.adaptive_kl, kl_target=pp.kl_target, kl_horizon=pp.kl_horizon,
-                  gamma=pp.gamma, lam=pp.lam, whiten_advantages=pp.whiten_advantages, clip_eps=pp.clip_eps,
-                  vf_coef=pp.vf_coef, vf_clip=pp.vf_clip, entropy_coef=pp.entropy_coef,
-                  reward_clip=pp.reward_clip if pp.reward_clip > 0 else None, template=ctx.cfg.data.template)
+  ppo = ppo_config(ctx.cfg)
   reference = None
   if ctx.source(pro.reference) != ctx.source(pro.init):
     ref = load_source(ctx.source(pro.reference))
@@ -338,7 +333,10 @@ def _run_ppo(ctx: Context, extra: dict, existing: str) -> str:
 def run_stage(name: str, cfg: Any, workdir: str, *, existing: str = "auto", ctx: Context | None = None) -> Any:
   if name not in STAGES:
     raise ValueError(f"unknown stage {name!r}; stages: {STAGES}")
-  ctx = ctx or load_context(cfg, workdir)
+  if ctx is None:  # a stage on its own: read and check everything, then write (run_pipeline did for its stages)
+    ctx = load_context(cfg, workdir)
+    check_stages(ctx, (name,))
+  ctx.write_workdir()
   if name == "eval":
     return evaluate.run_eval(ctx)
   return {"sft": run_sft, "rm": run_rm, "adapter": run_adapter, "policy": run_policy}[name](ctx, existing)
@@ -351,13 +349,15 @@ def run_pipeline(cfg: Any, workdir: str, *, stages: tuple[str, ...] | None = Non
   timings: dict[str, float] = {}
   t = time.perf_counter()
   ctx = load_context(cfg, workdir)
-  say(f"data: {len(ctx.train)} train / {len(ctx.eval)} eval prompts, objectives {ctx.objectives}, "
-      f"tokenizer of {len(ctx.tokenizer)} tokens")
-  _lap(timings, "data", t)
   if stages is None:
     stages = tuple(s for s in STAGES if s != "rm" or "rm" in tuple(cfg.scorers))
     if cfg.sft.pro.source == "" :
       stages = tuple(s for s in stages if s != "sft")
+  check_stages(ctx, stages)  # every stage's config, sources and scorers before the first write
+  ctx.write_workdir()
+  say(f"data: {len(ctx.train)} train / {len(ctx.eval)} eval prompts, objectives {ctx.objectives}, "
+      f"tokenizer of {len(ctx.tokenizer)} tokens")
+  _lap(timings, "data", t)
   report: dict[str, Any] = {}
   extra: dict[str, Any] = {}
   for name in stages:

@@ -15,7 +15,7 @@ from pro_jax.sharding import initialize_distributed
 from pro_jax.train.config import validate_config
 from pro_jax.train.checkpoint import CheckpointReadError
 from pro_jax.train.tasks import build_task
-from pro_jax.train.trainer import NonFiniteError, WorkdirError, train
+from pro_jax.train.trainer import NonFiniteError, Preempted, WorkdirError, train
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_PREEMPTED = 0, 1, 2, 75
 
@@ -60,6 +60,25 @@ def config_from_args(args: argparse.Namespace):
   return cfg
 
 
+def run_error_exit(command: str, error: BaseException) -> int | None:
+  """Print the one-line message and return the exit code of an error a training run ends with
+  (preempted 75; a workdir holding another run 2; non-finite values / too many skipped steps or an
+  unreadable checkpoint 1); None for any other error. Shared by `pro-jax train` and the PRO stages."""
+  if isinstance(error, Preempted):
+    print(f"pro-jax {command}: {error}", file=sys.stderr)
+    return EXIT_PREEMPTED
+  if isinstance(error, WorkdirError):
+    print(f"pro-jax {command}: error: {error}", file=sys.stderr)
+    return EXIT_USAGE
+  if isinstance(error, NonFiniteError):
+    print(f"pro-jax {command}: stopped: {error}", file=sys.stderr)
+    return EXIT_FAIL
+  if isinstance(error, CheckpointReadError):
+    print(f"pro-jax {command}: error: {error}", file=sys.stderr)
+    return EXIT_FAIL
+  return None
+
+
 def existing_mode(args: argparse.Namespace) -> str:
   return "overwrite" if getattr(args, "overwrite", False) else "resume" if getattr(args, "resume", False) else "auto"
 
@@ -78,15 +97,11 @@ def _train_run(args: argparse.Namespace) -> int:
   task = build_task(cfg)
   try:
     result = train(cfg, args.workdir, task, existing=existing_mode(args))
-  except WorkdirError as e:
-    print(f"pro-jax train: error: {e}", file=sys.stderr)
-    return EXIT_USAGE
-  except NonFiniteError as e:
-    print(f"pro-jax train: stopped: {e}", file=sys.stderr)
-    return EXIT_FAIL
-  except CheckpointReadError as e:
-    print(f"pro-jax train: error: {e}", file=sys.stderr)
-    return EXIT_FAIL
+  except Exception as e:  # noqa: BLE001 - the run's known endings get their exit code, the rest propagates
+    code = run_error_exit("train", e)
+    if code is None:
+      raise
+    return code
   m = {k: float(v) for k, v in result.last_metrics.items() if k in ("loss", "accuracy", "grad_norm")}
   print(json.dumps({"status": result.status, "step": result.step, **m}))
   if result.status == "preempted":

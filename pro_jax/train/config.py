@@ -52,6 +52,15 @@ def validate_config(cfg: mc.ConfigDict, num_devices: int | None = None) -> list[
 
   `num_devices`: devices the mesh must cover (default `jax.device_count()`). Returns [] when fine.
   """
+  errors = config_errors(cfg, num_devices)
+  if errors:
+    raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+  return errors
+
+
+def config_errors(cfg: mc.ConfigDict, num_devices: int | None = None) -> list[str]:
+  """Every problem `validate_config` reports, as a list (the PRO stages prefix them with their
+  section: `pro_jax.stages.checks`)."""
   import jax
 
   n = jax.device_count() if num_devices is None else num_devices
@@ -118,8 +127,6 @@ def validate_config(cfg: mc.ConfigDict, num_devices: int | None = None) -> list[
           f"profile.start_step / num_steps must be >= 0, got {cfg.profile.start_step}, {cfg.profile.num_steps}")
   check(str(cfg.distributed.initialize).lower() in ("auto", "always", "never", "true", "false"),
         f"distributed.initialize must be 'auto', 'always' or 'never', got {cfg.distributed.initialize!r}")
-  if errors:
-    raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
   return errors
 
 
