@@ -147,7 +147,8 @@ def run_rm(ctx: Context, existing: str = "auto") -> dict[str, Any]:
       objectives=objectives, model_config=stage_model_config(ctx, rcfg, Backbone(None, None, "scratch")),
       max_prompt_len=ctx.cfg.data.max_prompt_len, max_response_len=ctx.cfg.data.max_response_len,
       template=ctx.cfg.data.template, bucket_multiple=ctx.cfg.data.bucket_multiple, existing=existing,
-      tokenizer_path=ctx.tokenizer_path, eval_examples=rows_ev if rcfg.log.eval_every_steps > 0 else None)
+      tokenizer_path=ctx.tokenizer_path, strict=ctx.cfg.data.mode == "strict",
+      eval_examples=rows_ev if rcfg.log.eval_every_steps > 0 else None)
   pipe = _pipeline(ctx, rows_ev, rcfg, "pair", name="eval", epochs=1, shuffle=False)
   acc = pair_accuracy(model, variables, pipe, objectives)
   say("rm held-out accuracy: " + ", ".join(f"{o} {a:.3f} (n={acc['count'][o]})" for o, a in acc["accuracy"].items()))
