@@ -16,7 +16,9 @@ Config sections (see `pro_jax/configs/demo.py` for a complete example):
 * ``objectives``: the K objective names (the order of every weight vector).
 * ``data``: ``sources`` ("synthetic" = the embedded task; else "BUILDER/CONFIG:SPLIT" read with
   `pro_jax.data.sources.load_examples` from ``manual_dir`` or prepared ``data_dir``), optional
-  ``eval_sources`` (else ``eval_fraction`` of the rows is held out), lengths, template, validation mode.
+  ``eval_sources`` (else ``eval_fraction`` of the rows is held out), ``max_train`` / ``max_eval`` (seeded
+  samples of that many rows; 0 = all), lengths, template, validation mode (``mode``: lenient drops
+  over-long rows in every stage, strict raises).
 * ``task``: the embedded task's sizes (used by the "synthetic" source and scorer).
 * ``tokenizer``: "" = the embedded task's own tokenizer; a directory, a SentencePiece ``.model`` or a
   ``.gguf`` file (its own tokenizer and chat template).
