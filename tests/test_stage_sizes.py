@@ -67,10 +67,11 @@ def _without_limits(c):
 
 RM_TINY = ["--config.task.n_train=32", "--config.task.n_eval=8", "--config.model.d_model=32",
            "--config.model.mlp_dim=64", "--config.model.n_layers=1", "--config.rm.pro.source=scratch",
-           "--config.rm.total_steps=2", "--config.rm.batch_size=8", "--config.rm.optim.warmup_steps=1",
+           "--config.rm.total_steps=1", "--config.rm.batch_size=8", "--config.rm.optim.warmup_steps=1",
            "--config.rm.log.tensorboard=false", "--config.rm.log.progress=false", "--config.data.max_response_len=20"]
 
 
+@pytest.mark.slow  # ~45 s on the loaded shared 2-core host (compiles and runs a 1-step reward model)
 def test_rm_stage_follows_data_mode_for_over_long_pairs(tmp_path):
   # 20 response tokens: some (not all) of the embedded task's pairs are longer (its demo allows 48)
   with pytest.raises(DataError, match=r"over max_response_len=20"):
