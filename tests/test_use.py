@@ -110,6 +110,24 @@ def test_generate_command(run, run_dir, capsys, monkeypatch):
   assert main(["generate", "--workdir", str(run_dir / "nope"), "--prompt", "x"]) == EXIT_USAGE
 
 
+def test_load_pro_finds_the_only_policy_run_of_a_workdir_by_any_name(run, run_dir, tmp_path, capsys):
+  # the experiment configs name the policy run policy_<loss> (several losses can share one workdir)
+  w = tmp_path / "w"
+  shutil.copytree(run_dir, w)
+  (w / "policy").rename(w / "policy_ric")
+  found = pro_jax.load_pro(w)
+  assert pathlib.Path(str(found.policy.directory)).parent == w / "policy_ric" and found.adapter is not None
+  assert found.generate(PROMPTS, max_new_tokens=6) == run.generate(PROMPTS, max_new_tokens=6)
+  shutil.copytree(w / "policy_ric", w / "policy_dpo")
+  with pytest.raises(ValueError, match=r"several policy runs \['policy_dpo', 'policy_ric'\]; pick one"):
+    pro_jax.load_pro(w)
+  assert main(["generate", "--workdir", str(w), "--prompt", PROMPTS[0], "--max-new-tokens", "6"]) == EXIT_USAGE
+  assert "--policy NAME" in capsys.readouterr().err
+  assert main(["generate", "--workdir", str(w), "--policy", "policy_ric", "--prompt", PROMPTS[0],
+               "--max-new-tokens", "6"]) == EXIT_OK
+  assert capsys.readouterr().out.endswith(f"response: {run.generate(PROMPTS[:1], max_new_tokens=6)[0]}\n\n")
+
+
 def _policy_logits(run, tokens, mask):
   return np.asarray(run.model.apply(run.variables, tokens, mask).logits)
 

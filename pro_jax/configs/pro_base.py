@@ -31,7 +31,8 @@ def pro_config() -> mc.ConfigDict:
   c.data = mc.ConfigDict(dict(
       sources=("synthetic",),  # "synthetic" or "BUILDER/CONFIG:SPLIT", e.g. "hh_rlhf/helpful-base:train"
       eval_sources=(),  # empty: hold out eval_fraction of the sources' rows
-      eval_fraction=0.1, max_eval=0,  # max_eval 0 = all
+      # max_eval / max_train (real sources): > 0 = a seeded sample of that many eval / training rows; 0 = all
+      eval_fraction=0.1, max_eval=0, max_train=0,
       manual_dir="", data_dir="", mode="lenient",  # raw files (tfds manual_dir) or prepared data_dir
       max_prompt_len=256, max_response_len=256, bucket_multiple=128, template="auto"))
   # the embedded task: eval prompts are (creature, template) combinations never seen in training

@@ -122,6 +122,14 @@ def remap_objectives(ex: dict, objectives: list[str]) -> dict:
   return out
 
 
+def _sample(rows: list[dict], n: int, seed: int) -> list[dict]:
+  """`n` of `rows` drawn with `seed`, in their original order (all of them when n is 0 or >= len)."""
+  if not n or len(rows) <= n:
+    return list(rows)
+  keep = np.random.default_rng(seed).permutation(len(rows))[:n]
+  return [rows[i] for i in sorted(keep.tolist())]
+
+
 def load_context(cfg: Any, workdir: str) -> Context:
   """The run's data, tokenizer and config, read and checked without writing anything: the workdir
   and W/tokenizer are written by `Context.write_workdir` once every check passed."""
@@ -156,8 +164,10 @@ def load_context(cfg: Any, workdir: str) -> Context:
       n_eval = max(1, int(round(d.eval_fraction * len(rows))))
       eval_ex = [rows[i] for i in sorted(order[:n_eval])]
       train_ex = [rows[i] for i in sorted(order[n_eval:])]
-    if d.max_eval and len(eval_ex) > d.max_eval:
-      eval_ex = eval_ex[:d.max_eval]
+    # max_eval / max_train: a seeded sample in the rows' order (not the first rows: with several sources
+    # those would all come from the first one)
+    eval_ex = _sample(eval_ex, int(d.max_eval or 0), int(cfg.seed) + 2)
+    train_ex = _sample(train_ex, int(d.get("max_train", 0) or 0), int(cfg.seed) + 1)
   tokenizer, tok_path, unsaved = _tokenizer(cfg, workdir, task_cfg)
   return Context(cfg, workdir, objectives, tokenizer, tok_path, list(train_ex), list(eval_ex), task_cfg,
                  valid=list(valid_ex), unsaved_tokenizer=unsaved)

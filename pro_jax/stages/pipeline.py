@@ -16,7 +16,9 @@ Config sections (see `pro_jax/configs/demo.py` for a complete example):
 * ``objectives``: the K objective names (the order of every weight vector).
 * ``data``: ``sources`` ("synthetic" = the embedded task; else "BUILDER/CONFIG:SPLIT" read with
   `pro_jax.data.sources.load_examples` from ``manual_dir`` or prepared ``data_dir``), optional
-  ``eval_sources`` (else ``eval_fraction`` of the rows is held out), lengths, template, validation mode.
+  ``eval_sources`` (else ``eval_fraction`` of the rows is held out), ``max_train`` / ``max_eval`` (seeded
+  samples of that many rows; 0 = all), lengths, template, validation mode (``mode``: lenient drops
+  over-long rows in every stage, strict raises).
 * ``task``: the embedded task's sizes (used by the "synthetic" source and scorer).
 * ``tokenizer``: "" = the embedded task's own tokenizer; a directory, a SentencePiece ``.model`` or a
   ``.gguf`` file (its own tokenizer and chat template).
@@ -148,7 +150,8 @@ def run_rm(ctx: Context, existing: str = "auto") -> dict[str, Any]:
       objectives=objectives, model_config=stage_model_config(ctx, rcfg, Backbone(None, None, "scratch")),
       max_prompt_len=ctx.cfg.data.max_prompt_len, max_response_len=ctx.cfg.data.max_response_len,
       template=ctx.cfg.data.template, bucket_multiple=ctx.cfg.data.bucket_multiple, existing=existing,
-      tokenizer_path=ctx.tokenizer_path, eval_examples=rows_ev if rcfg.log.eval_every_steps > 0 else None)
+      tokenizer_path=ctx.tokenizer_path, strict=ctx.cfg.data.mode == "strict",
+      eval_examples=rows_ev if rcfg.log.eval_every_steps > 0 else None)
   pipe = _pipeline(ctx, rows_ev, rcfg, "pair", name="eval", epochs=1, shuffle=False)
   acc = pair_accuracy(model, variables, pipe, objectives)
   say("rm held-out accuracy: " + ", ".join(f"{o} {a:.3f} (n={acc['count'][o]})" for o, a in acc["accuracy"].items()))

@@ -8,7 +8,9 @@
     run.model, run.variables, run.tokenizer, run.objectives, run.norm, run.adapter
 
 `W` is a PRO workdir (``W/policy``, ``W/adapter``, ``W/rm``, ``W/norm.json``, ``W/tokenizer``) or
-one policy run inside it (``W/pro``). Conditioning follows the checkpoint's own record (its
+one policy run inside it (``W/policy``). A workdir's policy run is ``W/policy``, else its only other
+run (a ``policy.pro.name`` such as the experiment configs' ``policy_ric``); with several, name one
+(``policy=``). Conditioning follows the checkpoint's own record (its
 `extra`: ``conditioning`` text / soft / none, ``decimals``, ``soft_placeholder``, ``objectives``):
 a RiC-style policy gets the weights appended to the last user turn (``<w> concise 0.7 ... </w>``) or
 as soft weight tokens, exactly as in training; a DPO-type or PPO policy takes no weights (the
@@ -173,13 +175,24 @@ class ProRun:
     return r
 
 
+_NOT_POLICIES = ("sft", "rm", "adapter")  # the other stages' runs in a workdir
+
+
 def _find(path: epath.Path) -> tuple[epath.Path, epath.Path]:
-  """(PRO workdir, policy run) from a workdir or a policy run directory."""
+  """(PRO workdir, policy run) from a workdir or a policy run directory. A workdir's policy run is
+  ``policy/``, else its only other run (``policy.pro.name``, e.g. ``policy_ric`` of the experiment
+  configs); several are ambiguous."""
   if _is_run(path) and not (path / "policy").exists():
     return path.parent, path
   if (path / "policy").exists() and _is_run(path / "policy"):
     return path, path / "policy"
-  raise RunError(f"{path}: neither a PRO workdir (with policy/) nor a policy run (with {CHECKPOINTS_DIR}/)")
+  runs = sorted(p.name for p in path.iterdir() if p.name not in _NOT_POLICIES and _is_run(p)) if path.is_dir() else []
+  if len(runs) == 1:
+    return path, path / runs[0]
+  if runs:
+    raise RunError(f"{path}: several policy runs {runs}; pick one with policy=NAME (pro-jax generate --policy NAME)")
+  raise RunError(f"{path}: neither a PRO workdir (with a policy run such as policy/) nor a policy run (with "
+                 f"{CHECKPOINTS_DIR}/)")
 
 
 def _tokenizer(tok: str, workdir: epath.Path, where: Any) -> Any:
@@ -203,7 +216,8 @@ def load_pro(workdir: str | os.PathLike, *, policy: str | None = None, mesh: Any
 
   Args:
     workdir: the PRO workdir (local or gs://), or a policy run inside it.
-    policy: the policy run's name inside the workdir (default "policy", or the run `workdir` names).
+    policy: the policy run's name inside the workdir (default "policy", else the workdir's only policy run,
+      or the run `workdir` names).
     mesh / rules: place the policy on a mesh of your own (any axis names).
     with_reward_model: load W/rm when present (for `score`).
   """
