@@ -80,6 +80,22 @@ def test_bad_data_row_exits_2_naming_file_row_field_and_writes_nothing(tmp_path,
   assert not workdir.exists()  # was: an empty workdir left behind
 
 
+@pytest.mark.parametrize("stage", ["rm", "sft"])
+def test_over_long_row_in_strict_mode_exits_2_before_anything_is_written(tmp_path, capsys, stage):
+  """Strict mode: a row over data.max_response_len is named before the workdir or W/tokenizer exist
+  (it was raised only when the stage tokenized its rows, after W/tokenizer had been written)."""
+  good = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}
+  long = {"chosen": "\n\nHuman: hi\n\nAssistant: " + "hello " * 200, "rejected": "\n\nHuman: hi\n\nAssistant: no"}
+  data = _hh_rlhf(tmp_path, [good, good, long, good])
+  workdir = tmp_path / "w"
+  args = [*data, "--config.data.max_response_len=32", "--config.data.eval_fraction=0.25", "--config.rm.pro.source=scratch",
+          "--config.sft.pro.source=scratch"]
+  assert run(stage, workdir, *args) == EXIT_USAGE
+  err = capsys.readouterr().err
+  assert "over max_response_len=32" in err and "field 'chosen'" in err, err[-3000:]
+  assert not workdir.exists()
+
+
 def _context(workdir):
   from pro_jax.stages.context import load_context
   return load_context(load_config("demo", ["--config.task.n_train=48", "--config.task.n_eval=8"]), str(workdir))

@@ -11,7 +11,9 @@ train` runs first; PPO's with the batch size and step count it derives), the pip
 section, the model sources (`stage:NAME` needs W/NAME's checkpoints unless NAME runs earlier in the
 same command; files and local directories must exist; a Hub id is resolved when it is loaded), the
 scorers, the policy's loss / weights source / conditioning, PPO's settings, and the runs `eval`
-compares.
+compares. In strict data mode (`data.mode="strict"`) also the lengths: every train and held-out row of
+the stages that tokenize responses (sft, rm, policy) is tokenized once as those stages will, so an
+over-long row is a `DataError` naming it before anything is written (lenient mode drops such rows).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 from pro_jax.configs import ConfigError
 from pro_jax.data import files
+from pro_jax.data.pipeline import Pipeline, PipelineConfig
 from pro_jax.models.hub import is_hub_id
 from pro_jax.models.sources import parse_source
 from pro_jax.pro.weights import parse_weights_source
@@ -183,6 +186,29 @@ def check_stages(ctx: Context, stages: tuple[str, ...] | list[str]) -> None:
     errors += [e for e in stage_errors(ctx, stage, set(stages[:i])) if e not in errors]
   if errors:
     raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+  check_lengths(ctx, stages)
 
 
-__all__ = ["check_stages", "stage_errors", "ppo_config"]
+def check_lengths(ctx: Context, stages: tuple[str, ...] | list[str]) -> None:
+  """Strict data mode: tokenize the rows the stages will (train and held-out; pairs, and the SFT
+  responses) and raise the pipeline's `DataError` (file "train" / "eval", row, field) for an over-long
+  one, before the workdir exists. Lenient mode: nothing to check (the stages drop those rows)."""
+  d = ctx.cfg.data
+  if d.mode != "strict" or not set(stages) & {"sft", "rm", "policy"}:
+    return
+  kinds = [("pair", "chosen")]
+  if "sft" in stages and ctx.cfg.sft.pro.responses == "responses":
+    kinds.append(("sequence", "responses"))
+  for name, rows in (("train", ctx.train), ("eval", ctx.eval)):
+    for kind, seq in kinds:
+      subset = ([ex for ex in rows if ex.get("chosen") and ex.get("rejected")] if kind == "pair"
+                else [ex for ex in rows if len(ex.get("responses", []))])
+      if not subset:
+        continue
+      pc = PipelineConfig(kind=kind, batch_size=1, max_prompt_len=d.max_prompt_len,
+                          max_response_len=d.max_response_len, bucket_multiple=d.bucket_multiple,
+                          template=d.template, sequence_responses=seq, strict=True, shuffle=False)
+      Pipeline(subset, ctx.tokenizer, pc, name=name, process_index=0, process_count=1)
+
+
+__all__ = ["check_lengths", "check_stages", "stage_errors", "ppo_config"]
