@@ -109,7 +109,7 @@ def _scorer_errors(ctx: Context, before: set[str]) -> list[str]:
       path, _, name = spec[3:].rpartition("=")
       if not path or not name:
         errors.append(f"scorers: {spec!r}: expected hf:DIR=OBJECTIVE")
-      elif not files.as_path(path).exists():
+      elif not files.as_path(path).exists() and not is_hub_id(path):  # a Hub id is fetched when loaded
         errors.append(f"scorers: {spec!r}: {path} does not exist")
     else:
       errors.append(f"scorers: unknown scorer {spec!r} (synthetic, rm, hf:DIR=OBJECTIVE)")

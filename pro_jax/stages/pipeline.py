@@ -10,6 +10,8 @@
 Each stage is an engine run in ``W/<stage>`` (resumable, checkpointed) and reads what earlier stages
 left in ``W``: the tokenizer, the scorers' cache ``W/scores.sqlite``, the normalization statistics
 ``W/norm.json``, ``W/sft``, ``W/rm``, ``W/adapter``, ``W/policy``; the evaluation writes ``W/report``.
+Nothing is written before the data, the tokenizer and every stage to run were checked
+(`load_context` reads, `pro_jax.stages.checks.check_stages` checks, `Context.write_workdir` writes).
 
 Config sections (see `pro_jax/configs/demo.py` for a complete example):
 
