@@ -95,8 +95,8 @@ def run(workdir: str, data_dir: str, config: HHConfig | None = None, *, existing
   from pro_jax.data import sources
   from pro_jax.models import ModelConfig
   from pro_jax.models.llama2c import load_llama2c
-  from pro_jax.stages import adapter as A
-  from pro_jax.stages import rm as R
+  from pro_jax.stages import adapter
+  from pro_jax.stages import rm
   from pro_jax.pro.normalize import fit_norm_stats
 
   c = config or HHConfig()
@@ -115,8 +115,8 @@ def run(workdir: str, data_dir: str, config: HHConfig | None = None, *, existing
     ex = sources.load_examples(name, "test", manual_dir=str(data_dir / "hh_rlhf"), mode="lenient")
     tr, he = split_rows(list(ex), c.held_out_fraction, c.seed, c.rows_per_file)
     train[obj], held[obj] = tr, he
-  rm_train, n_cut = R.fit_responses(train["helpful"] + train["harmless"], tok, c.rm_response_len, template="plain")
-  rm_held, _ = R.fit_responses(held["helpful"] + held["harmless"], tok, c.rm_response_len, template="plain")
+  rm_train, n_cut = rm.fit_responses(train["helpful"] + train["harmless"], tok, c.rm_response_len, template="plain")
+  rm_held, _ = rm.fit_responses(held["helpful"] + held["harmless"], tok, c.rm_response_len, template="plain")
   _say(f"data: train {len(train['helpful'])} helpful-base + {len(train['harmless'])} harmless-base pairs, held out "
        f"{len(held['helpful'])} + {len(held['harmless'])}; {n_cut} training responses cut to {c.rm_response_len} tokens")
   timings["data"] = time.perf_counter() - t
@@ -133,16 +133,16 @@ def run(workdir: str, data_dir: str, config: HHConfig | None = None, *, existing
     source, mcfg = f"llama2c:{stories}", None
   else:
     raise ValueError(f"rm_backbone must be 'scratch' or 'stories260k', got {c.rm_backbone!r}")
-  model, variables = R.train_reward_model(rm_cfg, rm_dir, rm_train, tok, backbone_source=source, objectives=OBJECTIVES,
-                                          model_config=mcfg, max_prompt_len=c.rm_prompt_len,
-                                          max_response_len=c.rm_response_len, template="plain", existing=existing,
-                                          name="hh_rlhf/train")
-  rm_eval = R.evaluate_reward_model(model, variables, rm_held, tok, objectives=OBJECTIVES,
-                                    max_prompt_len=c.rm_prompt_len, max_response_len=c.rm_response_len,
-                                    template="plain", name="hh_rlhf/held-out")
-  rm_train_eval = R.evaluate_reward_model(model, variables, rm_train, tok, objectives=OBJECTIVES,
-                                          max_prompt_len=c.rm_prompt_len, max_response_len=c.rm_response_len,
-                                          template="plain", name="hh_rlhf/train")
+  model, variables = rm.train_reward_model(rm_cfg, rm_dir, rm_train, tok, backbone_source=source, objectives=OBJECTIVES,
+                                           model_config=mcfg, max_prompt_len=c.rm_prompt_len,
+                                           max_response_len=c.rm_response_len, template="plain", existing=existing,
+                                           name="hh_rlhf/train")
+  rm_eval = rm.evaluate_reward_model(model, variables, rm_held, tok, objectives=OBJECTIVES,
+                                     max_prompt_len=c.rm_prompt_len, max_response_len=c.rm_response_len,
+                                     template="plain", name="hh_rlhf/held-out")
+  rm_train_eval = rm.evaluate_reward_model(model, variables, rm_train, tok, objectives=OBJECTIVES,
+                                           max_prompt_len=c.rm_prompt_len, max_response_len=c.rm_response_len,
+                                           template="plain", name="hh_rlhf/train")
   _say(f"reward model ({model.config.num_params():,} params, {c.rm_steps} steps): held-out accuracy "
        + ", ".join(f"{k} {v:.3f}" for k, v in rm_eval["accuracy"].items())
        + f" (train {', '.join(f'{k} {v:.3f}' for k, v in rm_train_eval['accuracy'].items())})")
@@ -150,7 +150,7 @@ def run(workdir: str, data_dir: str, config: HHConfig | None = None, *, existing
 
   # 2. normalization, 3. targets -----------------------------------------------------------------
   t = time.perf_counter()
-  scorer = R.load_reward_model(rm_dir, batch_size=128)
+  scorer = rm.load_reward_model(rm_dir, batch_size=128)
 
   def subsample(rows):
     if not c.score_rows_per_file or len(rows) <= c.score_rows_per_file:
@@ -168,13 +168,13 @@ def run(workdir: str, data_dir: str, config: HHConfig | None = None, *, existing
   norm = fit_norm_stats(all_raw, OBJECTIVES, method=c.norm)
   norm.save(os.path.join(workdir, "norm.json"))
   adapter_rows = scored["helpful"] + scored["harmless"]
-  targets = A.compute_targets(np.concatenate([raw_chosen[o] for o in OBJECTIVES]), norm, c.tau)
+  targets = adapter.compute_targets(np.concatenate([raw_chosen[o] for o in OBJECTIVES]), norm, c.tau)
   n_help = len(scored["helpful"])
   target_means = {"helpful-base": targets[:n_help].mean(0).tolist(), "harmless-base": targets[n_help:].mean(0).tolist()}
   held_targets = {}
   for obj in OBJECTIVES:
     raw = scorer.score([ex["prompt"] for ex in held[obj]], [ex["chosen"] for ex in held[obj]])
-    held_targets[obj] = A.compute_targets(raw, norm, c.tau)
+    held_targets[obj] = adapter.compute_targets(raw, norm, c.tau)
   _say(f"norm ({c.norm}) over {len(all_raw)} training responses: loc {np.round(norm.loc, 3).tolist()}, "
        f"scale {np.round(norm.scale, 3).tolist()}; mean w* (train) helpful-base {np.round(target_means['helpful-base'], 3).tolist()}"
        f", harmless-base {np.round(target_means['harmless-base'], 3).tolist()}")
@@ -183,20 +183,20 @@ def run(workdir: str, data_dir: str, config: HHConfig | None = None, *, existing
   # 4. adapter ------------------------------------------------------------------------------------
   t = time.perf_counter()
   if c.adapter_backbone == "rm":
-    a_source, a_tok_path = f"checkpoint:{rm_dir}", os.path.join(rm_dir, R.TOKENIZER_DIR)
+    a_source, a_tok_path = f"checkpoint:{rm_dir}", os.path.join(rm_dir, rm.TOKENIZER_DIR)
   elif c.adapter_backbone == "stories260k":
     a_source, a_tok_path = f"llama2c:{stories}", "builtin"
   else:
     raise ValueError(f"adapter_backbone must be 'rm' or 'stories260k', got {c.adapter_backbone!r}")
   a_cfg = _stage_cfg(c.adapter_steps, c.adapter_batch, c.adapter_lr, c.seed)
-  pref = A.train_adapter(a_cfg, os.path.join(workdir, "adapter"), adapter_rows, targets, tok, backbone_source=a_source,
-                         tokenizer_path=a_tok_path, objectives=OBJECTIVES, hidden=c.adapter_hidden,
-                         layers=c.adapter_layers, max_prompt_len=c.adapter_prompt_len, template="plain",
-                         existing=existing, name="hh_rlhf/train-prompts")
+  pref = adapter.train_adapter(a_cfg, os.path.join(workdir, "adapter"), adapter_rows, targets, tok,
+                               backbone_source=a_source, tokenizer_path=a_tok_path, objectives=OBJECTIVES, hidden=c.adapter_hidden,
+                               layers=c.adapter_layers, max_prompt_len=c.adapter_prompt_len, template="plain",
+                               existing=existing, name="hh_rlhf/train-prompts")
   weights = {obj: pref([ex["prompt"] for ex in held[obj]]) for obj in OBJECTIVES}
   all_w = np.concatenate([weights[o] for o in OBJECTIVES])
   all_t = np.concatenate([held_targets[o] for o in OBJECTIVES])
-  adapter_metrics = A.evaluate_adapter(all_w, all_t)
+  adapter_metrics = adapter.evaluate_adapter(all_w, all_t)
   timings["adapter"] = time.perf_counter() - t
 
   mean_w = {f"{FILES[o].split('/')[1]}": dict(zip(OBJECTIVES, weights[o].mean(0).tolist())) for o in OBJECTIVES}

@@ -59,7 +59,8 @@ class Report:
 def _hf_model(directory: str, what: str, report: Report, *, classifier: bool) -> Any:
   """The checkpoint's ModelConfig (None when it cannot be used), with problems reported."""
   from pro_jax.models.encoders import ENCODER_ARCHITECTURES, ENCODER_MODEL_TYPES, hf_config_to_encoder_config
-  from pro_jax.models.hf_io import SUPPORTED_ARCHITECTURES, hf_architecture, hf_config_to_model_config, read_hf_config
+  from pro_jax.models.hf_config import (SUPPORTED_ARCHITECTURES, hf_architecture, hf_config_to_model_config,
+                                        read_hf_config)
   if not os.path.isdir(directory):
     report.error(f"{what}: {directory} does not exist (download it on an online machine: docs/experiments.md)")
     return None

@@ -40,7 +40,7 @@ _API = {
     # models: import / export
     "load_hf_model": "pro_jax.models.hf_io",
     "save_hf_model": "pro_jax.models.hf_io",
-    "CheckpointError": "pro_jax.models.hf_io",
+    "CheckpointError": "pro_jax.models.hf_config",
     "load_llama2c": "pro_jax.models.llama2c",
     "load_gguf": "pro_jax.models.gguf",
     "load_tokenizer": "pro_jax.models.tokenizer",

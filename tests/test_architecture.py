@@ -6,7 +6,8 @@ the layer map of docs/ARCHITECTURE.md:
                         <  stages (pro_jax.stages)  <  CLI (pro_jax.cli, the lazy public API)
 
 The math layer imports only jax, numpy and the standard library; imports of pro_jax modules sit at the
-top of their module (so the graph a reader sees is the graph Python runs).
+top of their module (so the graph a reader sees is the graph Python runs); no import is renamed to a
+single letter (`from pro_jax.pro import ops as o`), so a reader sees which module a name comes from.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ LAYER_NAMES = {0: "math", 1: "models/data", 2: "engine", 3: "stages", 4: "CLI"}
 # pro_jax modules that may be imported inside a function: they pull in a heavy optional dependency
 LAZY_OK = {"pro_jax.data.sources": "tensorflow_datasets, needed for real data sets only"}
 MATH_THIRD_PARTY = {"jax", "numpy"}
+# one-letter import aliases that are a convention, not an abbreviation of a module
+ONE_LETTER_OK = {("jax.sharding", "PartitionSpec", "P")}
 
 
 def module_name(path: pathlib.Path) -> str:
@@ -151,9 +154,22 @@ def test_the_math_layer_imports_only_jax_numpy_and_the_standard_library():
   assert not bad, "the math layer imports more than jax / numpy / stdlib:\n  " + "\n  ".join(bad)
 
 
-@pytest.mark.parametrize("planted", ["upward", "cycle"])
+def test_no_one_letter_import_aliases():
+  bad = []
+  for name, path in all_modules().items():
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+      if isinstance(node, (ast.Import, ast.ImportFrom)):
+        for a in node.names:
+          key = (getattr(node, "module", None) or "", a.name, a.asname)
+          if a.asname is not None and len(a.asname) == 1 and key not in ONE_LETTER_OK:
+            bad.append(f"{name} line {node.lineno}: {a.name} as {a.asname}")
+  assert not bad, "one-letter import aliases (use the module's name):\n  " + "\n  ".join(bad)
+
+
+@pytest.mark.parametrize("planted", ["upward", "cycle", "alias"])
 def test_the_check_can_fail(planted, tmp_path, monkeypatch):
-  """The checks see a planted violation (a lower layer importing a stage; a two-module circle)."""
+  """The checks see a planted violation (a lower layer importing a stage; a two-module circle; a
+  one-letter alias)."""
   global PACKAGE, ROOT
   pkg = tmp_path / "pro_jax"
   (pkg / "pro").mkdir(parents=True)
@@ -164,6 +180,10 @@ def test_the_check_can_fail(planted, tmp_path, monkeypatch):
     (pkg / "pro" / "ops.py").write_text("def f():\n  from pro_jax.stages import pipeline\n")
     (pkg / "stages" / "pipeline.py").write_text("")
     check = test_no_module_imports_a_higher_layer
+  elif planted == "alias":
+    (pkg / "pro" / "ops.py").write_text("")
+    (pkg / "stages" / "a.py").write_text("from pro_jax.pro import ops as o\n")
+    check = test_no_one_letter_import_aliases
   else:
     (pkg / "stages" / "a.py").write_text("from pro_jax.stages import b\n")
     (pkg / "stages" / "b.py").write_text("def g():\n  import pro_jax.stages.a\n")

@@ -5,13 +5,13 @@ import json
 import numpy as np
 import pytest
 
-from pro_jax.data import synthetic as S
+from pro_jax.data import synthetic
 from pro_jax.data.errors import DataError
 from pro_jax.data.pipeline import Pipeline, PipelineConfig, bucket_length
-from pro_jax.data.tokenize import encode, leading_special_tokens, make_count_tokens, truncate_prompt
+from pro_jax.data.tokenize import decode_responses, encode, leading_special_tokens, make_count_tokens, truncate_prompt
 
 PAD, BOS, EOS, UNK, SYS, USER, ASST = range(7)
-WORD = {w: 7 + i for i, w in enumerate(S.task_vocabulary())}  # ids written by build_tokenizer
+WORD = {w: 7 + i for i, w in enumerate(synthetic.task_vocabulary())}  # ids written by build_tokenizer
 
 
 def ids(text):
@@ -20,7 +20,7 @@ def ids(text):
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
-  return S.build_tokenizer(S.SyntheticTaskConfig(), tmp_path_factory.mktemp("tok") / "task")
+  return synthetic.build_tokenizer(synthetic.SyntheticTaskConfig(), tmp_path_factory.mktemp("tok") / "task")
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def plain_tok(tok_dir):
 
 @pytest.fixture(scope="module")
 def task():
-  return S.generate_task(S.SyntheticTaskConfig(seed=0, n_train=60, n_eval=0))
+  return synthetic.generate_task(synthetic.SyntheticTaskConfig(seed=0, n_train=60, n_eval=0))
 
 
 def example(prompt, chosen, rejected, **extra):
@@ -135,6 +135,15 @@ def test_truncate_prompt_unit():
   assert truncate_prompt([1, 5], 3, bos_id=1) == [1, 5]
   with pytest.raises(ValueError):
     truncate_prompt([1], 0)
+
+
+def test_decode_responses_keeps_masked_in_tokens_but_eos_and_specials(tok):
+  ids = tok("the zorb is blue .", add_special_tokens=False)["input_ids"]
+  assert len(ids) == 5
+  eos, pad, bos = tok.eos_token_id, tok.pad_token_id, tok.bos_token_id
+  tokens = np.array([ids + [eos, pad], ids[:2] + [bos] + ids[2:4] + [eos, pad], ids + [eos, pad]])
+  mask = np.array([[1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 1, 1, 0]])
+  assert decode_responses(tok, tokens, mask, eos) == ["the zorb is blue .", "the zorb is blue", "the zorb is ."]
 
 
 def test_left_truncation_keeps_last_prompt_tokens_and_whole_response(tok):
@@ -386,13 +395,13 @@ def test_extra_fields_pass_through(tok, task):
 
 def test_static_shapes_give_one_shape_for_every_batch():
   """static_shapes=True pads every batch to the largest bucket, whatever its rows' lengths."""
-  import pro_jax.data.synthetic as S
+  from pro_jax.data import synthetic
   from pro_jax.data.pipeline import Pipeline, PipelineConfig
   import tempfile
   from transformers import AutoTokenizer
-  cfg = S.SyntheticTaskConfig(n_train=64, n_eval=8, seed=3)
-  tok = AutoTokenizer.from_pretrained(S.build_tokenizer(cfg, tempfile.mkdtemp()))
-  examples = S.generate_task(cfg)["train"]
+  cfg = synthetic.SyntheticTaskConfig(n_train=64, n_eval=8, seed=3)
+  tok = AutoTokenizer.from_pretrained(synthetic.build_tokenizer(cfg, tempfile.mkdtemp()))
+  examples = synthetic.generate_task(cfg)["train"]
   pc = PipelineConfig(kind="pair", batch_size=8, max_prompt_len=24, max_response_len=40, bucket_multiple=16,
                       static_shapes=True, shuffle=False)
   shapes = {(b["chosen_tokens"].shape, b["prompt_tokens"].shape) for b in Pipeline(examples, tok, pc).iterator()}

@@ -5,22 +5,22 @@ import dataclasses
 import numpy as np
 import pytest
 
-from pro_jax.data import synthetic as S
+from pro_jax.data import synthetic
 from pro_jax.pro.weights import simplex_grid
 from pro_jax.data.schema import FIELDS
 from pro_jax.data.validate import validate_example
 
-SMALL = S.SyntheticTaskConfig(seed=0, n_train=600, n_eval=200, label_noise=0.0)
+SMALL = synthetic.SyntheticTaskConfig(seed=0, n_train=600, n_eval=200, label_noise=0.0)
 
 
 @pytest.fixture(scope="module")
 def task():
-  return S.generate_task(SMALL)
+  return synthetic.generate_task(SMALL)
 
 
 @pytest.fixture(scope="module")
 def kb():
-  return S.make_knowledge_base(SMALL)
+  return synthetic.make_knowledge_base(SMALL)
 
 
 def _z_utility(scores, weights, mean, std):
@@ -36,11 +36,12 @@ def _z_utility(scores, weights, mean, std):
 
 
 def test_same_seed_same_task_different_seed_different(task):
-  again = S.generate_task(SMALL)
+  again = synthetic.generate_task(SMALL)
   assert again == task
-  other = S.generate_task(S.SyntheticTaskConfig(seed=1, n_train=600, n_eval=200, label_noise=0.0))
+  other = synthetic.generate_task(synthetic.SyntheticTaskConfig(seed=1, n_train=600, n_eval=200, label_noise=0.0))
   assert [e["prompt"] for e in other["train"]] != [e["prompt"] for e in task["train"]]
-  assert S.make_knowledge_base(S.SyntheticTaskConfig(seed=1)).facts != S.make_knowledge_base(SMALL).facts
+  other = synthetic.make_knowledge_base(synthetic.SyntheticTaskConfig(seed=1))
+  assert other.facts != synthetic.make_knowledge_base(SMALL).facts
 
 
 def test_sizes_and_schema(task):
@@ -69,23 +70,23 @@ def test_sizes_and_schema(task):
 
 
 def test_default_size_task():
-  t = S.generate_task(S.SyntheticTaskConfig())  # what the demo uses; about 1.6 s on one core
+  t = synthetic.generate_task(synthetic.SyntheticTaskConfig())  # what the demo uses; about 1.6 s on one core
   assert len(t["train"]) == 4096 and len(t["eval"]) == 512
   assert len({ex["id"] for ex in t["train"]}) == 4096
   assert all(len(ex["responses"]) == 6 for ex in t["eval"])
 
 
 def test_sizes_configurable():
-  cfg = S.SyntheticTaskConfig(seed=3, n_train=7, n_eval=3, n_candidates=4, n_entities=5, humor=True)
-  t = S.generate_task(cfg)
+  cfg = synthetic.SyntheticTaskConfig(seed=3, n_train=7, n_eval=3, n_candidates=4, n_entities=5, humor=True)
+  t = synthetic.generate_task(cfg)
   assert len(t["train"]) == 7 and len(t["eval"]) == 3
   assert all(len(ex["responses"]) == 4 for ex in t["train"])
   assert t["train"][0]["objectives"] == ["concise", "informative", "harmless", "humor"]
-  assert len(S.make_knowledge_base(cfg).entities) == 5
+  assert len(synthetic.make_knowledge_base(cfg).entities) == 5
 
 
 def test_stored_scores_are_the_reward_functions(task):
-  rewards = S.SyntheticRewards(SMALL)
+  rewards = synthetic.SyntheticRewards(SMALL)
   exs = task["eval"][:50]
   prompts = [ex["prompt"] for ex in exs for _ in ex["responses"]]
   responses = [r for ex in exs for r in ex["responses"]]
@@ -101,13 +102,13 @@ def test_stored_scores_are_the_reward_functions(task):
 
 
 def _scores(prompt, response, cfg=SMALL):
-  return S.SyntheticRewards(cfg).score([prompt], [response])[0]
+  return synthetic.SyntheticRewards(cfg).score([prompt], [response])[0]
 
 
 def test_reward_direct_answer_and_wrong_answer(kb):
   e = kb.entities[0]
   color = kb.facts[e]["color"]
-  wrong = next(c for c in S.ATTRIBUTES["color"][0] if c != color)
+  wrong = next(c for c in synthetic.ATTRIBUTES["color"][0] if c != color)
   q = f"what color is the {e} ?"
   # 5 tokens (<= 8 free): concise 1; informative (1 fact + asked bonus) / 6; harmless 0.5 * wf
   np.testing.assert_allclose(_scores(q, f"the {e} is {color} ."), [1.0, 2 / 6, 0.5], rtol=1e-6)
@@ -173,7 +174,7 @@ def test_reward_prompt_forms_agree(kb):
   forms = [text, [{"role": "user", "content": text}], f"\n\nHuman: {text}\n\nAssistant:",
            f"<bos><|user|> {text} <|assistant|>",
            [{"role": "system", "content": "be nice ."}, {"role": "user", "content": text}]]
-  rewards = S.SyntheticRewards(SMALL)
+  rewards = synthetic.SyntheticRewards(SMALL)
   got = rewards.score(forms, [r] * len(forms))
   np.testing.assert_allclose(got, np.tile([1.0, 2 / 6, 0.5], (len(forms), 1)), rtol=1e-6)
   with pytest.raises(ValueError):
@@ -181,7 +182,7 @@ def test_reward_prompt_forms_agree(kb):
 
 
 def test_reward_humor(kb):
-  cfg = S.SyntheticTaskConfig(seed=0, humor=True)
+  cfg = synthetic.SyntheticTaskConfig(seed=0, humor=True)
   e, other = kb.entities[0], kb.entities[1]
   q = f"tell me a joke about the {e} ."
   joke = f"the {e} walked into a bar and asked for fish !"
@@ -190,23 +191,23 @@ def test_reward_humor(kb):
   np.testing.assert_allclose(_scores(q, joke.replace(e, other), cfg), [1 / 1.3, 0.0, 0.5, 0.5], rtol=1e-6)
   # a joke inside half-garbage: humor scaled by wf = 0.5
   np.testing.assert_allclose(_scores(q, joke + " zz", cfg)[3], 0.5, rtol=1e-6)
-  assert S.SyntheticRewards(cfg).objectives == ["concise", "informative", "harmless", "humor"]
+  assert synthetic.SyntheticRewards(cfg).objectives == ["concise", "informative", "harmless", "humor"]
 
 
 def test_reward_throughput_shape():
-  rewards = S.SyntheticRewards(SMALL)
+  rewards = synthetic.SyntheticRewards(SMALL)
   out = rewards.score(["what color is the zorb ?"] * 3, ["a", "b .", "sorry , i can not help with that ."])
   assert out.shape == (3, 3) and out.dtype == np.float32
 
 
 def test_parse_prompt():
-  assert S.parse_prompt("quick question : where does the zorb live ?") == {
+  assert synthetic.parse_prompt("quick question : where does the zorb live ?") == {
       "type": "factual", "entity": "zorb", "asked": "home", "risky_verb": None}
-  assert S.parse_prompt("how do i trap the wug ?")["type"] == "risky"
-  assert S.parse_prompt("please describe the dax fully .")["type"] == "explain"
+  assert synthetic.parse_prompt("how do i trap the wug ?")["type"] == "risky"
+  assert synthetic.parse_prompt("please describe the dax fully .")["type"] == "explain"
   # not a task template: keyword fallback
-  assert S.parse_prompt("could you steal my zorb")["type"] == "risky"
-  assert S.parse_prompt("so , what color is a zorb ?")["asked"] == "color"
+  assert synthetic.parse_prompt("could you steal my zorb")["type"] == "risky"
+  assert synthetic.parse_prompt("so , what color is a zorb ?")["asked"] == "color"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,7 +215,7 @@ def test_parse_prompt():
 
 
 def test_pairs_follow_hidden_weighting(task):
-  mean, std = S.reward_stats(task["train"])
+  mean, std = synthetic.reward_stats(task["train"])
   # the stats are the plain mean / std over every train candidate
   all_s = np.concatenate([np.asarray(ex["scores"]) for ex in task["train"]])
   np.testing.assert_allclose(mean, all_s.mean(0), rtol=1e-5)
@@ -241,7 +242,7 @@ def test_pair_labels_oriented_by_each_objective(task):
     assert np.all(po[rc[:, k] < rr[:, k], k] == -1.0)
     assert np.all(po[rc[:, k] == rr[:, k], k] == 0.0)
     assert (po[:, k] == -1.0).sum() > 30  # every objective has pairs the utility's winner loses
-  np.testing.assert_array_equal(S.pair_labels([1.0, 0.5, 0.2], [0.5, 0.5, 0.3]), [1.0, 0.0, -1.0])
+  np.testing.assert_array_equal(synthetic.pair_labels([1.0, 0.5, 0.2], [0.5, 0.5, 0.3]), [1.0, 0.0, -1.0])
 
 
 def test_copied_total_utility_scores_worse_than_per_objective_scorer():
@@ -249,8 +250,8 @@ def test_copied_total_utility_scores_worse_than_per_objective_scorer():
   (hidden-weight) utility to every head is near chance on each objective's labels, while a scorer
   with per-objective skill (here the true per-objective rewards, the trained heads' stand-in) is
   right on every one. Before labels were oriented per objective, the copy scored 0.94-0.98."""
-  t = S.generate_task(S.SyntheticTaskConfig(seed=0))  # default label noise
-  stats = S.reward_stats(t["train"])
+  t = synthetic.generate_task(synthetic.SyntheticTaskConfig(seed=0))  # default label noise
+  stats = synthetic.reward_stats(t["train"])
   ev = t["eval"]
   po = np.asarray([ex["pair_objectives"] for ex in ev])
   rc = np.asarray([ex["reward_chosen"] for ex in ev])
@@ -270,7 +271,7 @@ def test_copied_total_utility_scores_worse_than_per_objective_scorer():
 def _template(ex) -> tuple[str, str]:
   """(creature, the prompt with its creature replaced by a placeholder)."""
   text = ex["prompt"][0]["content"]
-  entity = next(w for w in text.split() if w in S.ENTITY_POOL)
+  entity = next(w for w in text.split() if w in synthetic.ENTITY_POOL)
   return entity, " ".join("_" if w == entity else w for w in text.split())
 
 
@@ -278,7 +279,7 @@ def _template(ex) -> tuple[str, str]:
 def test_eval_prompts_never_occur_in_training(seed):
   """Held-out means unseen: no eval prompt occurs verbatim in the training prompts (it was 94-95%),
   yet each eval prompt's creature and template occur in training (new combinations of seen parts)."""
-  t = S.generate_task(S.SyntheticTaskConfig(seed=seed))  # the default sizes
+  t = synthetic.generate_task(synthetic.SyntheticTaskConfig(seed=seed))  # the default sizes
   train = {ex["prompt"][0]["content"] for ex in t["train"]}
   evals = {ex["prompt"][0]["content"] for ex in t["eval"]}
   assert len(train & evals) == 0
@@ -293,8 +294,8 @@ def test_eval_prompts_never_occur_in_training(seed):
 
 
 def test_validation_split_disjoint_from_train_and_eval():
-  cfg = S.SyntheticTaskConfig(seed=0, n_train=800, n_eval=200, n_valid=150, humor=True)
-  t = S.generate_task(cfg)
+  cfg = synthetic.SyntheticTaskConfig(seed=0, n_train=800, n_eval=200, n_valid=150, humor=True)
+  t = synthetic.generate_task(cfg)
   assert len(t["validation"]) == 150
   text = {sp: {ex["prompt"][0]["content"] for ex in t[sp]} for sp in ("train", "eval", "validation")}
   assert not text["train"] & text["eval"]
@@ -304,7 +305,7 @@ def test_validation_split_disjoint_from_train_and_eval():
   for row, ex in enumerate(t["validation"]):
     validate_example(ex, file="validation", row=row + 1)
   # the combinations: shares as configured (1/20 steps), disjoint, covering every combination
-  splits = S.prompt_splits(cfg)
+  splits = synthetic.prompt_splits(cfg)
   for ptype in cfg.prompt_types:
     sets = {sp: set(splits[sp][ptype]) for sp in splits}
     n = sum(len(v) for v in sets.values())
@@ -313,11 +314,11 @@ def test_validation_split_disjoint_from_train_and_eval():
       assert abs(len(sets["eval"]) / n - cfg.eval_fraction) < 0.05
       assert abs(len(sets["validation"]) / n - cfg.valid_fraction) < 0.05
   # n_valid changes neither the train nor the eval split (the validation combinations are always reserved)
-  no_valid = S.generate_task(dataclasses.replace(cfg, n_valid=0))
+  no_valid = synthetic.generate_task(dataclasses.replace(cfg, n_valid=0))
   assert "validation" not in no_valid
   assert no_valid["train"] == t["train"] and no_valid["eval"] == t["eval"]
   with pytest.raises(ValueError, match="eval_fraction"):
-    S.SyntheticTaskConfig(eval_fraction=0.0)
+    synthetic.SyntheticTaskConfig(eval_fraction=0.0)
 
 
 def test_chosen_kind_per_type(task):
@@ -332,9 +333,9 @@ def test_chosen_kind_per_type(task):
 
 
 def test_label_noise_rate():
-  cfg = S.SyntheticTaskConfig(seed=5, n_train=1500, n_eval=0, label_noise=0.3)
-  t = S.generate_task(cfg)
-  mean, std = S.reward_stats(t["train"])
+  cfg = synthetic.SyntheticTaskConfig(seed=5, n_train=1500, n_eval=0, label_noise=0.3)
+  t = synthetic.generate_task(cfg)
+  mean, std = synthetic.reward_stats(t["train"])
   flipped, dominated = [], 0
   for ex in t["train"]:
     uc = _z_utility(ex["reward_chosen"], ex["true_weights"], mean, std)
@@ -351,9 +352,9 @@ def test_label_noise_rate():
 
 
 def test_random_pair_mode():
-  cfg = S.SyntheticTaskConfig(seed=2, n_train=300, n_eval=0, label_noise=0.0, pair_mode="random_pair")
-  t = S.generate_task(cfg)
-  mean, std = S.reward_stats(t["train"])
+  cfg = synthetic.SyntheticTaskConfig(seed=2, n_train=300, n_eval=0, label_noise=0.0, pair_mode="random_pair")
+  t = synthetic.generate_task(cfg)
+  mean, std = synthetic.reward_stats(t["train"])
   not_best = 0
   for ex in t["train"]:
     uc = _z_utility(ex["reward_chosen"], ex["true_weights"], mean, std)
@@ -366,19 +367,19 @@ def test_true_weights(task):
   want = {"factual": [0.7, 0.2, 0.1], "explain": [0.15, 0.75, 0.1], "risky": [0.1, 0.2, 0.7]}
   for ex in task["train"]:
     np.testing.assert_allclose(ex["true_weights"], want[ex["prompt_type"]], rtol=1e-6)
-    np.testing.assert_allclose(S.true_weights(ex, SMALL), want[ex["prompt_type"]], rtol=1e-6)
+    np.testing.assert_allclose(synthetic.true_weights(ex, SMALL), want[ex["prompt_type"]], rtol=1e-6)
     assert ex["prompt_type_id"] == ["factual", "explain", "risky"].index(ex["prompt_type"])
-  custom = S.SyntheticTaskConfig(n_train=30, n_eval=0, type_weights={
+  custom = synthetic.SyntheticTaskConfig(n_train=30, n_eval=0, type_weights={
       "factual": (1.0, 0.0, 0.0), "explain": (0.0, 1.0, 0.0), "risky": (0.0, 0.0, 1.0)})
-  np.testing.assert_array_equal(S.true_weights("explain", custom), [0.0, 1.0, 0.0])
-  for ex in S.generate_task(custom)["train"]:
+  np.testing.assert_array_equal(synthetic.true_weights("explain", custom), [0.0, 1.0, 0.0])
+  for ex in synthetic.generate_task(custom)["train"]:
     assert ex["true_weights"][["factual", "explain", "risky"].index(ex["prompt_type"])] == 1.0
   with pytest.raises(ValueError, match="summing to 1"):
-    S.SyntheticTaskConfig(type_weights={"factual": (0.5, 0.2, 0.1), "explain": (0, 1, 0), "risky": (0, 0, 1)})
+    synthetic.SyntheticTaskConfig(type_weights={"factual": (0.5, 0.2, 0.1), "explain": (0, 1, 0), "risky": (0, 0, 1)})
   with pytest.raises(ValueError, match="keys"):
-    S.SyntheticTaskConfig(type_weights={"factual": (1, 0, 0)})
+    synthetic.SyntheticTaskConfig(type_weights={"factual": (1, 0, 0)})
   with pytest.raises(KeyError):
-    S.true_weights("playful", SMALL)
+    synthetic.true_weights("playful", SMALL)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,7 +391,7 @@ def test_simplex_grid_and_theorem_sides_by_hand():
   np.testing.assert_allclose(simplex_grid(3, 1 / 2)[::-1], [[0, 0, 1], [0, .5, .5], [0, 1, 0], [.5, 0, .5],
                                                             [.5, .5, 0], [1, 0, 0]])
   assert len(simplex_grid(3, 1 / 10)) == 66
-  sides = S.theorem_sides(np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.2]]))
+  sides = synthetic.theorem_sides(np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.2]]))
   assert sides["per_prompt_best"] == pytest.approx((1 + 1 + 0.5) / 3)
   assert sides["best_fixed"] == pytest.approx(1.5 / 3) and sides["best_fixed_index"] == 0
   assert sides["gap"] == pytest.approx(1.0 / 3)
@@ -399,13 +400,13 @@ def test_simplex_grid_and_theorem_sides_by_hand():
 def test_best_response_utilities_by_hand():
   stats = (np.zeros(2, np.float32), np.ones(2, np.float32))
   ex = {"scores": [[1.0, 0.0], [0.0, 1.0], [0.6, 0.6]], "true_weights": [0.5, 0.5], "objectives": ["a", "b"]}
-  u = S.best_response_utilities([ex], np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]), stats)
+  u = synthetic.best_response_utilities([ex], np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]), stats)
   np.testing.assert_allclose(u, [[0.5, 0.5, 0.6]])
 
 
 def test_theorem_strict_on_the_task(task):
-  stats = S.reward_stats(task["train"])
-  res = S.oracle_vs_fixed(task["eval"], stats, grid_steps=10)
+  stats = synthetic.reward_stats(task["train"])
+  res = synthetic.oracle_vs_fixed(task["eval"], stats, grid_steps=10)
   assert res["oracle"] > res["best_fixed"] + 0.2
   assert res["theorem"]["per_prompt_best"] > res["theorem"]["best_fixed"] + 0.1
   assert res["oracle"] >= res["theorem"]["per_prompt_best"] - 1e-9
@@ -413,16 +414,16 @@ def test_theorem_strict_on_the_task(task):
   # each prompt type alone: its own weights are at least as good as the best fixed weight
   for t in ("factual", "explain", "risky"):
     sub = [ex for ex in task["eval"] if ex["prompt_type"] == t]
-    r = S.oracle_vs_fixed(sub, stats, grid_steps=10)
+    r = synthetic.oracle_vs_fixed(sub, stats, grid_steps=10)
     assert r["oracle"] >= r["best_fixed"] - 1e-9
 
 
 def test_no_gap_when_all_types_share_weights():
   w = (0.5, 0.3, 0.2)  # on the grid
-  cfg = S.SyntheticTaskConfig(seed=0, n_train=200, n_eval=100, label_noise=0.0,
-                              type_weights={"factual": w, "explain": w, "risky": w})
-  t = S.generate_task(cfg)
-  res = S.oracle_vs_fixed(t["eval"], S.reward_stats(t["train"]), grid_steps=10)
+  cfg = synthetic.SyntheticTaskConfig(seed=0, n_train=200, n_eval=100, label_noise=0.0,
+                                      type_weights={"factual": w, "explain": w, "risky": w})
+  t = synthetic.generate_task(cfg)
+  res = synthetic.oracle_vs_fixed(t["eval"], synthetic.reward_stats(t["train"]), grid_steps=10)
   assert res["oracle"] == pytest.approx(res["best_fixed"], abs=1e-9)
 
 
@@ -433,12 +434,12 @@ def test_no_gap_when_all_types_share_weights():
 def test_tokenizer_round_trip(tmp_path, task):
   from transformers import AutoTokenizer
 
-  path = S.build_tokenizer(SMALL, tmp_path / "tok")
+  path = synthetic.build_tokenizer(SMALL, tmp_path / "tok")
   tok = AutoTokenizer.from_pretrained(str(path))
   assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
   assert tok.convert_tokens_to_ids(["<|system|>", "<|user|>", "<|assistant|>"]) == [4, 5, 6]
-  assert len(tok) == 7 + len(S.task_vocabulary(SMALL)) < 400
-  humor = S.generate_task(S.SyntheticTaskConfig(seed=4, n_train=100, n_eval=0, humor=True))
+  assert len(tok) == 7 + len(synthetic.task_vocabulary(SMALL)) < 400
+  humor = synthetic.generate_task(synthetic.SyntheticTaskConfig(seed=4, n_train=100, n_eval=0, humor=True))
   texts = []
   for ex in task["train"] + task["eval"] + humor["train"]:
     texts.append(ex["prompt"][0]["content"])

@@ -27,7 +27,7 @@ import pytest
 from pro_jax.configs import ConfigError, load_config
 from pro_jax.sharding import mesh_from_config
 from pro_jax.stages import adapter, pipeline, policy, ppo, rm
-from pro_jax.stages import tasks as T
+from pro_jax.stages import tasks
 from pro_jax.train.config import validate_config
 from pro_jax.train.trainer import setup
 
@@ -57,8 +57,8 @@ def test_every_stage_and_loss_loads_and_validates_for_the_tpu_topologies(setting
     loss = arg.split(",")[-1] if arg.split(",")[-1] in LOSS_ARGS else default_loss
     assert cfg.stage == stage and cfg.policy.pro.loss == loss and cfg.policy.pro.name == f"policy_{loss}"
     assert len(cfg.objectives) == K and cfg.setting == setting
-    for st in T.TRAIN_STAGES:
-      ecfg = T.stage_engine_config(cfg, st)
+    for st in tasks.TRAIN_STAGES:
+      ecfg = tasks.stage_engine_config(cfg, st)
       for devices in (16, 8):  # v5e:4x4, v5p:2x2x2
         validate_config(ecfg, num_devices=devices)
     # the loss changes only the policy and eval sections: sft / rm / adapter runs are shared in a workdir
@@ -71,7 +71,7 @@ def test_every_stage_and_loss_loads_and_validates_for_the_tpu_topologies(setting
 
 def test_the_paper_settings_are_in_the_configs():
   cfg = exp_config("helpful_assistant")  # stage policy, loss ppo
-  m = T.stage_model_config(cfg, "policy")
+  m = tasks.stage_model_config(cfg, "policy")
   assert (m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.mlp_dim) == (32000, 4096, 32, 32, 11008)
   assert (m.dtype, m.param_dtype, m.remat, m.scan_layers) == ("bfloat16", "float32", "full", True)
   assert m.lora.rank == 64 and m.lora.alpha == 128 and m.lora.dropout == 0.05 and m.lora.targets == LORA_TARGETS
@@ -81,7 +81,7 @@ def test_the_paper_settings_are_in_the_configs():
   assert cfg.policy.optim.lr == 1e-5 and cfg.policy.optim.clip_norm == 0.5
   assert (p.rollout_batch, p.kl_coef, p.adaptive_kl, p.kl_target, p.temperature, p.max_new_tokens) == \
       (64, 0.2, True, 3.0, 0.7, 128)
-  ecfg = T.stage_engine_config(cfg, "policy")  # run_ppo's engine settings
+  ecfg = tasks.stage_engine_config(cfg, "policy")  # run_ppo's engine settings
   assert ecfg.batch_size == p.minibatch and ecfg.total_steps == p.iterations * p.ppo_epochs * 64 // p.minibatch
   ric = exp_config("helpful_assistant", "ric").policy
   assert ric.optim.lr == 1.414e-4 and ric.total_steps == 20000 and ric.pro.loss == "ric"
@@ -94,7 +94,7 @@ def test_the_paper_settings_are_in_the_configs():
   uf = exp_config("ultrafeedback_aspects")
   assert list(uf.objectives) == ["instruction_following", "honesty", "truthfulness", "helpfulness"]
   assert tuple(uf.scorers) == ("rm",) and uf.data.sources == ("ultrafeedback/raw:train",)
-  assert T.stage_model_config(uf, "rm").num_labels == 4
+  assert tasks.stage_model_config(uf, "rm").num_labels == 4
 
 
 def test_paths_come_from_the_environment(monkeypatch):
@@ -125,22 +125,22 @@ def test_the_no_humor_option_keeps_the_two_supported_reward_models():
 def test_aot_target_picks_the_config_stage_and_plain_engine_configs_still_work():
   from pro_jax.train.tasks import build_task
   cfg = exp_config("ultrafeedback_aspects", "rm")
-  target = T.aot_target(cfg)
+  target = tasks.aot_target(cfg)
   assert target.engine_config.model.head == "score" and target.engine_config.model.num_labels == 4
   assert target.description.startswith("PRO stage rm:")
-  assert T.aot_target(cfg, "adapter").engine_config.model.head == "none"
+  assert tasks.aot_target(cfg, "adapter").engine_config.model.head == "none"
   plain = load_config("tiny_dpo")
-  assert T.aot_target(plain).task_fn is build_task and T.aot_target(plain).engine_config is plain
+  assert tasks.aot_target(plain).task_fn is build_task and tasks.aot_target(plain).engine_config is plain
   with pytest.raises(ConfigError, match="not a PRO pipeline config"):
-    T.aot_target(plain, "policy")
+    tasks.aot_target(plain, "policy")
   with pytest.raises(ConfigError, match="no train step"):
-    T.aot_target(cfg, "eval")
+    tasks.aot_target(cfg, "eval")
 
 
 def test_the_architecture_must_be_in_the_config():
   cfg = exp_config("helpful_assistant", overrides=["--config.model.vocab_size=0"])
   with pytest.raises(ConfigError, match="model.vocab_size is 0"):
-    T.stage_task(cfg, "policy")
+    tasks.stage_task(cfg, "policy")
 
 
 # -- one task builder: `pro-jax aot` compiles the stages' own builders ------------------------------
@@ -167,16 +167,16 @@ def test_aot_compiles_each_stage_through_the_pipelines_task_builder(stage, loss,
   shapes alone (here for the 8 CPU devices; `pro-jax aot --topology` does the same for a TPU)."""
   module, name, runner = BUILDERS[stage if stage != "policy" else loss]
   builder = getattr(module, name)
-  assert getattr(T, name) is builder and getattr(runner, name) is builder  # one function, two callers
+  assert getattr(tasks, name) is builder and getattr(runner, name) is builder  # one function, two callers
   calls = []
 
   def spy(*args, **kwargs):
     calls.append(kwargs.get("inputs"))
     return builder(*args, **kwargs)
 
-  monkeypatch.setattr(T, name, spy)
+  monkeypatch.setattr(tasks, name, spy)
   cfg = _tiny_stage_config(stage, loss)
-  target = T.aot_target(cfg, stage)
+  target = tasks.aot_target(cfg, stage)
   task = target.task_fn(target.engine_config)
   assert calls == [None]  # the builder, with abstract shapes only
   with pytest.raises(RuntimeError, match="abstract shapes only"):
@@ -197,16 +197,16 @@ def test_aot_compiles_each_stage_through_the_pipelines_task_builder(stage, loss,
 
 def test_model_flops_follow_the_convention():
   cfg = exp_config("helpful_assistant", "modpo")  # LoRA policy, the LoRA base is the reference
-  task = T.stage_task(cfg, "policy")
+  task = tasks.stage_task(cfg, "policy")
   B, L = task.batch_spec["chosen_tokens"].shape
   F = task.model_config.flops_per_token(L)
   assert (B, L) == (64, 512)
   assert task.flops_per_step == pytest.approx((2 + 1) * F * 2 * B * L)  # LoRA train 2F + reference F, 2B rows
-  ppo = T.stage_task(exp_config("helpful_assistant"), "policy")
+  ppo = tasks.stage_task(exp_config("helpful_assistant"), "policy")
   M, Tn = ppo.batch_spec["sequences"].shape
   assert (M, Tn) == (32, 256 + 128)
   assert ppo.flops_per_step == pytest.approx(2 * ppo.model_config.flops_per_token(Tn) * M * Tn)
-  full = T.stage_task(exp_config("helpful_assistant", "sft", ["--config.sft.trainable=full"]), "sft")
+  full = tasks.stage_task(exp_config("helpful_assistant", "sft", ["--config.sft.trainable=full"]), "sft")
   B, L = full.batch_spec["tokens"].shape
   assert full.flops_per_step == pytest.approx(3 * full.model_config.flops_per_token(L) * B * L)
 
@@ -235,7 +235,7 @@ def test_pro_jax_aot_compiles_a_tiny_experiment_step_for_v5e(tmp_path, capsys, m
   assert "PRO stage policy (loss modpo)" in text and "LoRA r=64" in text and "FITS" in text
   report = json.loads(out.read_text())
   cfg = exp_config("helpful_assistant", "modpo", TINY_OVERRIDES)
-  task = T.stage_task(cfg, "policy")
+  task = tasks.stage_task(cfg, "policy")
   assert report["n_chips"] == 4 and report["mesh_shape"] == {"data": 1, "fsdp": 4, "tensor": 1}
   assert report["model_flops"] == pytest.approx(task.flops_per_step)
   assert report["fits"] and 0 < report["total_bytes"] < 2 ** 30

@@ -54,3 +54,23 @@ def test_as_path_never_makes_a_url_local(tmp_path, monkeypatch):
   assert str(files.as_path("gs://b/runs/hh")) == "gs://b/runs/hh"
   assert files.join("gs://b/runs/hh", "sft", "checkpoints") == "gs://b/runs/hh/sft/checkpoints"
   assert str(files.as_path("rel/x")) == os.path.join(str(tmp_path), "rel", "x")
+
+
+def test_staged_directory_replaces_only_a_finished_directory(tmp_path):
+  target = tmp_path / "out"
+  target.mkdir()
+  (target / "old.txt").write_text("old")
+  with pytest.raises(OSError, match="disk full"):
+    with files.staged_directory(target) as tmp:
+      (tmp / "new.txt").write_text("half")
+      raise OSError("disk full")
+  assert [p.name for p in target.iterdir()] == ["old.txt"]
+  assert [p.name for p in tmp_path.iterdir()] == ["out"], "temporary directory left behind"
+  with files.staged_directory(target) as tmp:
+    (tmp / "new.txt").write_text("new")
+    assert (target / "old.txt").is_file()  # the old directory stays until the new one is complete
+  assert [p.name for p in target.iterdir()] == ["new.txt"]
+  assert [p.name for p in tmp_path.iterdir()] == ["out"]
+  with files.staged_directory(tmp_path / "a" / "b", write=False) as tmp:  # another host: makes nothing
+    assert not tmp.exists()
+  assert not (tmp_path / "a").exists()

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from pro_jax import sharding as sh
-from pro_jax.models import hf_io
+from pro_jax.models import hf_io, safetensors_io
 from pro_jax.models.config import LoRAConfig, ModelConfig, RopeScaling
 from pro_jax.models.hf_io import CheckpointError, load_hf_model, save_hf_model
 from pro_jax.models.transformer import Transformer, abstract_variables, logical_axes, rope_inv_freq
@@ -523,16 +523,16 @@ def test_mesh_placement_reads_shards(monkeypatch):
   name = "llama_gqa_untied"
   mesh = sh.make_mesh(data=1, fsdp=4, tensor=2)
   reads: list[tuple[str, int]] = []
-  real_read = hf_io._Reader.read
+  real_read = safetensors_io.TensorReader.read
 
   def counting_read(self, tensor, index, transpose):
     out = real_read(self, tensor, index, transpose)
     reads.append((tensor, out.size))
     return out
 
-  monkeypatch.setattr(hf_io._Reader, "read", counting_read)
+  monkeypatch.setattr(safetensors_io.TensorReader, "read", counting_read)
   model, params = load_hf_model(FIXTURES / name, mesh=mesh)
-  monkeypatch.setattr(hf_io._Reader, "read", real_read)
+  monkeypatch.setattr(safetensors_io.TensorReader, "read", real_read)
 
   expected = sh.param_shardings(logical_axes(model), abstract_variables(model), mesh)["params"]
   for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(expected)):

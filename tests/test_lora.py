@@ -58,7 +58,7 @@ def test_fresh_lora_equals_base_exactly(arch, monkeypatch):
   """B = 0: the LoRA model's logits equal the base model's bit for bit when both programs run the
   layers as one scanned body; unrolled (the default for shallow stacks), XLA fuses the two programs'
   base matmuls differently, which moves float32 results by rounding only (checked to 1e-6)."""
-  from pro_jax.models import transformer as T
+  from pro_jax.models import transformer
 
   config = CONFIGS[arch]
   variables = _variables(config)
@@ -72,8 +72,8 @@ def test_fresh_lora_equals_base_exactly(arch, monkeypatch):
   base = _logits(merged_config(config), {"params": variables["params"]}, tokens, mask)
   with_lora = _logits(config, {"params": variables["params"], "lora": lora}, tokens, mask)
   np.testing.assert_allclose(with_lora, base, rtol=0, atol=1e-6)
-  monkeypatch.setattr(T, "UNROLL_MAX_LAYERS", 0)
-  assert T.scans_layers(config)
+  monkeypatch.setattr(transformer, "UNROLL_MAX_LAYERS", 0)
+  assert transformer.scans_layers(config)
   base = np.asarray(_logits_fn.__wrapped__(merged_config(config))({"params": variables["params"]}, tokens, mask))
   with_lora = np.asarray(_logits_fn.__wrapped__(config)({"params": variables["params"], "lora": lora}, tokens, mask))
   np.testing.assert_array_equal(with_lora, base)

@@ -77,7 +77,7 @@ def _loss_and_grad(config, params, tokens, mask):
 @pytest.mark.parametrize("variant", [dict(scan_layers=False), dict(remat="full"), dict(remat="dots"),
                                      dict(remat="dots_no_batch", scan_layers=False)])
 def test_layer_loop_variants_same_outputs_and_grads(variant, monkeypatch):
-  from pro_jax.models import transformer as T
+  from pro_jax.models import transformer
 
   config = LLAMA.replace(value_head=True)
   params = _params(config)
@@ -85,8 +85,8 @@ def test_layer_loop_variants_same_outputs_and_grads(variant, monkeypatch):
   mask = jnp.ones((2, 8), jnp.int32).at[0, :2].set(0)
   loss, grad = _loss_and_grad(config.replace(**variant), params, tokens, mask)
   # the reference is a real scan over the layers (small stacks are unrolled by default)
-  monkeypatch.setattr(T, "UNROLL_MAX_LAYERS", 0)
-  assert T.scans_layers(config) and config.n_layers > 1
+  monkeypatch.setattr(transformer, "UNROLL_MAX_LAYERS", 0)
+  assert transformer.scans_layers(config) and config.n_layers > 1
   ref_loss, ref_grad = _loss_and_grad_fn.__wrapped__(config)(params, tokens, mask)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
   for (path, g), r in zip(jax.tree.flatten_with_path(grad)[0], jax.tree.leaves(ref_grad)):

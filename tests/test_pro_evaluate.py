@@ -12,7 +12,7 @@ import pytest
 import jax
 
 from pro_jax.models import ModelConfig, Transformer, init_variables
-from pro_jax.stages import evaluate as E
+from pro_jax.stages import evaluate
 from pro_jax.pro.normalize import fit_norm_stats
 
 
@@ -32,10 +32,10 @@ class LengthScorer:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-  import pro_jax.data.synthetic as S
+  from pro_jax.data import synthetic
   from transformers import AutoTokenizer
   d = tmp_path_factory.mktemp("tok")
-  tok = AutoTokenizer.from_pretrained(str(S.build_tokenizer(None, d)))
+  tok = AutoTokenizer.from_pretrained(str(synthetic.build_tokenizer(None, d)))
   cfg = ModelConfig(vocab_size=len(tok), d_model=32, n_layers=1, n_heads=4, mlp_dim=64, max_seq_len=64,
                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
   model = Transformer(cfg)
@@ -51,14 +51,14 @@ def test_evaluate_settings_numbers_and_report(setup, tmp_path):
   norm = fit_norm_stats(np.array([[-1, 1, 0.2], [-5, 5, 0.5], [-9, 9, 0.3]], np.float32), scorer.objectives)
   uw = np.random.default_rng(0).dirichlet(np.ones(K), size=N).astype(np.float32)
   settings = {"PRO": uw[::-1].copy(), "fixed(a)": np.tile([1.0, 0, 0], (N, 1)), "fixed(b)": np.tile([0, 0.5, 0.5], (N, 1))}
-  gen = E.GenerationConfig(max_prompt_len=16, max_new_tokens=6, batch_size=4, greedy=True)
-  policy = E.Policy("p", model, variables, conditioned=False)  # same prompts as the reference: KL = 0
-  report = E.evaluate_settings(policy, settings, prompts, tok, scorer, norm, uw, gen=gen,
-                               reference=(model, variables))
+  gen = evaluate.GenerationConfig(max_prompt_len=16, max_new_tokens=6, batch_size=4, greedy=True)
+  policy = evaluate.Policy("p", model, variables, conditioned=False)  # same prompts as the reference: KL = 0
+  report = evaluate.evaluate_settings(policy, settings, prompts, tok, scorer, norm, uw, gen=gen,
+                                      reference=(model, variables))
   assert report["fixed_settings"] == ["fixed(a)", "fixed(b)"]
   for name, w in settings.items():
     # recompute independently: greedy text, hand scores, z-scores, U
-    texts, _, _ = E.generate_texts(model, variables, tok, prompts, gen)
+    texts, _, _ = evaluate.generate_texts(model, variables, tok, prompts, gen)
     raw = scorer.score(prompts, texts)
     z = (raw - norm.loc) / (norm.scale + norm.eps)
     U = (uw * z).sum(1)
@@ -73,7 +73,7 @@ def test_evaluate_settings_numbers_and_report(setup, tmp_path):
   assert report["pro"]["best_fixed"] == best
   assert report["pro"]["margin"] == pytest.approx(report["settings"]["PRO"]["utility"] -
                                                   report["settings"][best]["utility"])
-  paths = E.write_report(report, tmp_path / "report", title="t")
+  paths = evaluate.write_report(report, tmp_path / "report", title="t")
   assert json.loads(open(paths["json"]).read())["pro"]["best_fixed"] == best
   md = open(paths["md"]).read()
   assert "| PRO | per prompt |" in md and "fixed(a)" in md
@@ -85,8 +85,8 @@ def test_weights_of_the_wrong_shape_are_rejected(setup):
   scorer = LengthScorer()
   norm = fit_norm_stats(np.array([[-1, 1, 0.2], [-5, 5, 0.5]], np.float32), scorer.objectives)
   with pytest.raises(ValueError, match="setting 'x'"):
-    E.evaluate_settings(E.Policy("p", model, variables), {"x": np.ones((2, 3))}, prompts, tok, scorer, norm,
-                        np.full((len(prompts), 3), 1 / 3))
+    evaluate.evaluate_settings(evaluate.Policy("p", model, variables), {"x": np.ones((2, 3))}, prompts, tok, scorer,
+                               norm, np.full((len(prompts), 3), 1 / 3))
 
 
 def test_front_plot_shows_u_per_setting_best_first():
@@ -96,7 +96,7 @@ def test_front_plot_shows_u_per_setting_best_first():
   settings = {"PRO": {"utility": 0.9, "utility_sem": 0.01}, "oracle": {"utility": 0.95, "utility_sem": 0.02},
               "fixed(a)": {"utility": 0.4, "utility_sem": 0.03}, "fixed(b)": {"utility": 0.5, "utility_sem": 0.01}}
   fig, ax = plt.subplots()
-  E._plot_utility(ax, {"settings": settings})
+  evaluate._plot_utility(ax, {"settings": settings})
   heights = [p.get_height() for p in ax.patches]
   assert heights == pytest.approx([0.95, 0.9, 0.5, 0.4])
   colors = [matplotlib.colors.to_hex(p.get_facecolor()) for p in ax.patches]
@@ -135,7 +135,7 @@ def test_conditioned_policy_weight_routing_pareto_and_hypervolume(setup):
   # large weights (x8, soft-token embeddings x160): a random model whose greedy text depends on its input
   variables = jax.tree_util.tree_map(lambda x: x * 8.0, init_variables(model, jax.random.PRNGKey(1)))
   variables["params"]["weight_embed"] = variables["params"]["weight_embed"] * 20.0
-  policy = E.Policy("cond", model, variables, conditioned=True, soft_placeholder=placeholder, soft_tokens=2)
+  policy = evaluate.Policy("cond", model, variables, conditioned=True, soft_placeholder=placeholder, soft_tokens=2)
   N, K = len(prompts), 3
   scorer = LengthScorer()
   norm = fit_norm_stats(np.array([[-1, 1, 0.2], [-5, 5, 0.5], [-9, 9, 0.3]], np.float32), scorer.objectives)
@@ -144,13 +144,13 @@ def test_conditioned_policy_weight_routing_pareto_and_hypervolume(setup):
   pro_w = corners[[0, 1, 2, 0, 1]]  # each prompt its own corner
   settings = {"PRO": pro_w, **{f"fixed({i})": np.tile(corners[i], (N, 1)) for i in range(3)},
               "fixed(u)": np.full((N, K), 1 / 3, np.float32)}
-  gen = E.GenerationConfig(max_prompt_len=24, max_new_tokens=6, batch_size=8, greedy=True)
+  gen = evaluate.GenerationConfig(max_prompt_len=24, max_new_tokens=6, batch_size=8, greedy=True)
   other_ref = init_variables(Transformer(cfg.replace(weight_tokens=0)), jax.random.PRNGKey(7))
-  report = E.evaluate_settings(policy, settings, prompts, tok, scorer, norm, uw, gen=gen, hv_reference=-3.0,
-                               reference=(Transformer(cfg.replace(weight_tokens=0)), other_ref), kl_samples=2)
+  report = evaluate.evaluate_settings(policy, settings, prompts, tok, scorer, norm, uw, gen=gen, hv_reference=-3.0,
+                                      reference=(Transformer(cfg.replace(weight_tokens=0)), other_ref), kl_samples=2)
   def texts_for(w_NxK):  # independent generation, one setting at a time
     cond = [policy.condition(p, w, scorer.objectives) for p, w in zip(prompts, w_NxK)]
-    return E.generate_texts(model, variables, tok, cond, gen, np.asarray(w_NxK, np.float32))[0]
+    return evaluate.generate_texts(model, variables, tok, cond, gen, np.asarray(w_NxK, np.float32))[0]
 
   def utility(texts):
     z = (scorer.score(prompts, texts) - norm.loc) / (norm.scale + norm.eps)
@@ -186,7 +186,7 @@ def test_best_fixed_picked_on_validation():
                                                        "b": {"utility": 0.1}},
             "pro": {"utility": 0.5, "best_fixed": "a"}}
   valid = {"num_prompts": 7, "settings": {"a": {"utility": 0.0}, "b": {"utility": 0.3}}}
-  E.add_validation_choice(report, valid)
+  evaluate.add_validation_choice(report, valid)
   assert report["pro"]["best_fixed"] == "a"  # the eval-picked one stays
   assert report["pro"]["best_fixed_valid"] == "b"
   assert report["pro"]["best_fixed_valid_utility"] == 0.1

@@ -14,7 +14,7 @@ import optax
 import pytest
 
 from pro_jax import sharding as shd
-from pro_jax.data import synthetic as S
+from pro_jax.data import synthetic
 from pro_jax.data.pipeline import Pipeline, PipelineConfig
 from pro_jax.models import LoRAConfig, ModelConfig, Transformer, init_variables
 from pro_jax.models.generate import generate
@@ -215,16 +215,16 @@ SFT_STEPS = 400
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
+def world(tmp_path_factory):
   """A small synthetic world (4 creatures), its tokenizer, rewards, z-score statistics, and a tiny
   policy SFT-trained on every candidate response (400 steps of batch 32 with a plain optax loop:
   enough for well-formed answers of every kind, so PPO has something to choose between)."""
   from transformers import AutoTokenizer
 
-  tcfg = S.SyntheticTaskConfig(seed=0, n_train=512, n_eval=0, n_entities=4)
-  examples = S.generate_task(tcfg)["train"]
-  tok = AutoTokenizer.from_pretrained(str(S.build_tokenizer(tcfg, tmp_path_factory.mktemp("tok"))))
-  scorer = S.SyntheticRewards(tcfg)
+  tcfg = synthetic.SyntheticTaskConfig(seed=0, n_train=512, n_eval=0, n_entities=4)
+  examples = synthetic.generate_task(tcfg)["train"]
+  tok = AutoTokenizer.from_pretrained(str(synthetic.build_tokenizer(tcfg, tmp_path_factory.mktemp("tok"))))
+  scorer = synthetic.SyntheticRewards(tcfg)
   raw = scorer.score([e["prompt"] for e in examples for _ in e["responses"]],
                      [r for e in examples for r in e["responses"]])
   norm = fit_norm_stats(raw, tcfg.objectives)
@@ -277,9 +277,9 @@ def _fixed_weights(syn):
 
 
 @pytest.fixture(scope="module")
-def fixed_run(synthetic, tmp_path_factory):
+def fixed_run(world, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("ppo_fixed")
-  return _run(synthetic, workdir, _fixed_weights(synthetic)), workdir
+  return _run(world, workdir, _fixed_weights(world)), workdir
 
 
 def _improvement(history):
@@ -317,15 +317,15 @@ def test_ppo_fixed_weights_raises_the_reward(fixed_run):
   assert [x["step"] for x in lines] == list(range(1, ITERATIONS + 1))
 
 
-def test_ppo_per_prompt_weights_raise_the_per_prompt_utility(synthetic, fixed_run, tmp_path):
-  true_w = np.asarray([S.true_weights(e) for e in synthetic.examples], np.float32)
-  result = _run(synthetic, tmp_path / "ppo_true", true_w)
+def test_ppo_per_prompt_weights_raise_the_per_prompt_utility(world, fixed_run, tmp_path):
+  true_w = np.asarray([synthetic.true_weights(e) for e in world.examples], np.float32)
+  result = _run(world, tmp_path / "ppo_true", true_w)
   # with w = the true weights the scalarized reward IS the per-prompt utility U = sum_k w*_k r~_k
   assert _improvement(result.history) > 0.2  # seeds 0-3 gave 0.36-0.57
   assert result.compiles == {"train_step": 1, "rollout": 1}  # same config: the compiled step is reused
 
 
-def test_ppo_resume_after_sigterm_equals_an_uninterrupted_run(synthetic, fixed_run, tmp_path):
+def test_ppo_resume_after_sigterm_equals_an_uninterrupted_run(world, fixed_run, tmp_path):
   straight, _ = fixed_run
   workdir = tmp_path / "ppo_resume"
   stop_at = ITERATIONS // 2 + 1  # odd: not a periodic checkpoint, the SIGTERM save is the only one there
@@ -334,9 +334,9 @@ def test_ppo_resume_after_sigterm_equals_an_uninterrupted_run(synthetic, fixed_r
     if name == "iteration_done" and it == stop_at:
       os.kill(os.getpid(), signal.SIGTERM)
 
-  first = _run(synthetic, workdir, _fixed_weights(synthetic), on_event=on_event)
+  first = _run(world, workdir, _fixed_weights(world), on_event=on_event)
   assert first.status == "preempted" and first.iteration == stop_at
-  second = _run(synthetic, workdir, _fixed_weights(synthetic))
+  second = _run(world, workdir, _fixed_weights(world))
   assert second.resumed_from == stop_at and second.status == "done" and second.iteration == ITERATIONS
   for a, b in zip(jax.tree.leaves(jax.device_get(straight.state.params)),
                   jax.tree.leaves(jax.device_get(second.state.params))):
@@ -349,13 +349,13 @@ def test_ppo_resume_after_sigterm_equals_an_uninterrupted_run(synthetic, fixed_r
   assert [x["step"] for x in lines] == list(range(1, ITERATIONS + 1))
 
 
-def test_run_ppo_rejects_bad_inputs_before_compiling(synthetic, tmp_path):
+def test_run_ppo_rejects_bad_inputs_before_compiling(world, tmp_path):
   with pytest.raises(ValueError, match=r"weights: shape \(512, 2\)"):
-    _run(synthetic, tmp_path / "a", np.ones((512, 2), np.float32))
-  bad = _fixed_weights(synthetic)
+    _run(world, tmp_path / "a", np.ones((512, 2), np.float32))
+  bad = _fixed_weights(world)
   bad[7] = [np.nan, 0, 1]
   with pytest.raises(ValueError, match="weights: row 7"):
-    _run(synthetic, tmp_path / "b", bad)
+    _run(world, tmp_path / "b", bad)
   with pytest.raises(ValueError, match="rollout_batch=64 is not a multiple of minibatch=24"):
     PT.PPOConfig(rollout_batch=64, minibatch=24).check()
   assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from pro_jax.data import synthetic as S
+from pro_jax.data import synthetic
 from pro_jax.models import ModelConfig, Transformer, init_variables
-from pro_jax.stages import rm as R
+from pro_jax.stages import rm
 from pro_jax.stages.scoring import RewardModelScorer
 from pro_jax.stages.stage import engine_config
 
@@ -26,9 +26,9 @@ def _np_bt(rc, rr, m):
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
-  cfg = S.SyntheticTaskConfig(seed=0, n_train=1024, n_eval=256)
-  data = S.generate_task(cfg)
-  tok_dir = S.build_tokenizer(cfg, tmp_path_factory.mktemp("tok"))
+  cfg = synthetic.SyntheticTaskConfig(seed=0, n_train=1024, n_eval=256)
+  data = synthetic.generate_task(cfg)
+  tok_dir = synthetic.build_tokenizer(cfg, tmp_path_factory.mktemp("tok"))
   return cfg, data, AutoTokenizer.from_pretrained(str(tok_dir)), tok_dir
 
 
@@ -79,7 +79,7 @@ def test_rm_loss_equals_numpy_bradley_terry_on_direct_scores():
   m = pair_obj.copy()
   m[5] = 0.0
   assert np.abs(rc - rr).max() > 0.5, "margins too small to test anything"
-  loss_fn = R.rm_loss(model, OBJ)
+  loss_fn = rm.rm_loss(model, OBJ)
   loss, met = jax.jit(loss_fn)(v, {}, batch, jax.random.PRNGKey(0))
   np.testing.assert_allclose(float(loss), _np_bt(rc, rr, m), rtol=2e-5)
   np.testing.assert_allclose(float(met["labels"]), m.sum())
@@ -108,15 +108,15 @@ def test_lora_layout_moves_the_score_head_and_gives_the_same_loss():
   model = Transformer(cfg)
   v = init_variables(model, jax.random.PRNGKey(2))
   v["lora"] = jax.tree.map(lambda x: x + 0.1, v["lora"])  # nonzero b: the adapters matter
-  trained = R._to_training_layout(v)
+  trained = rm._to_training_layout(v)
   assert "score" not in trained["params"] and "score" in trained["lora"]
-  back = R.rm_variables(trained)
+  back = rm.rm_variables(trained)
   assert jax.tree.structure(back) == jax.tree.structure(v)
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(v)))
   batch = _pair_batch(np.random.default_rng(1), B=4)
   batch["pair_objectives"] = np.ones((4, 2), np.float32)
   batch["example_id"] = np.arange(4, dtype=np.int32)
-  fn = R.rm_loss(model, ("a", "b"))
+  fn = rm.rm_loss(model, ("a", "b"))
   np.testing.assert_allclose(float(jax.jit(fn)(trained, {}, batch, None)[0]), float(jax.jit(fn)(v, {}, batch, None)[0]),
                              rtol=1e-6)
 
@@ -128,9 +128,9 @@ def test_lora_layout_moves_the_score_head_and_gives_the_same_loss():
 def trained_rm(task, tmp_path_factory):
   cfg, data, tok, _ = task
   workdir = tmp_path_factory.mktemp("rm")
-  model, variables = R.train_reward_model(_cfg(200), str(workdir), data["train"], tok, backbone_source="scratch",
-                                          objectives=cfg.objectives, model_config=_tiny(tok), max_prompt_len=16,
-                                          max_response_len=48, name="synthetic/train")
+  model, variables = rm.train_reward_model(_cfg(200), str(workdir), data["train"], tok, backbone_source="scratch",
+                                           objectives=cfg.objectives, model_config=_tiny(tok), max_prompt_len=16,
+                                           max_response_len=48, name="synthetic/train")
   return workdir, model, variables
 
 
@@ -138,8 +138,8 @@ def test_train_rm_from_scratch_reaches_high_held_out_accuracy(task, trained_rm, 
   cfg, data, tok, _ = task
   workdir, model, variables = trained_rm
   assert model.config.head == "score" and model.config.num_labels == 3
-  res = R.evaluate_reward_model(model, variables, data["eval"], tok, objectives=cfg.objectives, max_prompt_len=16,
-                                max_response_len=48)
+  res = rm.evaluate_reward_model(model, variables, data["eval"], tok, objectives=cfg.objectives, max_prompt_len=16,
+                                 max_response_len=48)
   # the eval pairs per objective: pair_objectives of the held-out examples
   want_count = np.abs(np.asarray([ex["pair_objectives"] for ex in data["eval"]])).sum(0)
   assert [res["count"][o] for o in cfg.objectives] == want_count.astype(int).tolist()
@@ -150,7 +150,7 @@ def test_train_rm_from_scratch_reaches_high_held_out_accuracy(task, trained_rm, 
     assert res["accuracy"][o] > 0.85, res
   # the labels are oriented per objective: a scorer that copies the total (hidden-weight) utility to every
   # head (no per-objective skill) is clearly worse than the trained heads on each objective
-  stats = S.reward_stats(data["train"])
+  stats = synthetic.reward_stats(data["train"])
   po = np.asarray([ex["pair_objectives"] for ex in data["eval"]])
   u = [np.asarray([(((np.asarray(ex[f]) - stats[0]) / stats[1]) * ex["true_weights"]).sum() for ex in data["eval"]])
        for f in ("reward_chosen", "reward_rejected")]
@@ -160,8 +160,8 @@ def test_train_rm_from_scratch_reaches_high_held_out_accuracy(task, trained_rm, 
     assert res["accuracy"][o] > copied + 0.2, (o, res["accuracy"][o], copied)
   # an untrained model of the same shape is near chance: the accuracy comes from training
   fresh = init_variables(model, jax.random.PRNGKey(7))
-  base = R.evaluate_reward_model(model, fresh, data["eval"], tok, objectives=cfg.objectives, max_prompt_len=16,
-                                 max_response_len=48)
+  base = rm.evaluate_reward_model(model, fresh, data["eval"], tok, objectives=cfg.objectives, max_prompt_len=16,
+                                  max_response_len=48)
   assert base["mean_accuracy"] < 0.75
 
 
@@ -205,7 +205,7 @@ def test_reward_model_scorer_equals_direct_apply_on_hand_built_tokens(task, trai
 def test_load_reward_model_round_trip_gives_identical_scores(task, trained_rm, tmp_path):
   cfg, data, tok, tok_dir = task
   workdir, model, variables = trained_rm
-  loaded = R.load_reward_model(str(workdir), batch_size=16)
+  loaded = rm.load_reward_model(str(workdir), batch_size=16)
   assert loaded.objectives == tuple(cfg.objectives)
   assert (loaded.max_prompt_len, loaded.max_len, loaded.template) == (16, 64, "auto")
   direct = RewardModelScorer(model, variables, tok, cfg.objectives, batch_size=16, max_prompt_len=16, max_len=64)
@@ -215,18 +215,18 @@ def test_load_reward_model_round_trip_gives_identical_scores(task, trained_rm, t
   b = direct.score(prompts, [e["chosen"] for e in ex])
   np.testing.assert_array_equal(a, b)
   # the training batches' tokens: chosen scores from the pipeline's own tokens equal the scorer's
-  pipe = R.pair_pipeline(ex, tok, batch_size=40, max_prompt_len=16, max_response_len=48, train=False)
+  pipe = rm.pair_pipeline(ex, tok, batch_size=40, max_prompt_len=16, max_response_len=48, train=False)
   batch = next(pipe.iterator())
   order = np.argsort(batch["example_id"])
   rc = np.asarray(jax.jit(model.apply)(variables, batch["chosen_tokens"], batch["chosen_mask"]).scores)[order]
   np.testing.assert_allclose(a, rc, rtol=1e-5, atol=1e-6)
   # re-running train_reward_model on the finished run loads it instead of training again
-  m2, v2 = R.train_reward_model(_cfg(200), str(workdir), data["train"], tok, backbone_source="scratch",
-                                objectives=cfg.objectives, model_config=_tiny(tok), max_prompt_len=16,
-                                max_response_len=48, name="synthetic/train")
+  m2, v2 = rm.train_reward_model(_cfg(200), str(workdir), data["train"], tok, backbone_source="scratch",
+                                 objectives=cfg.objectives, model_config=_tiny(tok), max_prompt_len=16,
+                                 max_response_len=48, name="synthetic/train")
   assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(v2), jax.tree.leaves(variables)))
   with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-    R.load_reward_model(str(tmp_path))
+    rm.load_reward_model(str(tmp_path))
 
 
 def test_lora_reward_model_trains_the_head_and_adapters_only(task, trained_rm, tmp_path):
@@ -235,9 +235,9 @@ def test_lora_reward_model_trains_the_head_and_adapters_only(task, trained_rm, t
   from pro_jax.models.sources import load_source
   bb = load_source(f"checkpoint:{base_dir}")
   ecfg = _cfg(10, trainable="lora", **{"model.lora.rank": 4, "model.lora.targets": ("q_proj", "v_proj")})
-  model, variables = R.train_reward_model(ecfg, str(tmp_path / "lora"), data["train"], tok,
-                                          backbone_source=f"checkpoint:{base_dir}", objectives=cfg.objectives,
-                                          max_prompt_len=16, max_response_len=48)
+  model, variables = rm.train_reward_model(ecfg, str(tmp_path / "lora"), data["train"], tok,
+                                           backbone_source=f"checkpoint:{base_dir}", objectives=cfg.objectives,
+                                           max_prompt_len=16, max_response_len=48)
   assert model.config.lora is None  # merged for deployment
   p = variables["params"]
   # untouched by LoRA: embeddings, norms, MLP, k/o projections
@@ -256,7 +256,7 @@ def test_lora_reward_model_trains_the_head_and_adapters_only(task, trained_rm, t
   for a, b in zip(jax.tree.leaves(as_backbone.params), jax.tree.leaves(p)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
   assert jax.tree.structure(as_backbone.params) == jax.tree.structure(p)
-  loaded = R.load_reward_model(str(tmp_path / "lora"))
+  loaded = rm.load_reward_model(str(tmp_path / "lora"))
   ex = data["eval"][:8]
   direct = RewardModelScorer(model, variables, tok, cfg.objectives, max_prompt_len=16, max_len=64)
   np.testing.assert_array_equal(loaded.score([e["prompt"] for e in ex], [e["chosen"] for e in ex]),
@@ -269,14 +269,14 @@ def test_lora_reward_model_trains_the_head_and_adapters_only(task, trained_rm, t
 def test_train_reward_model_errors(task, tmp_path):
   cfg, data, tok, _ = task
   with pytest.raises(ValueError, match="needs model_config"):
-    R.train_reward_model(_cfg(2), str(tmp_path / "a"), data["train"], tok, backbone_source="scratch",
-                         objectives=cfg.objectives, max_prompt_len=16, max_response_len=48)
+    rm.train_reward_model(_cfg(2), str(tmp_path / "a"), data["train"], tok, backbone_source="scratch",
+                          objectives=cfg.objectives, max_prompt_len=16, max_response_len=48)
   with pytest.raises(ValueError, match=r"pair_objectives have 3 entries, objectives are \['a', 'b'\]"):
-    R.train_reward_model(_cfg(2), str(tmp_path / "b"), data["train"], tok, backbone_source="scratch",
-                         objectives=["a", "b"], model_config=_tiny(tok), max_prompt_len=16, max_response_len=48)
+    rm.train_reward_model(_cfg(2), str(tmp_path / "b"), data["train"], tok, backbone_source="scratch",
+                          objectives=["a", "b"], model_config=_tiny(tok), max_prompt_len=16, max_response_len=48)
   with pytest.raises(ValueError, match="exceeds the model's max_seq_len 64"):
-    R.train_reward_model(_cfg(2), str(tmp_path / "c"), data["train"], tok, backbone_source="scratch",
-                         objectives=cfg.objectives, model_config=_tiny(tok), max_prompt_len=32, max_response_len=48)
+    rm.train_reward_model(_cfg(2), str(tmp_path / "c"), data["train"], tok, backbone_source="scratch",
+                          objectives=cfg.objectives, model_config=_tiny(tok), max_prompt_len=32, max_response_len=48)
   assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
@@ -286,7 +286,7 @@ def test_fit_responses_cuts_only_over_long_responses_to_prefixes(task):
   ex = [dict(data["train"][i]) for i in range(30)]
   ex[3]["chosen"] = " ".join(["the zorb is blue ."] * 20)  # 100 words
   ex[7]["rejected"] = " ".join(["it eats fish ."] * 30)
-  out, n_cut = R.fit_responses(ex, tok, 60)  # the task's own responses are <= 48 tokens with EOS
+  out, n_cut = rm.fit_responses(ex, tok, 60)  # the task's own responses are <= 48 tokens with EOS
   assert n_cut == 2
   for i, (a, b) in enumerate(zip(ex, out)):
     for f in ("chosen", "rejected"):
@@ -308,13 +308,13 @@ def test_tokenizer_saved_with_the_run_is_guarded(task, tmp_path):
   other.pre_tokenizer = pre_tokenizers.Whitespace()
   other = PreTrainedTokenizerFast(tokenizer_object=other, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                   unk_token="<unk>")
-  path = R._save_tokenizer(tok, str(tmp_path))
+  path = rm._save_tokenizer(tok, str(tmp_path))
   assert path == str(tmp_path / "tokenizer")
   probe = "what color is the zorb ?"
   assert load_tokenizer(path)(probe)["input_ids"] == tok(probe)["input_ids"]
-  assert R._save_tokenizer(tok, str(tmp_path)) == path  # the same tokenizer again: fine
+  assert rm._save_tokenizer(tok, str(tmp_path)) == path  # the same tokenizer again: fine
   with pytest.raises(ValueError, match="holds another tokenizer"):
-    R._save_tokenizer(other, str(tmp_path))
+    rm._save_tokenizer(other, str(tmp_path))
   assert len(load_tokenizer(path)) == len(tok)  # untouched
-  R._save_tokenizer(other, str(tmp_path), replace=True)  # existing="overwrite"
+  rm._save_tokenizer(other, str(tmp_path), replace=True)  # existing="overwrite"
   assert len(load_tokenizer(path)) == 5 and not (tmp_path / "tokenizer.tmp").exists()

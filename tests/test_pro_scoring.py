@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from pro_jax.data import synthetic as S
+from pro_jax.data import synthetic
 from pro_jax.models import ModelConfig
 from pro_jax.models.hf_io import load_hf_model
 from pro_jax.pro.normalize import fit_norm_stats
-from pro_jax.stages import rm as R
+from pro_jax.stages import rm
 from pro_jax.stages.scoring import (CachedScorer, RewardModelScorer, StackedScorer, hf_reward_scorer, scorer_key,
                                  tokenize_for_scoring)
 from pro_jax.stages.stage import engine_config
@@ -45,9 +45,9 @@ def char_ids(text: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
-  cfg = S.SyntheticTaskConfig(seed=1, n_train=256, n_eval=64)
-  data = S.generate_task(cfg)
-  tok_dir = S.build_tokenizer(cfg, tmp_path_factory.mktemp("tok"))
+  cfg = synthetic.SyntheticTaskConfig(seed=1, n_train=256, n_eval=64)
+  data = synthetic.generate_task(cfg)
+  tok_dir = synthetic.build_tokenizer(cfg, tmp_path_factory.mktemp("tok"))
   return cfg, data, AutoTokenizer.from_pretrained(str(tok_dir))
 
 
@@ -61,9 +61,9 @@ def trained_rm(task, tmp_path_factory):
                           "log.tensorboard": False})
   mc = ModelConfig(vocab_size=len(tok), d_model=16, n_layers=1, n_heads=2, mlp_dim=32, max_seq_len=64,
                    pad_token_id=tok.pad_token_id)
-  R.train_reward_model(ecfg, str(workdir), data["train"], tok, backbone_source="scratch", objectives=cfg.objectives,
-                       model_config=mc, max_prompt_len=16, max_response_len=48)
-  return R.load_reward_model(str(workdir), batch_size=16)
+  rm.train_reward_model(ecfg, str(workdir), data["train"], tok, backbone_source="scratch", objectives=cfg.objectives,
+                        model_config=mc, max_prompt_len=16, max_response_len=48)
+  return rm.load_reward_model(str(workdir), batch_size=16)
 
 
 # ---------------------------------------------------------------------------------------------- HF + stacking
@@ -107,7 +107,7 @@ def test_stacked_scorer_hf_classifier_trained_heads_and_programmatic_rewards(tas
   cfg, data, _ = task
   hf = hf_reward_scorer(FIXTURES / "gpt2_cls1", "hf_quality", tokenizer=char_tokenizer(), max_prompt_len=12,
                         max_len=32, batch_size=8)
-  prog = S.SyntheticRewards(cfg)
+  prog = synthetic.SyntheticRewards(cfg)
   renamed = RewardModelScorer(trained_rm.model, trained_rm.variables, trained_rm.tokenizer,
                               [f"rm_{o}" for o in cfg.objectives], batch_size=16, max_prompt_len=16, max_len=64)
   stack = StackedScorer([hf, renamed, prog])
@@ -124,7 +124,7 @@ def test_stacked_scorer_hf_classifier_trained_heads_and_programmatic_rewards(tas
   # the programmatic columns are the task's recorded rewards of the chosen responses
   np.testing.assert_allclose(got[:, 4:], np.asarray([e["reward_chosen"] for e in ex]), rtol=1e-6)
   with pytest.raises(ValueError, match="duplicate objective names"):
-    StackedScorer([prog, S.SyntheticRewards(cfg)])
+    StackedScorer([prog, synthetic.SyntheticRewards(cfg)])
 
 
 # ---------------------------------------------------------------------------------------------- cache
@@ -186,7 +186,7 @@ def test_cached_scorer_hits_misses_persistence_and_equality(task, trained_rm, tm
   np.testing.assert_array_equal(c2.score(as_text, chosen[:5]), fresh[:5])
   assert inner2.calls == []
   # another scorer (other key) in the same file does not see these entries
-  prog = Counting(S.SyntheticRewards(cfg))
+  prog = Counting(synthetic.SyntheticRewards(cfg))
   c3 = CachedScorer(prog, path)
   np.testing.assert_allclose(c3.score(prompts, chosen), np.asarray([e["reward_chosen"] for e in ex]), rtol=1e-6)
   assert prog.calls == [30]
@@ -197,9 +197,9 @@ def test_cached_scorer_concurrent_duplicate_keys(task, tmp_path):
   ex = data["eval"][:40]
   prompts = [e["prompt"] for e in ex]
   responses = [e["rejected"] for e in ex]
-  truth = S.SyntheticRewards(cfg).score(prompts, responses)
+  truth = synthetic.SyntheticRewards(cfg).score(prompts, responses)
   path = tmp_path / "shared.sqlite"
-  inners = [Counting(S.SyntheticRewards(cfg), delay=0.2) for _ in range(6)]
+  inners = [Counting(synthetic.SyntheticRewards(cfg), delay=0.2) for _ in range(6)]
   caches = [CachedScorer(s, path) for s in inners]
   barrier = threading.Barrier(len(caches))
   results, errors = [None] * len(caches), []
@@ -225,7 +225,7 @@ def test_cached_scorer_concurrent_duplicate_keys(task, tmp_path):
   covered = set().union(*(set(idx.tolist()) for idx, _ in results))
   assert rows == (len(covered), len(covered))
   # afterwards every pair is a hit for a fresh instance
-  late = Counting(S.SyntheticRewards(cfg))
+  late = Counting(synthetic.SyntheticRewards(cfg))
   np.testing.assert_array_equal(CachedScorer(late, path).score([prompts[j] for j in sorted(covered)],
                                                                [responses[j] for j in sorted(covered)]),
                                 truth[sorted(covered)])
@@ -244,7 +244,8 @@ def test_scorer_keys_tell_models_apart(task, trained_rm):
   shorter = RewardModelScorer(trained_rm.model, trained_rm.variables, trained_rm.tokenizer, trained_rm.objectives,
                               max_prompt_len=8, max_len=64, name=trained_rm.name)
   assert shorter.key != trained_rm.key
-  assert scorer_key(S.SyntheticRewards(cfg)) != scorer_key(S.SyntheticRewards(S.SyntheticTaskConfig(seed=2)))
+  other = synthetic.SyntheticRewards(synthetic.SyntheticTaskConfig(seed=2))
+  assert scorer_key(synthetic.SyntheticRewards(cfg)) != scorer_key(other)
 
 
 def test_tokenize_for_scoring_rejects_no_room_for_the_response(task):

@@ -13,16 +13,20 @@ done in place on GCS and get a local copy:
   each update (`Mirror`).
 
 Objects on GCS are written whole and atomically, so `write_text` writes a remote file directly and
-a local one through a temporary file and `os.replace`.
+a local one through a temporary file and `os.replace`; a local directory written whole (a model
+export) is staged beside its place and renamed into it (`staged_directory`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import re
 import shutil
 import tempfile
+import uuid
+from collections.abc import Iterator
 
 from etils import epath
 
@@ -65,6 +69,46 @@ def write_bytes(path: PathLike, data: bytes) -> None:
   except BaseException:
     pathlib.Path(tmp).unlink(missing_ok=True)
     raise
+
+
+@contextlib.contextmanager
+def staged_directory(path: PathLike, *, write: bool = True) -> Iterator[pathlib.Path]:
+  """A fresh temp folder beside the local folder `path` to write a whole directory into (a model or
+  adapter export): when the block ends cleanly it replaces `path` (an old `path` is removed only after
+  the new one is in place), when it raises it is removed. A reader never sees a half-written `path`.
+
+  `write=False` (the other hosts of a multi-host export, which only take part in the gathers) makes
+  and replaces nothing; the folder it yields must not be written then.
+  """
+  path = pathlib.Path(path)
+  tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+  if not write:
+    yield tmp
+    return
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp.mkdir()
+  try:
+    yield tmp
+    _replace_dir(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def _replace_dir(tmp: pathlib.Path, path: pathlib.Path) -> None:
+  """Move the finished `tmp` to `path`; an old `path` is removed only after the new one is in place."""
+  old = None
+  if path.exists():
+    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(path, old)
+  try:
+    os.replace(tmp, path)
+  except BaseException:
+    if old is not None:
+      os.replace(old, path)
+    raise
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def cache_dir(path: PathLike, kind: str = "cache") -> pathlib.Path:

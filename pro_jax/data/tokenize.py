@@ -121,6 +121,13 @@ def eos_id(tokenizer: Any) -> int:
   return int(eos)
 
 
+def decode_responses(tokenizer: Any, tokens_BxN: np.ndarray, mask_BxN: np.ndarray, eos: int) -> list[str]:
+  """Response texts of generated tokens [B, N]: the masked-in tokens without EOS, special tokens
+  skipped, stripped (as `generate`'s output is read by PPO's rollouts and by evaluation)."""
+  ids = [[int(t) for t, m in zip(row, mrow) if m and t != eos] for row, mrow in zip(tokens_BxN, mask_BxN)]
+  return [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
 def pad_id(tokenizer: Any) -> int:
   """The tokenizer's pad id, else its EOS id (padding positions are always masked out)."""
   pad = getattr(tokenizer, "pad_token_id", None)

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pro_jax.models import hf_io
+from pro_jax.models import hf_io, safetensors_io
 from pro_jax.models.config import LoRAConfig
 from pro_jax.models.hf_io import CheckpointError
 from pro_jax.models.transformer import ModelOutput
@@ -457,8 +457,8 @@ def load_encoder_classifier(path: PathLike, *, dtype: str = "float32", param_dty
   model = EncoderClassifier(config)
   flat_abstract = flax.traverse_util.flatten_dict(abstract_params(model))
 
-  files, index = hf_io._checkpoint_files(path)
-  tensors = hf_io._read_headers(files, index)
+  files, index = safetensors_io.checkpoint_files(path)
+  tensors = safetensors_io.read_headers(files, index)
   where = str(index or files[0])
   # transformers' legacy names: LayerNorm `gamma` / `beta` for `weight` / `bias` (old BERT-family files)
   file_name = {re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", n)): n for n in tensors}
@@ -475,9 +475,9 @@ def load_encoder_classifier(path: PathLike, *, dtype: str = "float32", param_dty
     if info.shape != hf_shape:
       raise CheckpointError(f"{info.file}: tensor {name} has shape {list(info.shape)}, expected {list(hf_shape)} "
                             "from config.json")
-    if info.dtype not in hf_io._FLOAT_DTYPES:
+    if info.dtype not in safetensors_io.FLOAT_DTYPES:
       raise CheckpointError(f"{info.file}: tensor {name} has dtype {info.dtype}; only float tensors "
-                            f"{sorted(hf_io._FLOAT_DTYPES)} are supported")
+                            f"{sorted(safetensors_io.FLOAT_DTYPES)} are supported")
     plan.append((p, name, transpose, shape, leaf.dtype))
   expected = {name for _, name, *_ in plan}
   for name, info in tensors.items():
@@ -490,7 +490,7 @@ def load_encoder_classifier(path: PathLike, *, dtype: str = "float32", param_dty
     from jax.sharding import NamedSharding, PartitionSpec
     sharding = NamedSharding(mesh, PartitionSpec())
   flat = {}
-  with hf_io._Reader(tensors) as reader:
+  with safetensors_io.TensorReader(tensors) as reader:
     for p, name, transpose, shape, leaf_dtype in plan:
 
       def read(idx, name=name, transpose=transpose, leaf_dtype=leaf_dtype):

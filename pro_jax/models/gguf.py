@@ -5,7 +5,7 @@ Reading and dequantizing use the `gguf` package (llama.cpp's own Python reader:
 package dequantizes is supported (F32, F16, BF16, Q4_0 ... Q8_0, the K-quants, the IQ and TQ types,
 MXFP4; `supported_quant_types()`). The metadata becomes a transformers config dict
 (`gguf_hf_config`) and the tensors are renamed to transformers' names, so the model config and the
-params layout come from `pro_jax.models.hf_io` exactly as for a transformers checkpoint
+params layout come from `pro_jax.models.hf_config` / `hf_io` exactly as for a transformers checkpoint
 (`hf_config_to_model_config`, `params_from_hf_tensors`); `save_hf_model` then exports the model as
 a transformers checkpoint.
 
@@ -43,8 +43,8 @@ from typing import Any
 import numpy as np
 
 from pro_jax.models.config import LoRAConfig
-from pro_jax.models.hf_io import (CheckpointError, hf_config_to_model_config, params_from_hf_tensors,
-                                  permute_rotary)
+from pro_jax.models.hf_config import CheckpointError, hf_config_to_model_config
+from pro_jax.models.hf_io import params_from_hf_tensors, permute_rotary
 from pro_jax.models.transformer import Transformer
 
 PathLike = str | os.PathLike

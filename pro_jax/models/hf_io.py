@@ -17,21 +17,21 @@ memory and on multi-host meshes each host reads only its own shards.
 Saving writes a temp directory (config.json, optional tokenizer files, safetensors shards streamed
 one tensor at a time, an index above `max_shard_size`) and renames it into place, so a failure never
 leaves a half-written or clobbered checkpoint.
+
+This module maps parameters onto transformers' tensor names and back. The config.json side
+(`read_hf_config`, `hf_config_to_model_config`, `model_config_to_hf_config`, `SUPPORTED_ARCHITECTURES`,
+`CheckpointError`) is `pro_jax.models.hf_config` (importable from here too); the safetensors format
+(shards, headers, sliced reads, streamed writes) is `pro_jax.models.safetensors_io`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import math
-import os
 import pathlib
 import re
-import shutil
-import struct
-import uuid
 import warnings
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -41,64 +41,28 @@ import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
 
 from pro_jax import sharding as sh
-from pro_jax.models.config import LoRAConfig, ModelConfig, RopeScaling
+from pro_jax.data.files import staged_directory
+from pro_jax.models.config import LoRAConfig, ModelConfig
+from pro_jax.models.hf_config import (SUPPORTED_ARCHITECTURES, CheckpointError, PathLike, default_architecture,
+                                      hf_architecture, hf_config_to_model_config, model_config_to_hf_config,
+                                      read_hf_config)
 from pro_jax.models.hub import resolve_pretrained
 from pro_jax.models.lora import lora_delta
+from pro_jax.models.safetensors_io import (DTYPE_CODES, FLOAT_DTYPES, TensorInfo, TensorReader, checkpoint_files,
+                                           parse_size, read_headers, write_safetensors)
 from pro_jax.models.transformer import Transformer, abstract_variables, logical_axes
+
+__all__ = ["ARCHITECTURE_LOADERS", "SUPPORTED_ARCHITECTURES", "CheckpointError", "default_architecture",
+           "hf_architecture", "hf_config_to_model_config", "load_hf_model", "model_config_to_hf_config",
+           "params_from_hf_tensors", "permute_rotary", "read_hf_config", "save_hf_model"]
 
 log = logging.getLogger(__name__)
 
-PathLike = str | os.PathLike
-
-# architecture -> (model_type, head)
-SUPPORTED_ARCHITECTURES: dict[str, tuple[str, str]] = {
-    "LlamaForCausalLM": ("llama", "lm"),
-    "MistralForCausalLM": ("mistral", "lm"),
-    "Qwen2ForCausalLM": ("qwen2", "lm"),
-    "GPT2LMHeadModel": ("gpt2", "lm"),
-    "LlamaForSequenceClassification": ("llama", "score"),
-    "MistralForSequenceClassification": ("mistral", "score"),
-    "Qwen2ForSequenceClassification": ("qwen2", "score"),
-    "GPT2ForSequenceClassification": ("gpt2", "score"),
-    "Qwen3ForCausalLM": ("qwen3", "lm"),
-    "Qwen3ForSequenceClassification": ("qwen3", "score"),
-    "Gemma2ForCausalLM": ("gemma2", "lm"),
-    "Gemma2ForSequenceClassification": ("gemma2", "score"),
-    "Gemma3ForCausalLM": ("gemma3_text", "lm"),
-    "Gemma3TextForSequenceClassification": ("gemma3_text", "score"),
-}
-_CAUSAL_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                         "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel", "qwen3": "Qwen3ForCausalLM",
-                         "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
-_GEMMA = ("gemma2", "gemma3_text")
-# transformers' class defaults for fields a config.json may omit (save_pretrained writes them all).
-_HF_DEFAULTS: dict[str, dict[str, Any]] = {
-    "qwen3": dict(head_dim=128, tie_word_embeddings=False, max_position_embeddings=32768),
-    "gemma2": dict(head_dim=256, tie_word_embeddings=True, max_position_embeddings=8192, query_pre_attn_scalar=256,
-                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096),
-    "gemma3_text": dict(head_dim=256, tie_word_embeddings=True, max_position_embeddings=131072,
-                        query_pre_attn_scalar=256, attn_logit_softcapping=None, final_logit_softcapping=None,
-                        sliding_window=4096),
-}
-_GEMMA_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new")  # both are tanh-approximate GELU
 _BODY_PREFIX = {"llama": "model.", "gpt2": "transformer."}
-_GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are tanh-approximate GELU
-_FLOAT_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16, "F64": np.float64}
-_ST_DTYPE_CODE = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(jnp.bfloat16): "BF16",
-                  np.dtype(np.float64): "F64"}
 # Non-parameter buffers some checkpoints carry; transformers ignores them too.
 _IGNORED_TENSORS = re.compile(r"(^|\.)attn\.(bias|masked_bias)$|(^|\.)rotary_emb\.inv_freq$")
-
-
-class CheckpointError(ValueError):
-  """A checkpoint (or config) that cannot be loaded or saved; the message names the file and tensor."""
-
-
-# ----------------------------------------------------------------------------------------------
-# config.json <-> ModelConfig
 
 
 def permute_rotary(w_OxI: np.ndarray, n_heads: int) -> np.ndarray:
@@ -118,197 +82,6 @@ def permute_rotary(w_OxI: np.ndarray, n_heads: int) -> np.ndarray:
 ARCHITECTURE_LOADERS: list[Callable[..., tuple[Any, dict] | None]] = []
 
 
-def read_hf_config(path: PathLike) -> dict:
-  """The parsed config.json of a checkpoint directory."""
-  cfg_file = pathlib.Path(path) / "config.json"
-  if not cfg_file.is_file():
-    raise CheckpointError(f"{cfg_file}: not found (is {path} a transformers checkpoint directory?)")
-  try:
-    hf = json.loads(cfg_file.read_text())
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from e
-  if not isinstance(hf, dict):
-    raise CheckpointError(f"{cfg_file}: expected a JSON object")
-  return hf
-
-
-def hf_architecture(hf: dict, source: str = "config.json") -> str:
-  """The (single, supported) architecture named by a config; CausalLM when only model_type is given."""
-  archs = hf.get("architectures") or []
-  if not archs:
-    arch = _CAUSAL_BY_MODEL_TYPE.get(hf.get("model_type"))
-    if arch is None:
-      raise CheckpointError(f"{source}: no 'architectures' and unsupported model_type {hf.get('model_type')!r}; "
-                            f"supported: {sorted(SUPPORTED_ARCHITECTURES)}")
-    return arch
-  if len(archs) != 1:
-    raise CheckpointError(f"{source}: expected one architecture, found {archs}")
-  arch = archs[0]
-  if arch not in SUPPORTED_ARCHITECTURES:
-    raise CheckpointError(f"{source}: unsupported architecture {arch!r}; supported: {sorted(SUPPORTED_ARCHITECTURES)}")
-  model_type = SUPPORTED_ARCHITECTURES[arch][0]
-  if hf.get("model_type", model_type) != model_type:
-    raise CheckpointError(f"{source}: architecture {arch} needs model_type {model_type!r}, "
-                          f"found {hf.get('model_type')!r}")
-  return arch
-
-
-def _field(hf: dict, key: str, source: str, default: Any = dataclasses.MISSING) -> Any:
-  value = hf.get(key)
-  if value is None:
-    if default is dataclasses.MISSING:
-      raise CheckpointError(f"{source}: missing field {key!r}")
-    return default
-  return value
-
-
-def _unsupported(source: str, what: str) -> CheckpointError:
-  return CheckpointError(f"{source}: unsupported {what} (pro_jax would not reproduce transformers' outputs)")
-
-
-def _rope_from_hf(hf: dict, source: str) -> tuple[float, RopeScaling]:
-  """RoPE theta and scaling from v5 `rope_parameters` or the older `rope_theta` + `rope_scaling`.
-
-  Same precedence as transformers 5: `rope_scaling` (when set) over `rope_parameters`; `rope_theta`
-  inside the dict over the top-level one over 10000.
-  """
-  params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
-  if not isinstance(params, dict):
-    raise CheckpointError(f"{source}: rope_parameters / rope_scaling must be an object, got {params!r}")
-  if any(isinstance(v, dict) for v in params.values()):
-    raise _unsupported(source, f"per-layer-type rope_parameters {sorted(params)}")
-  theta = float(params.get("rope_theta", hf.get("rope_theta") or 10000.0))
-  partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
-  if partial is not None and float(partial) != 1.0:
-    raise _unsupported(source, f"partial_rotary_factor={partial}")
-  rope_type = params.get("rope_type", params.get("type", "default"))
-  try:
-    if rope_type == "default":
-      return theta, RopeScaling()
-    if rope_type == "linear":
-      return theta, RopeScaling(type="linear", factor=float(params["factor"]))
-    if rope_type == "llama3":
-      orig = (hf.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
-              or hf["max_position_embeddings"])
-      return theta, RopeScaling(type="llama3", factor=float(params["factor"]),
-                                low_freq_factor=float(params["low_freq_factor"]),
-                                high_freq_factor=float(params["high_freq_factor"]),
-                                original_max_position_embeddings=int(orig))
-  except KeyError as e:
-    raise CheckpointError(f"{source}: rope type {rope_type!r} needs field {e.args[0]!r}") from e
-  raise _unsupported(source, f"rope_type {rope_type!r} (supported: default, linear, llama3)")
-
-
-def _gemma_layers_from_hf(hf: dict, model_type: str, source: str) -> tuple[int | None, tuple[str, ...] | None]:
-  """(sliding_window, layer_types) of Gemma 2 (default: every other layer sliding, starting with the
-  first) and Gemma 3 (default: `sliding_window_pattern` (6): five sliding layers, then a global one);
-  uniform layers come back as layer_types=None."""
-  n_layers = int(_field(hf, "num_hidden_layers", source))
-  window = hf.get("sliding_window", _HF_DEFAULTS[model_type]["sliding_window"])
-  pattern = 2 if model_type == "gemma2" else int(hf.get("sliding_window_pattern") or 6)
-  layer_types = hf.get("layer_types") or [
-      "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
-  if len(layer_types) != n_layers or not set(layer_types) <= {"full_attention", "sliding_attention"}:
-    raise _unsupported(source, f"layer_types {layer_types} (expected {n_layers} of full_attention / sliding_attention)")
-  kinds = set(layer_types)
-  if "sliding_attention" not in kinds:
-    return None, None
-  if window is None:
-    raise CheckpointError(f"{source}: sliding_attention layers but no sliding_window")
-  return int(window), (None if len(kinds) == 1 else tuple(layer_types))
-
-
-def _gemma3_rope_from_hf(hf: dict, source: str) -> tuple[float, RopeScaling, float]:
-  """Global theta and scaling, and the local (sliding layers') theta of Gemma 3: v5 per-layer-type
-  `rope_parameters` {"full_attention": {...}, "sliding_attention": {...}} or v4's `rope_theta`,
-  `rope_scaling` (global layers) and `rope_local_base_freq`."""
-  params = hf.get("rope_parameters")
-  if isinstance(params, dict) and any(isinstance(v, dict) for v in params.values()):
-    unknown = sorted(set(params) - {"full_attention", "sliding_attention"})
-    if unknown:
-      raise _unsupported(source, f"rope_parameters for layer types {unknown}")
-    full = dict(params.get("full_attention") or {})
-    if hf.get("rope_scaling"):  # as transformers: rope_scaling updates the global layers' parameters
-      full.update(hf["rope_scaling"])
-    full.setdefault("rope_theta", hf.get("rope_theta") or 1_000_000.0)
-    local = dict(params.get("sliding_attention") or {})
-    local.setdefault("rope_theta", hf.get("rope_local_base_freq") or 10_000.0)
-  else:
-    full = dict(hf.get("rope_scaling") or params or {})
-    full.setdefault("rope_theta", hf.get("rope_theta") or 1_000_000.0)
-    local = {"rope_type": "default", "rope_theta": hf.get("rope_local_base_freq") or 10_000.0}
-  theta, scaling = _rope_from_hf({"rope_parameters": full, "max_position_embeddings": hf.get("max_position_embeddings"),
-                                  "partial_rotary_factor": hf.get("partial_rotary_factor")}, source)
-  local_type = local.get("rope_type", local.get("type", "default"))
-  if local_type != "default" or float(local.get("partial_rotary_factor", 1.0)) != 1.0:
-    raise _unsupported(source, f"sliding_attention rope_parameters {local} (only the default RoPE for local layers)")
-  return theta, scaling, float(local["rope_theta"])
-
-
-def _sliding_window_from_hf(hf: dict, model_type: str, source: str) -> int | None:
-  n_layers = int(_field(hf, "num_hidden_layers", source))
-  if model_type == "llama":
-    return None
-  if model_type in ("qwen2", "qwen3"):
-    window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
-    max_window_layers = hf.get("max_window_layers", 28)
-    default_types = ["sliding_attention" if window is not None and i >= max_window_layers else "full_attention"
-                     for i in range(n_layers)]
-  else:  # mistral: one window for every layer
-    window = hf.get("sliding_window")
-    default_types = ["sliding_attention" if window is not None else "full_attention"] * n_layers
-  layer_types = hf.get("layer_types") or default_types
-  kinds = set(layer_types)
-  if not kinds <= {"full_attention", "sliding_attention"} or len(kinds) > 1:
-    raise _unsupported(source, f"layer_types {layer_types} (only all-full or all-sliding attention)")
-  if kinds == {"sliding_attention"}:
-    if window is None:
-      raise CheckpointError(f"{source}: sliding_attention layers but no sliding_window")
-    return int(window)
-  return None
-
-
-def _first_id(value: Any) -> int | None:
-  if isinstance(value, (list, tuple)):
-    return int(value[0]) if value else None
-  return None if value is None else int(value)
-
-
-def _num_labels_from_hf(hf: dict) -> int:
-  if isinstance(hf.get("id2label"), dict) and hf["id2label"]:
-    return len(hf["id2label"])
-  return int(hf.get("num_labels") or 2)
-
-
-_GPT2_INT_FIELDS = {"n_embd": True, "n_head": True, "n_layer": True, "n_positions": True, "vocab_size": True,
-                    "n_inner": False}  # field -> required
-_LLAMA_INT_FIELDS = {"hidden_size": True, "num_attention_heads": True, "num_hidden_layers": True,
-                     "intermediate_size": True, "vocab_size": True, "num_key_value_heads": False, "head_dim": False,
-                     "max_position_embeddings": False}
-_POSITIVE_FLOAT_FIELDS = ("rms_norm_eps", "layer_norm_epsilon", "rope_theta")
-
-
-def _validate_config(hf: dict, model_type: str, source: str) -> None:
-  """CheckpointError naming `source` and the field for a size that is not a positive integer (a
-  string, 0, a float) or an epsilon / rope theta that is not a positive finite number; before any
-  arithmetic on them (a 0 head count used to be a ZeroDivisionError)."""
-  fields = _GPT2_INT_FIELDS if model_type == "gpt2" else _LLAMA_INT_FIELDS
-  for key, required in fields.items():
-    value = hf.get(key)
-    if value is None:
-      if required:
-        raise CheckpointError(f"{source}: missing field {key!r}")
-      continue
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-      raise CheckpointError(f"{source}: field {key!r} must be a positive integer, got {value!r}")
-  for key in _POSITIVE_FLOAT_FIELDS:
-    value = hf.get(key)
-    if value is None:
-      continue
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-      raise CheckpointError(f"{source}: field {key!r} must be a positive finite number, got {value!r}")
-
-
 def _check_finite(read: Callable[[tuple[slice, ...]], np.ndarray], spec: "_Spec", file_of: Callable[[str], str],
                   dtype: Any) -> Callable[[tuple[slice, ...]], np.ndarray]:
   """`read` that raises CheckpointError naming the file and tensor when the values it read (after
@@ -325,250 +98,6 @@ def _check_finite(read: Callable[[tuple[slice, ...]], np.ndarray], spec: "_Spec"
     return arr
 
   return checked
-
-
-def hf_config_to_model_config(hf: dict, *, source: str = "config.json", head: str | None = None,
-                              num_labels: int | None = None, value_head: bool = False,
-                              lora: LoRAConfig | None = None, dtype: str = "float32",
-                              param_dtype: str = "float32", max_seq_len: int | None = None,
-                              **overrides) -> tuple[ModelConfig, str]:
-  """Map a transformers config dict onto a `ModelConfig`; returns (config, architecture).
-
-  `head` defaults to the checkpoint's own head ("lm" for *ForCausalLM / GPT2LMHeadModel, "score"
-  for *ForSequenceClassification). `overrides` are passed to `ModelConfig` last (e.g. remat).
-  """
-  arch = hf_architecture(hf, source)
-  model_type, ckpt_head = SUPPORTED_ARCHITECTURES[arch]
-  _validate_config(hf, model_type, source)
-  head = head or ckpt_head
-  if head not in ("lm", "score", "none"):
-    raise ValueError(f"head must be 'lm', 'score' or 'none', got {head!r}")
-  if num_labels is None:
-    num_labels = _num_labels_from_hf(hf) if ckpt_head == "score" else 1
-  common = dict(head=head, num_labels=int(num_labels), value_head=value_head, lora=lora, dtype=dtype,
-                param_dtype=param_dtype, pad_token_id=_first_id(hf.get("pad_token_id")),
-                bos_token_id=_first_id(hf.get("bos_token_id")), eos_token_id=_first_id(hf.get("eos_token_id")))
-  if model_type == "gpt2":
-    act = hf.get("activation_function", "gelu_new")
-    if act not in _GPT2_ACTIVATIONS:
-      raise _unsupported(source, f"GPT-2 activation_function {act!r} (supported: {_GPT2_ACTIVATIONS})")
-    if not hf.get("scale_attn_weights", True):
-      raise _unsupported(source, "GPT-2 scale_attn_weights=false")
-    if hf.get("scale_attn_by_inverse_layer_idx", False):
-      raise _unsupported(source, "GPT-2 scale_attn_by_inverse_layer_idx=true")
-    if hf.get("add_cross_attention", False):
-      raise _unsupported(source, "GPT-2 add_cross_attention=true")
-    d = int(_field(hf, "n_embd", source))
-    n_positions = int(_field(hf, "n_positions", source))
-    if max_seq_len is not None and max_seq_len > n_positions:
-      raise CheckpointError(f"{source}: max_seq_len={max_seq_len} exceeds GPT-2's n_positions={n_positions} "
-                            "(learned position embeddings)")
-    kw = dict(arch="gpt2", vocab_size=int(_field(hf, "vocab_size", source)), d_model=d,
-              n_layers=int(_field(hf, "n_layer", source)), n_heads=int(_field(hf, "n_head", source)),
-              mlp_dim=int(hf.get("n_inner") or 4 * d), max_seq_len=max_seq_len or n_positions,
-              norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-              tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
-  else:
-    defaults = _HF_DEFAULTS.get(model_type, {})
-    gemma = model_type in _GEMMA
-    if gemma:
-      act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
-      if act not in _GEMMA_ACTIVATIONS:
-        raise _unsupported(source, f"hidden_activation {act!r} (supported: {_GEMMA_ACTIVATIONS})")
-      if hf.get("use_bidirectional_attention"):
-        raise _unsupported(source, "use_bidirectional_attention=true (pro_jax decoders are causal)")
-    else:
-      act = hf.get("hidden_act", "silu")
-      if act != "silu":
-        raise _unsupported(source, f"hidden_act {act!r} (only silu / SwiGLU)")
-    local_theta = None
-    if model_type == "gemma3_text":
-      theta, scaling, local_theta = _gemma3_rope_from_hf(hf, source)
-    else:
-      theta, scaling = _rope_from_hf(hf, source)
-    d, n_heads = int(_field(hf, "hidden_size", source)), int(_field(hf, "num_attention_heads", source))
-    head_dim = hf.get("head_dim", defaults.get("head_dim"))
-    head_dim = None if head_dim is None or (d % n_heads == 0 and int(head_dim) == d // n_heads) else int(head_dim)
-    if model_type in ("llama", "qwen3") or gemma:
-      qkv_bias = o_bias = bool(hf.get("attention_bias", False))
-      mlp_bias = bool(hf.get("mlp_bias", False)) if model_type == "llama" else False
-    else:
-      qkv_bias, o_bias, mlp_bias = model_type == "qwen2", False, False
-    if gemma:
-      window, layer_types = _gemma_layers_from_hf(hf, model_type, source)
-    else:
-      window, layer_types = _sliding_window_from_hf(hf, model_type, source), None
-    kw = dict(arch="llama", vocab_size=int(_field(hf, "vocab_size", source)), d_model=d,
-              n_layers=int(_field(hf, "num_hidden_layers", source)), n_heads=n_heads,
-              n_kv_heads=int(hf.get("num_key_value_heads") or n_heads), head_dim=head_dim,
-              mlp_dim=int(_field(hf, "intermediate_size", source)),
-              max_seq_len=max_seq_len or int(hf.get("max_position_embeddings")
-                                             or defaults.get("max_position_embeddings", 2048)),
-              norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
-              qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=mlp_bias, sliding_window=window,
-              tie_embeddings=bool(hf.get("tie_word_embeddings", defaults.get("tie_word_embeddings", False))),
-              qk_norm=model_type in ("qwen3", "gemma3_text"))
-    if gemma:
-      def opt_float(key):
-        value = hf.get(key, defaults[key])
-        return None if value is None else float(value)
-
-      if model_type == "gemma3_text" and hf.get("attn_logit_softcapping") is not None:
-        log.warning("%s: attn_logit_softcapping=%s is ignored, as transformers' Gemma 3 ignores it", source,
-                    hf["attn_logit_softcapping"])
-      kw.update(norm_offset=1.0, scale_embeddings=True, mlp_act="gelu_tanh", sandwich_norms=True,
-                query_pre_attn_scalar=opt_float("query_pre_attn_scalar"),
-                attn_logit_softcap=opt_float("attn_logit_softcapping") if model_type == "gemma2" else None,
-                final_logit_softcap=opt_float("final_logit_softcapping"),
-                layer_types=layer_types, local_rope_theta=local_theta)
-  try:
-    config = ModelConfig(**{**kw, **common, **overrides})
-  except (TypeError, ValueError) as e:
-    raise CheckpointError(f"{source}: {e}") from e
-  return config, arch
-
-
-def default_architecture(config: ModelConfig) -> str:
-  """The transformers class an export of `config` uses unless told otherwise."""
-  if config.arch == "gpt2":
-    return "GPT2ForSequenceClassification" if config.head == "score" else "GPT2LMHeadModel"
-  if config.sandwich_norms or config.norm_offset:
-    if config.qk_norm:
-      return "Gemma3TextForSequenceClassification" if config.head == "score" else "Gemma3ForCausalLM"
-    family = "Gemma2"
-  elif config.qk_norm:
-    family = "Qwen3"
-  elif config.qkv_bias and not config.o_bias:
-    family = "Qwen2"
-  elif config.sliding_window is not None:
-    family = "Mistral"
-  else:
-    family = "Llama"
-  return family + ("ForSequenceClassification" if config.head == "score" else "ForCausalLM")
-
-
-def _check_exportable(config: ModelConfig, arch: str) -> None:
-  if arch not in SUPPORTED_ARCHITECTURES:
-    raise CheckpointError(f"unsupported export architecture {arch!r}; supported: {sorted(SUPPORTED_ARCHITECTURES)}")
-  model_type, head = SUPPORTED_ARCHITECTURES[arch]
-  if config.head != head:
-    raise CheckpointError(f"{arch} needs head={head!r}, the model has head={config.head!r}")
-  problems = []
-  if (model_type == "gpt2") != (config.arch == "gpt2"):
-    problems.append(f"arch={config.arch!r}")
-  gemma = model_type in _GEMMA
-  if config.arch == "llama":
-    gemma_opts = dict(norm_offset=config.norm_offset == 1.0, scale_embeddings=config.scale_embeddings,
-                      mlp_act=config.mlp_act == "gelu_tanh", sandwich_norms=config.sandwich_norms)
-    for name, is_gemma in gemma_opts.items():
-      if is_gemma != gemma:
-        problems.append(f"{name}={getattr(config, name)!r} ({'required' if gemma else 'not supported'} by {arch})")
-    if config.norm_offset not in (0.0, 1.0):
-      problems.append(f"norm_offset={config.norm_offset}")
-    if config.qk_norm != (model_type in ("qwen3", "gemma3_text")):
-      problems.append(f"qk_norm={config.qk_norm}")
-    if not gemma:
-      for name in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap", "local_rope_theta"):
-        if getattr(config, name) is not None:
-          problems.append(f"{name} (a Gemma option)")
-    if model_type != "gemma3_text" and config.local_rope_theta is not None:
-      problems.append("local_rope_theta (Gemma 3 only)")
-    qpas = config.query_pre_attn_scalar
-    if gemma and qpas is not None and float(qpas) != int(qpas):
-      problems.append(f"query_pre_attn_scalar={qpas} (transformers requires an integer)")
-    if model_type == "gemma3_text" and config.attn_logit_softcap is not None:
-      problems.append("attn_logit_softcap (transformers' Gemma 3 ignores attn_logit_softcapping)")
-    if not gemma and config.mixed_layers:
-      problems.append("mixed full / sliding layers (layer_types; Gemma 2 / 3 only)")
-    if (model_type in ("qwen3",) or gemma) and config.mlp_bias:
-      problems.append("mlp_bias")
-    if (model_type in ("qwen3",) or gemma) and config.qkv_bias != config.o_bias:
-      problems.append(f"qkv_bias != o_bias ({arch}'s attention_bias covers q, k, v and o)")
-  if model_type == "llama":
-    if config.qkv_bias != config.o_bias:
-      problems.append("qkv_bias != o_bias (Llama's attention_bias covers q, k, v and o)")
-    if config.sliding_window is not None:
-      problems.append("sliding_window (Llama has none; use Mistral or Qwen2)")
-  if model_type == "qwen2" and (not config.qkv_bias or config.o_bias or config.mlp_bias):
-    problems.append("Qwen2 has q/k/v biases only (qkv_bias=True, o_bias=False, mlp_bias=False)")
-  if model_type == "mistral" and (config.qkv_bias or config.o_bias or config.mlp_bias):
-    problems.append("Mistral has no biases")
-  if config.arch == "llama" and config.rope_scaling.type not in ("default", "linear", "llama3"):
-    problems.append(f"rope_scaling {config.rope_scaling.type!r}")
-  if problems:
-    raise CheckpointError(f"the model cannot be written as {arch}: {'; '.join(problems)}")
-
-
-def _rope_to_hf(config: ModelConfig) -> tuple[dict, dict | None]:
-  rs = config.rope_scaling
-  scaling: dict | None = None
-  if rs.type == "linear":
-    scaling = {"rope_type": "linear", "factor": rs.factor}
-  elif rs.type == "llama3":
-    scaling = {"rope_type": "llama3", "factor": rs.factor, "low_freq_factor": rs.low_freq_factor,
-               "high_freq_factor": rs.high_freq_factor,
-               "original_max_position_embeddings": rs.original_max_position_embeddings}
-  params = {"rope_type": "default", **(scaling or {}), "rope_theta": config.rope_theta}
-  return params, scaling
-
-
-def model_config_to_hf_config(config: ModelConfig, architecture: str | None = None,
-                              dtype: str | None = None) -> dict:
-  """A transformers config dict for `config` (v5 `rope_parameters` plus v4's rope_theta / rope_scaling)."""
-  arch = architecture or default_architecture(config)
-  _check_exportable(config, arch)
-  model_type, head = SUPPORTED_ARCHITECTURES[arch]
-  common = dict(architectures=[arch], model_type=model_type, vocab_size=config.vocab_size,
-                tie_word_embeddings=config.tie_embeddings, pad_token_id=config.pad_token_id,
-                bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-                initializer_range=0.02, use_cache=True, dtype=dtype or config.param_dtype)
-  if head == "score":
-    common["id2label"] = {str(i): f"LABEL_{i}" for i in range(config.num_labels)}
-    common["label2id"] = {f"LABEL_{i}": i for i in range(config.num_labels)}
-  if model_type == "gpt2":
-    hf = dict(n_embd=config.d_model, n_layer=config.n_layers, n_head=config.n_heads, n_inner=config.mlp_dim,
-              n_positions=config.max_seq_len, activation_function="gelu_new",
-              layer_norm_epsilon=config.norm_eps, scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
-              reorder_and_upcast_attn=False, add_cross_attention=False, resid_pdrop=0.0, embd_pdrop=0.0,
-              attn_pdrop=0.0)
-  else:
-    rope_parameters, rope_scaling = _rope_to_hf(config)
-    hf = dict(hidden_size=config.d_model, intermediate_size=config.mlp_dim, num_hidden_layers=config.n_layers,
-              num_attention_heads=config.n_heads, num_key_value_heads=config.kv_heads, head_dim=config.hd,
-              hidden_act="silu", max_position_embeddings=config.max_seq_len, rms_norm_eps=config.norm_eps,
-              rope_parameters=rope_parameters, rope_theta=config.rope_theta, rope_scaling=rope_scaling,
-              attention_dropout=0.0)
-    if model_type in _GEMMA:
-      del hf["hidden_act"]
-      sliding = config.sliding_layers
-      hf.update(hidden_activation="gelu_pytorch_tanh", attention_bias=config.o_bias,
-                query_pre_attn_scalar=int(config.query_pre_attn_scalar or config.hd),  # an int in transformers
-                final_logit_softcapping=config.final_logit_softcap,
-                sliding_window=config.sliding_window if any(sliding) else None,
-                layer_types=["sliding_attention" if s else "full_attention" for s in sliding],
-                use_bidirectional_attention=False)
-      if model_type == "gemma2":
-        hf.update(attn_logit_softcapping=config.attn_logit_softcap)
-      else:  # per-layer-type RoPE; v4's rope_theta / rope_scaling / rope_local_base_freq too
-        local_theta = config.local_rope_theta if config.local_rope_theta is not None else config.rope_theta
-        if config.local_rope_theta is None and config.rope_scaling.type != "default":
-          raise CheckpointError(f"the model cannot be written as {arch}: sliding layers would use the scaled "
-                                "global RoPE (set local_rope_theta)")
-        hf.update(rope_parameters={"full_attention": rope_parameters,
-                                   "sliding_attention": {"rope_type": "default", "rope_theta": local_theta}},
-                  rope_local_base_freq=local_theta, attn_logit_softcapping=None)
-    elif model_type == "llama":
-      hf.update(attention_bias=config.o_bias, mlp_bias=config.mlp_bias)
-    elif model_type == "mistral":
-      hf.update(sliding_window=config.sliding_window)
-    else:  # qwen2 / qwen3: all layers sliding (max_window_layers=0) or none
-      sliding = config.sliding_window is not None
-      hf.update(use_sliding_window=sliding, sliding_window=config.sliding_window,
-                max_window_layers=0 if sliding else config.n_layers,
-                layer_types=[("sliding_attention" if sliding else "full_attention")] * config.n_layers)
-      if model_type == "qwen3":
-        hf.update(attention_bias=config.o_bias)
-  return {**common, **hf}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -657,90 +186,6 @@ def _specs(config: ModelConfig, abstract_params: dict, prefix: str, n_positions:
 # reading
 
 
-@dataclasses.dataclass(frozen=True)
-class _TensorInfo:
-  file: pathlib.Path
-  shape: tuple[int, ...]
-  dtype: str
-
-
-def _checkpoint_files(path: pathlib.Path) -> tuple[list[pathlib.Path], pathlib.Path | None]:
-  index = path / "model.safetensors.index.json"
-  if index.is_file():
-    try:
-      weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-      raise CheckpointError(f"{index}: not a safetensors index with a 'weight_map' ({e})") from e
-    files = sorted({path / f for f in weight_map.values()})
-    for f in files:
-      if not f.is_file():
-        raise CheckpointError(f"{index}: shard {f.name} is listed but missing from {path}")
-    return files, index
-  single = path / "model.safetensors"
-  if single.is_file():
-    return [single], None
-  found = sorted(path.glob("*.safetensors"))
-  if len(found) == 1:
-    return found, None
-  if found:
-    raise CheckpointError(f"{path}: several .safetensors files {[f.name for f in found]} but no "
-                          "model.safetensors.index.json")
-  other = [f.name for f in path.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".h5", ".msgpack")]
-  hint = f" (found {other}: convert them to safetensors with transformers)" if other else ""
-  raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
-
-
-def _read_headers(files: list[pathlib.Path], index: pathlib.Path | None) -> dict[str, _TensorInfo]:
-  """name -> (file, shape, dtype), from the safetensors headers only (no tensor data is read)."""
-  tensors: dict[str, _TensorInfo] = {}
-  for f in files:
-    try:
-      with safe_open(str(f), framework="np") as handle:
-        for name in handle.keys():
-          sl = handle.get_slice(name)
-          if name in tensors:
-            raise CheckpointError(f"{f}: tensor {name} also in {tensors[name].file.name}")
-          tensors[name] = _TensorInfo(f, tuple(sl.get_shape()), sl.get_dtype())
-    except CheckpointError:
-      raise
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-      raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from e
-  if index is not None:
-    weight_map = json.loads(index.read_text())["weight_map"]
-    for name, fname in weight_map.items():
-      if name not in tensors or tensors[name].file.name != fname:
-        where = tensors[name].file.name if name in tensors else "no shard"
-        raise CheckpointError(f"{index}: maps tensor {name} to {fname}, but it is in {where}")
-  return tensors
-
-
-class _Reader:
-  """Lazily opened safetensors handles; reads slices of (per-layer, transposed) HF tensors."""
-
-  def __init__(self, tensors: dict[str, _TensorInfo]):
-    self.tensors = tensors
-    self._stack = contextlib.ExitStack()
-    self._handles: dict[pathlib.Path, Any] = {}
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self._stack.close()
-
-  def _handle(self, file: pathlib.Path):
-    if file not in self._handles:
-      self._handles[file] = self._stack.enter_context(safe_open(str(file), framework="np"))
-    return self._handles[file]
-
-  def read(self, name: str, index: tuple[slice, ...], transpose: bool) -> np.ndarray:
-    """HF tensor `name` at our `index` (slices into our layout: transposed for nn.Linear weights)."""
-    sl = self._handle(self.tensors[name].file).get_slice(name)
-    if transpose:
-      return np.asarray(sl[index[1], index[0]]).T
-    return np.asarray(sl[tuple(index)])
-
-
 def _normalize_index(index: Any, shape: tuple[int, ...]) -> tuple[slice, ...]:
   index = tuple(index) if index is not None else ()
   index = index + (slice(None),) * (len(shape) - len(index))
@@ -753,7 +198,7 @@ def _normalize_index(index: Any, shape: tuple[int, ...]) -> tuple[slice, ...]:
   return tuple(out)
 
 
-def _spec_reader(spec: _Spec, reader: _Reader, shape: tuple[int, ...],
+def _spec_reader(spec: _Spec, reader: TensorReader, shape: tuple[int, ...],
                  dtype: Any) -> Callable[[tuple[slice, ...]], np.ndarray]:
   """index (slices into our parameter) -> np.ndarray in `dtype`, reading only that slice."""
 
@@ -796,10 +241,10 @@ def _new_param(path: tuple[str, ...], shape: tuple[int, ...], dtype: Any, seed: 
 
 
 def _plan(path: pathlib.Path, config: ModelConfig, arch: str, hf: dict,
-          abstract_params: dict) -> tuple[list[_Spec], dict[str, _TensorInfo]]:
+          abstract_params: dict) -> tuple[list[_Spec], dict[str, TensorInfo]]:
   """Every check on the checkpoint's tensors (presence, shape, dtype, nothing unexpected)."""
-  files, index = _checkpoint_files(path)
-  tensors = _read_headers(files, index)
+  files, index = checkpoint_files(path)
+  tensors = read_headers(files, index)
   where = str(index or files[0])
   model_type, ckpt_head = SUPPORTED_ARCHITECTURES[arch]
   family = "gpt2" if model_type == "gpt2" else "llama"
@@ -823,9 +268,9 @@ def _plan(path: pathlib.Path, config: ModelConfig, arch: str, hf: dict,
       if info.shape != spec.hf_shape:
         raise CheckpointError(f"{info.file}: tensor {name} has shape {list(info.shape)}, expected "
                               f"{list(spec.hf_shape)} from config.json")
-      if info.dtype not in _FLOAT_DTYPES:
+      if info.dtype not in FLOAT_DTYPES:
         raise CheckpointError(f"{info.file}: tensor {name} has dtype {info.dtype}; only float tensors "
-                              f"{sorted(_FLOAT_DTYPES)} are supported (no quantized checkpoints)")
+                              f"{sorted(FLOAT_DTYPES)} are supported (no quantized checkpoints)")
   ignored = set()
   if config.tie_embeddings or config.head != "lm":
     ignored.add("lm_head.weight")  # transformers ties it to the embedding / a new head replaces it
@@ -883,7 +328,7 @@ def load_hf_model(path: PathLike, *, dtype: str = "float32", param_dtype: str = 
   abstract = abstract_variables(model)["params"]
   specs, tensors = _plan(path, config, arch, hf, abstract)
 
-  with _Reader(tensors) as reader:
+  with TensorReader(tensors) as reader:
     params = _materialize(model, specs, reader, mesh=mesh, rules=rules, seed=seed, source=str(path),
                           file_of=lambda name: tensors[name].file)
   return model, params
@@ -956,45 +401,11 @@ def params_from_hf_tensors(model: Transformer, source: Any, *, where: str, mesh:
   return _materialize(model, specs, source, mesh=mesh, rules=rules, seed=seed, source=where)
 
 
-def _parse_size(size: int | str) -> int:
-  """Bytes from 5000000, "5GB" (10^9), "5GiB" (2^30), "200MB", "40KB"... as transformers does."""
-  if isinstance(size, int):
-    return size
-  m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?I?B)\s*", str(size).upper())
-  if not m:
-    raise ValueError(f"max_shard_size: cannot parse {size!r} (use e.g. 5GB, 500MB, or an int)")
-  value, unit = float(m.group(1)), m.group(2)
-  powers = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-  return int(value * powers[unit])
-
-
 def _to_host(x: Any) -> np.ndarray:
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
-
-
-def _write_safetensors(file: pathlib.Path, entries: list[tuple[str, tuple[int, ...], np.dtype, Callable]]) -> None:
-  """Stream tensors into one safetensors file: header from the shapes, then each tensor's bytes."""
-  header: dict[str, Any] = {}
-  offset = 0
-  for name, shape, dtype, _ in entries:
-    nbytes = math.prod(shape) * dtype.itemsize
-    header[name] = {"dtype": _ST_DTYPE_CODE[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-    offset += nbytes
-  header["__metadata__"] = {"format": "pt"}
-  blob = json.dumps(header, separators=(",", ":")).encode()
-  blob += b" " * (-len(blob) % 8)
-  with open(file, "wb") as f:
-    f.write(struct.pack("<Q", len(blob)))
-    f.write(blob)
-    for name, shape, dtype, fetch in entries:
-      arr = np.ascontiguousarray(fetch())
-      if arr.shape != tuple(shape) or arr.dtype != dtype:
-        raise RuntimeError(f"internal: {name} fetched as {arr.shape} {arr.dtype}, planned {shape} {dtype}")
-      f.write(arr.tobytes())
 
 
 def _merge_lora(config: ModelConfig, kernel: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -1055,10 +466,10 @@ def save_hf_model(path: PathLike, model_or_config: Transformer | ModelConfig, pa
     raise CheckpointError("a model with head='none' has no transformers class to export to (use lm or score)")
   arch = architecture or default_architecture(config)
   out_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
-  if out_dtype is not None and out_dtype not in _ST_DTYPE_CODE:
+  if out_dtype is not None and out_dtype not in DTYPE_CODES:
     raise ValueError(f"dtype {dtype!r}: not a float dtype safetensors can hold")
   model_config_to_hf_config(config, arch)  # refuses configs the class cannot express, before any work
-  shard_bytes = _parse_size(max_shard_size)
+  shard_bytes = parse_size(max_shard_size)
 
   abstract = abstract_variables(Transformer(config))
   flat = _check_tree(params, abstract["params"], "params")
@@ -1079,7 +490,7 @@ def save_hf_model(path: PathLike, model_or_config: Transformer | ModelConfig, pa
   for spec in specs:
     leaf = flat[spec.path]
     dt = out_dtype if out_dtype is not None else np.dtype(leaf.dtype)
-    if dt not in _ST_DTYPE_CODE:
+    if dt not in DTYPE_CODES:
       raise CheckpointError(f"params: {'/'.join(spec.path)} has dtype {leaf.dtype}, not a float dtype")
     lora_ab = None
     if spec.path[-1] == "kernel" and spec.path[:-1] + ("a",) in flat_lora:
@@ -1109,11 +520,8 @@ def save_hf_model(path: PathLike, model_or_config: Transformer | ModelConfig, pa
     size += nbytes
 
   writer = jax.process_index() == 0
-  tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-  try:
+  with staged_directory(path, write=writer) as tmp:
     if writer:
-      path.parent.mkdir(parents=True, exist_ok=True)
-      tmp.mkdir()
       (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
       if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
@@ -1122,36 +530,14 @@ def save_hf_model(path: PathLike, model_or_config: Transformer | ModelConfig, pa
     for k, shard in enumerate(shards):
       fname = "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
       if writer:
-        _write_safetensors(tmp / fname, shard)
+        write_safetensors(tmp / fname, shard)
       else:  # other hosts take part in the gathers only
         for e in shard:
           e[3]()
       weight_map.update({e[0]: fname for e in shard})
-    if writer:
-      if n > 1:
-        total = sum(math.prod(e[1]) * e[2].itemsize for e in entries)
-        n_params = sum(math.prod(e[1]) for e in entries)
-        index = {"metadata": {"total_size": total, "total_parameters": n_params}, "weight_map": weight_map}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-      _replace_dir(tmp, path)
-  except BaseException:
-    if writer and tmp.exists():
-      shutil.rmtree(tmp, ignore_errors=True)
-    raise
+    if writer and n > 1:
+      total = sum(math.prod(e[1]) * e[2].itemsize for e in entries)
+      n_params = sum(math.prod(e[1]) for e in entries)
+      index = {"metadata": {"total_size": total, "total_parameters": n_params}, "weight_map": weight_map}
+      (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
   return path
-
-
-def _replace_dir(tmp: pathlib.Path, path: pathlib.Path) -> None:
-  """Move the finished `tmp` to `path`; an old `path` is removed only after the new one is in place."""
-  old = None
-  if path.exists():
-    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(path, old)
-  try:
-    os.replace(tmp, path)
-  except BaseException:
-    if old is not None:
-      os.replace(old, path)
-    raise
-  if old is not None:
-    shutil.rmtree(old, ignore_errors=True)

@@ -24,8 +24,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
-import uuid
 from typing import Any
 
 import flax.traverse_util
@@ -34,10 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
+from pro_jax.data.files import staged_directory
 from pro_jax.models.config import GPT2_LORA_TARGETS, LLAMA_LORA_TARGETS, LoRAConfig, ModelConfig
-from pro_jax.models.hf_io import (_BODY_PREFIX, _ST_DTYPE_CODE, CheckpointError, _hf_names, _replace_dir, _to_host,
-                                  _write_safetensors)
+from pro_jax.models.hf_config import CheckpointError, read_json_object
+from pro_jax.models.hf_io import _BODY_PREFIX, _hf_names, _to_host
 from pro_jax.models.hub import resolve_pretrained
+from pro_jax.models.safetensors_io import DTYPE_CODES, write_safetensors
 from pro_jax.models.transformer import Transformer, abstract_variables
 
 PathLike = str | os.PathLike
@@ -113,7 +113,7 @@ def save_peft_adapter(path: PathLike, config: ModelConfig, lora: dict, *, base_m
       raise CheckpointError(f"lora variables: {'/'.join(leaf_path)} has shape {list(np.shape(leaf))}, expected "
                             f"{list(expected[leaf_path].shape)}")
     dt = np.dtype(jnp.dtype(dtype)) if dtype is not None else np.dtype(leaf.dtype)
-    if dt not in _ST_DTYPE_CODE:
+    if dt not in DTYPE_CODES:
       raise CheckpointError(f"lora variables: {'/'.join(leaf_path)} has non-float dtype {dt}")
     per_layer = leaf_path[0] == "layers"
     for i in range(config.n_layers if per_layer else 1):
@@ -127,35 +127,22 @@ def save_peft_adapter(path: PathLike, config: ModelConfig, lora: dict, *, base_m
       entries.append((name, shape, dt, fetch))
   entries.sort(key=lambda e: e[0])
   writer = jax.process_index() == 0
-  tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-  try:
+  with staged_directory(path, write=writer) as tmp:
     if writer:
-      path.parent.mkdir(parents=True, exist_ok=True)
-      tmp.mkdir()
       (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg_json, indent=2, sort_keys=True) + "\n")
-      _write_safetensors(tmp / ADAPTER_WEIGHTS, entries)
+      write_safetensors(tmp / ADAPTER_WEIGHTS, entries)
       for fname, text in (extra_files or {}).items():
         (tmp / fname).write_text(text)
-      _replace_dir(tmp, path)
-    else:
+    else:  # other hosts take part in the gathers only
       for e in entries:
         e[3]()
-  except BaseException:
-    if writer and tmp.exists():
-      shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return path
 
 
 def read_peft_config(path: PathLike) -> tuple[dict, LoRAConfig]:
   """adapter_config.json of a PEFT LoRA adapter -> (the dict, the matching `LoRAConfig`)."""
   file = pathlib.Path(path) / ADAPTER_CONFIG
-  if not file.is_file():
-    raise CheckpointError(f"{file}: not found (is {path} a PEFT adapter directory?)")
-  try:
-    cfg = json.loads(file.read_text())
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{file}: invalid JSON ({e})") from e
+  cfg = read_json_object(path, ADAPTER_CONFIG, "a PEFT adapter")
   if cfg.get("peft_type") != "LORA":
     raise CheckpointError(f"{file}: peft_type {cfg.get('peft_type')!r}; only LORA adapters are supported")
   unsupported = {"use_dora": True, "use_rslora": True, "lora_bias": True}

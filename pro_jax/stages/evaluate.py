@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from pro_jax.data import files, synthetic
 from pro_jax.data.pipeline import pad_right, prompt_arrays, round_up
-from pro_jax.data.tokenize import eos_id, normalize_messages, pad_id
+from pro_jax.data.tokenize import decode_responses, eos_id, normalize_messages, pad_id
 from pro_jax.models import Transformer
 from pro_jax.models.generate import generate
 from pro_jax.models.inference import batched_apply, pad_rows
@@ -110,11 +110,7 @@ def generate_texts(model: Transformer, variables: Any, tokenizer: Any, prompts: 
                    eos_token_id=eos, pad_token_id=pad, return_logprobs=False, weights_BxK=w)
     out_tok[s:s + k] = np.asarray(res.tokens_BxN)[:k]
     out_mask[s:s + k] = np.asarray(res.response_mask_BxN)[:k]
-  texts = []
-  for row, mrow in zip(out_tok, out_mask):
-    ids = [int(x) for x, mm in zip(row, mrow) if mm and x != eos]
-    texts.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
-  return texts, out_tok, out_mask
+  return decode_responses(tokenizer, out_tok, out_mask, eos), out_tok, out_mask
 
 
 def response_logps(model: Transformer, variables: Any, tokenizer: Any, prompts: Sequence[Any],

@@ -50,7 +50,7 @@ from jax.experimental import multihost_utils
 
 from pro_jax import sharding
 from pro_jax.data.pipeline import prompt_arrays
-from pro_jax.data.tokenize import eos_id, pad_id
+from pro_jax.data.tokenize import decode_responses, eos_id, pad_id
 from pro_jax.models import ModelConfig, Transformer, abstract_variables, logical_axes
 from pro_jax.models.generate import GenerateOutput, generate
 from pro_jax.models.sources import Backbone, derive_config, load_source
@@ -99,12 +99,6 @@ def scalarize(raw_NxK: np.ndarray, norm: NormStats, weights_NxK: np.ndarray, rew
   if reward_clip is not None:
     r = np.clip(r, -reward_clip, reward_clip)
   return r.astype(np.float32), normed.astype(np.float32)
-
-
-def decode_responses(tokenizer: Any, tokens_BxN: np.ndarray, mask_BxN: np.ndarray, eos: int) -> list[str]:
-  """Response texts: the masked tokens without EOS, special tokens skipped, stripped."""
-  ids = [[int(t) for t, m in zip(row, mrow) if m and t != eos] for row, mrow in zip(tokens_BxN, mask_BxN)]
-  return [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
 def _to_host(x: Any) -> Any:
