@@ -117,7 +117,7 @@ def test_tokenizer_is_written_whole_after_the_checks(tmp_path, monkeypatch):
       raise KeyboardInterrupt("killed mid-write")
     return shutil.copy2(src, dst, *args, **kwargs)
 
-  monkeypatch.setattr(shutil, "copytree", lambda src, dst, **kw: real_copytree(src, dst, copy_function=interrupted))
+  monkeypatch.setattr(shutil, "copytree", lambda src, dst, **kw: real_copytree(src, dst, **{**kw, "copy_function": interrupted}))
   with pytest.raises(KeyboardInterrupt):
     ctx.write_workdir()
   monkeypatch.setattr(shutil, "copytree", real_copytree)

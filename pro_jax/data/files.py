@@ -164,8 +164,8 @@ def upload(local: PathLike, dest: PathLike) -> None:
 def publish_dir(local: PathLike, dest: PathLike, *, last: str | None = None) -> None:
   """Copy the local folder tree `local` to `dest` so that no reader ever sees half of it.
 
-  Local `dest`: the tree is copied to a temporary sibling (`.<name>.tmp-<pid>`) and renamed into
-  place; an existing `dest` (say, a damaged earlier copy) is first renamed aside to
+  Local `dest`: the tree is copied into a `staged_directory` (a temporary sibling renamed into
+  place); an existing `dest` (say, a damaged earlier copy) is first renamed aside to
   `<dest>.damaged` (`.damaged-2`, ... when taken), kept for inspection, never deleted. GCS has no
   folder rename: the files are uploaded one object at a time (each one whole), the file named `last`
   last, so a reader that finds `last` finds the rest too.
@@ -177,22 +177,14 @@ def publish_dir(local: PathLike, dest: PathLike, *, last: str | None = None) -> 
       write_bytes(as_path(dest) / rel, (local / rel).read_bytes())
     return
   dst = pathlib.Path(os.fspath(as_path(dest)))
-  dst.parent.mkdir(parents=True, exist_ok=True)
-  tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-  if tmp.exists():
-    shutil.rmtree(tmp)
-  try:
-    shutil.copytree(local, tmp)
-    if dst.exists():
-      aside, n = dst.with_name(dst.name + ".damaged"), 1
-      while aside.exists():
-        n += 1
-        aside = dst.with_name(f"{dst.name}.damaged-{n}")
-      os.replace(dst, aside)
-    os.replace(tmp, dst)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  if dst.exists():  # a damaged earlier copy: kept for inspection, never deleted
+    aside, n = dst.with_name(dst.name + ".damaged"), 1
+    while aside.exists():
+      n += 1
+      aside = dst.with_name(f"{dst.name}.damaged-{n}")
+    os.replace(dst, aside)
+  with staged_directory(dst) as tmp:
+    shutil.copytree(local, tmp, dirs_exist_ok=True)
 
 
 class Mirror:
