@@ -57,6 +57,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench_common import append_report, cpu_model, spawn_worker
+
 FRAMEWORKS = ("pro_jax", "tunix", "trl")
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -175,18 +177,6 @@ def write_weights(args, path: Path) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Workers (each runs in its framework's own interpreter; imports stay inside)
-
-
-def _thread_env(threads: int) -> dict[str, str]:
-  env = dict(os.environ)
-  for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-    env[k] = str(threads)
-  env["JAX_PLATFORMS"] = "cpu"
-  env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-  env["TOKENIZERS_PARALLELISM"] = "false"
-  env["HF_HUB_OFFLINE"] = "1"
-  env.pop("XLA_FLAGS", None)  # no fake devices: one CPU device for the JAX frameworks
-  return env
 
 
 def _timings(step_fn, warmup: int, steps: int) -> tuple[list[float], list[float]]:
@@ -497,22 +487,7 @@ def setup_venvs(args) -> None:
 
 
 def _spawn(python: str, worker: str, spec: dict, workdir: Path, threads: int, timeout: float) -> dict:
-  out = workdir / f"{worker}_{time.time_ns()}.json"
-  spec = dict(spec, out=str(out))
-  spec_path = workdir / f"spec_{worker}.json"
-  spec_path.write_text(json.dumps(spec))
-  cmd = [python, str(Path(__file__).resolve()), "--worker", worker, "--spec", str(spec_path)]
-  log = workdir / f"{worker}.log"
-  t0 = time.perf_counter()
-  with open(log, "a") as f:
-    proc = subprocess.run(cmd, env=_thread_env(threads), stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
-                          cwd=str(REPO))
-  if proc.returncode != 0 or not out.exists():
-    tail = "\n".join(log.read_text().splitlines()[-25:])
-    return {"error": f"{worker} exited with {proc.returncode}; last lines of {log}:\n{tail}"}
-  result = json.loads(out.read_text())
-  result["wall_s"] = time.perf_counter() - t0
-  return result
+  return spawn_worker(__file__, python, worker, spec, workdir, threads, timeout)
 
 
 def _load_avg() -> str:
@@ -642,19 +617,6 @@ def main(argv=None) -> dict:
   return {"rows": rows, "ratios": ratios, "peaks": peaks, "flops_per_step": flops, "header": header}
 
 
-def _cpu_model() -> str:
-  fields = {}
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      k, _, v = line.partition(":")
-      fields.setdefault(k.strip(), v.strip())
-  except OSError:
-    pass
-  flags = fields.get("flags", "").split()
-  isa = ", ".join(f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags) or "no AVX-512"
-  return f"{fields.get('model name', platform.processor())}, cpu family {fields.get('cpu family', '?')} ({isa})"
-
-
 def run_matrix(args, argv) -> dict:
   """Every MATRIX row in one run (same steps / threads), then one table with the CPU and matmul rates."""
   workdir = Path(tempfile.mkdtemp(prefix="bench_dpo_rates_"))
@@ -683,22 +645,16 @@ def run_matrix(args, argv) -> dict:
     best = f"{min(others):.2f}x" if others else "n/a"
     lines.append(f"| {name} | " + " | ".join(cells) + f" | {best} |")
   rate_line = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in rates.items() if isinstance(v, float))
-  header = (f"CPU: {_cpu_model()}, {os.cpu_count()} cores, threads {args.threads}\n"
+  header = (f"CPU: {cpu_model()}, {os.cpu_count()} cores, threads {args.threads}\n"
             f"2048^3 matmul GFLOP/s: {rate_line}\n"
             f"{args.warmup} warm-up + {args.steps} timed steps per framework and row, median; "
             f"ratio = the other's s/step / pro_jax's (> 1: pro_jax faster)")
   report = header + "\n\n" + "\n".join(lines)
   print("\n" + report)
   if args.results_dir:
-    out_dir = Path(args.results_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc)
-    path = out_dir / f"dpo_matrix_{stamp:%Y-%m-%d}.md"
     cmd = "python benchmarks/bench_dpo_step.py " + " ".join(sys.argv[1:] if argv is None else argv)
     details = "\n\n".join(f"### {n}\n\n```\n{r['header']}\n```" for n, r in out.items())
-    with open(path, "a") as fh:
-      fh.write(f"## {stamp:%Y-%m-%d %H:%M} UTC\n\n`{cmd.strip()}`\n\n```\n{header}\n```\n\n" + "\n".join(lines) +
-               "\n\n" + details + "\n\n")
+    path = append_report(args.results_dir, "dpo_matrix", cmd, header, lines, details)
     print(f"[bench] appended to {path}")
   return {"rates": rates, "rows": out}
 

@@ -23,18 +23,17 @@ attention) in `torch.inference_mode`.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from bench_common import append_report, cpu_model, spawn_worker
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -66,19 +65,6 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--worker", choices=("pro_jax", "transformers"), help=argparse.SUPPRESS)
   p.add_argument("--spec", help=argparse.SUPPRESS)
   return p.parse_args(argv)
-
-
-def _thread_env(threads: int) -> dict[str, str]:
-  env = dict(os.environ)
-  for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-    env[k] = str(threads)
-  env["JAX_PLATFORMS"] = "cpu"
-  env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-  env["TOKENIZERS_PARALLELISM"] = "false"
-  env["HF_HUB_OFFLINE"] = "1"
-  env.pop("XLA_FLAGS", None)
-  env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-  return env
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -161,18 +147,7 @@ WORKERS = {"pro_jax": worker_pro_jax, "transformers": worker_transformers}
 
 
 def _spawn(python: str, worker: str, spec: dict, workdir: Path, threads: int, timeout: float) -> dict:
-  out = workdir / f"{worker}.json"
-  spec_path = workdir / f"spec_{worker}.json"
-  spec_path.write_text(json.dumps(dict(spec, out=str(out))))
-  log = workdir / f"{worker}.log"
-  cmd = [python, str(Path(__file__).resolve()), "--worker", worker, "--spec", str(spec_path)]
-  with open(log, "w") as f:
-    proc = subprocess.run(cmd, env=_thread_env(threads), stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
-                          cwd=str(REPO))
-  if proc.returncode != 0 or not out.exists():
-    tail = "\n".join(log.read_text().splitlines()[-25:])
-    return {"error": f"{worker} exited with {proc.returncode}; last lines of {log}:\n{tail}"}
-  return json.loads(out.read_text())
+  return spawn_worker(__file__, python, worker, spec, workdir, threads, timeout)
 
 
 def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
@@ -185,17 +160,6 @@ def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
     same += n
     total += len(ra)
   return same / max(total, 1)
-
-
-def _cpu_model() -> str:
-  fields = {}
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      k, _, v = line.partition(":")
-      fields.setdefault(k.strip(), v.strip())
-  except OSError:
-    pass
-  return f"{fields.get('model name', platform.processor())} (cpu family {fields.get('cpu family', '?')})"
 
 
 def main(argv=None) -> dict:
@@ -256,19 +220,14 @@ def main(argv=None) -> dict:
                    f" | {ratio:.2f}x | {100 * agree:.0f}% |")
   versions = ", ".join(results[f].get("version", "failed") for f in frameworks)
   header = (f"model: SmolLM2-135M-Instruct ({Path(gguf).name}, dequantized), greedy, {N} new tokens per row, "
-            f"chat-template prompts (left-padded)\nCPU: {_cpu_model()}, {os.cpu_count()} cores, threads "
+            f"chat-template prompts (left-padded)\nCPU: {cpu_model()}, {os.cpu_count()} cores, threads "
             f"{args.threads}; load average before {load_before}, after {load_after}\n{versions}\n"
             f"1 warm-up + {args.repeats} timed generate calls per setting, median; prefill included")
   report = header + "\n\n" + "\n".join(lines)
   print("\n" + report)
   if args.results_dir:
-    out_dir = Path(args.results_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc)
-    path = out_dir / f"generate_real_{stamp:%Y-%m-%d}.md"
     cmd = "python benchmarks/bench_generate_real.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    with open(path, "a") as fh:
-      fh.write(f"## {stamp:%Y-%m-%d %H:%M} UTC\n\n`{cmd.strip()}`\n\n```\n{header}\n```\n\n" + "\n".join(lines) + "\n\n")
+    path = append_report(args.results_dir, "generate_real", cmd, header, lines)
     print(f"[bench] appended to {path}")
   return table
 
