@@ -64,18 +64,12 @@ def run_error_exit(command: str, error: BaseException) -> int | None:
   """Print the one-line message and return the exit code of an error a training run ends with
   (preempted 75; a workdir holding another run 2; non-finite values / too many skipped steps or an
   unreadable checkpoint 1); None for any other error. Shared by `pro-jax train` and the PRO stages."""
-  if isinstance(error, Preempted):
-    print(f"pro-jax {command}: {error}", file=sys.stderr)
-    return EXIT_PREEMPTED
-  if isinstance(error, WorkdirError):
-    print(f"pro-jax {command}: error: {error}", file=sys.stderr)
-    return EXIT_USAGE
-  if isinstance(error, NonFiniteError):
-    print(f"pro-jax {command}: stopped: {error}", file=sys.stderr)
-    return EXIT_FAIL
-  if isinstance(error, CheckpointReadError):
-    print(f"pro-jax {command}: error: {error}", file=sys.stderr)
-    return EXIT_FAIL
+  endings = ((Preempted, "", EXIT_PREEMPTED), (WorkdirError, "error: ", EXIT_USAGE),
+             (NonFiniteError, "stopped: ", EXIT_FAIL), (CheckpointReadError, "error: ", EXIT_FAIL))
+  for kind, label, code in endings:
+    if isinstance(error, kind):
+      print(f"pro-jax {command}: {label}{error}", file=sys.stderr)
+      return code
   return None
 
 
