@@ -9,7 +9,7 @@ them, FSDP over the mesh; rows over the batch axes) and reports, per chip:
 
 * `bytes_accessed` and `optimal_seconds` of XLA's cost model (the -1 s `ConcatBitcast` markers added
   back, as in `pro_jax.train.aot`), and the bandwidth they imply (bytes / seconds) against the chip's
-  HBM bandwidth (v4 1228, v5e 819, v5p 2765, v6e 1640 GB/s);
+  HBM bandwidth (v4 1200, v5e 819, v5p 2765, v6e 1640 GB/s);
 * the model bandwidth utilization (MBU): the bytes a decode step must read at the least -- every
   weight once in the compute dtype plus the KV cache, divided over the chips that share them -- per
   `optimal_seconds`, against that bandwidth. Under FSDP each chip streams the all-gathered weights of
@@ -39,25 +39,25 @@ from pro_jax.models.transformer import BATCH, KV_HEADS, Transformer, abstract_va
 from pro_jax.train.aot import HBM_BYTES, _first, chip_generation, topology_devices
 
 GB = 1e9
-HBM_BANDWIDTH = {"v4": 1228e9, "v5e": 819e9, "v5p": 2765e9, "v6e": 1640e9}  # bytes/s per chip
+HBM_BANDWIDTH = {"v4": 1200e9, "v5e": 819e9, "v5p": 2765e9, "v6e": 1640e9}  # bytes/s per chip
 
 
 @dataclasses.dataclass
 class DecodeReport:
   topology: str
-  n_chips: int
+  n_chips: int  # JAX devices (= chips, except v4 topologies: TensorCores)
   mesh_shape: dict
   batch: int  # rows decoded per step (the whole slice)
   cache_len: int  # KV-cache slots (prompt + new tokens)
   weight_bytes: float  # every weight once, in the compute dtype (whole model)
   cache_bytes: float  # the KV cache (whole slice)
   total_bytes: int  # per-chip HBM of the step (memory_analysis)
-  hbm_bytes: int
+  hbm_bytes: int  # per device
   optimal_seconds: float
-  bytes_accessed: float  # per chip, cost model
+  bytes_accessed: float  # per device, cost model
   xla_flops: float
   bandwidth: float  # bytes_accessed / optimal_seconds
-  peak_bandwidth: float
+  peak_bandwidth: float  # HBM bytes/s per device
   mbu: float  # (weight_bytes + cache_bytes) / n_chips / optimal_seconds / peak_bandwidth
   compile_seconds: float
 
@@ -91,6 +91,9 @@ def aot_decode(mcfg: ModelConfig, topology: str, mesh_cfg: Any, *, batch: int, c
   for `topology` with `batch` rows and a KV cache of `cache_len` slots (see the module docstring)."""
   gen = chip_generation(topology)
   devices = topology_devices(topology)
+  # v4 topologies list one device per TensorCore (2 per chip), each with half the chip's HBM and bandwidth
+  chips = len({tuple(getattr(d, "coords", (i,))) for i, d in enumerate(devices)})
+  per_chip = max(len(devices) // max(chips, 1), 1)
   mesh = shd.mesh_from_config(mesh_cfg, devices=devices)
   model = Transformer(mcfg)
   abstract = abstract_variables(model)
@@ -103,7 +106,6 @@ def aot_decode(mcfg: ModelConfig, topology: str, mesh_cfg: Any, *, batch: int, c
   cache_spec = shd.fit_spec(shd.logical_to_mesh_spec(P(BATCH, None, KV_HEADS, None), rules_m),
                             (batch, cache_len, mcfg.kv_heads, mcfg.hd), mesh)
   cache_sh = NamedSharding(mesh, cache_spec)
-  row_sh = NamedSharding(mesh, shd.fit_spec(P(shd.batch_axes(mesh, rules)), (batch,), mesh))
   row2_sh = NamedSharding(mesh, shd.fit_spec(P(shd.batch_axes(mesh, rules), None), (batch, 1), mesh))
   cache_abs = jax.ShapeDtypeStruct((batch, cache_len, mcfg.kv_heads, mcfg.hd), mcfg.jnp_dtype)
   L = mcfg.n_layers
@@ -127,7 +129,6 @@ def aot_decode(mcfg: ModelConfig, topology: str, mesh_cfg: Any, *, batch: int, c
           jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=row2_sh),
           jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P())),
           jax.ShapeDtypeStruct((batch, cache_len), jnp.int32, sharding=row2_sh))
-  del row_sh
   t0 = time.perf_counter()
   with shd.activation_sharding(mesh, rules), nn.logical_axis_rules(rules_m):
     lowered = jax.jit(step, donate_argnums=(2,)).lower(*args)
@@ -147,10 +148,10 @@ def aot_decode(mcfg: ModelConfig, topology: str, mesh_cfg: Any, *, batch: int, c
   bytes_accessed = _first(cost, "bytes accessed") or 0.0
   weight_bytes = float(mcfg.num_params()) * np.dtype(mcfg.jnp_dtype).itemsize
   cache_bytes = 2.0 * L * np.prod(cache_abs.shape) * np.dtype(cache_abs.dtype).itemsize
-  peak = HBM_BANDWIDTH[gen]
+  peak = HBM_BANDWIDTH[gen] / per_chip
   return DecodeReport(
       topology=topology, n_chips=len(devices), mesh_shape=dict(mesh.shape), batch=batch, cache_len=cache_len,
-      weight_bytes=weight_bytes, cache_bytes=cache_bytes, total_bytes=total, hbm_bytes=HBM_BYTES[gen],
+      weight_bytes=weight_bytes, cache_bytes=cache_bytes, total_bytes=total, hbm_bytes=HBM_BYTES[gen] // per_chip,
       optimal_seconds=opt, bytes_accessed=bytes_accessed, xla_flops=_first(cost, "flops") or 0.0,
       bandwidth=bytes_accessed / opt, peak_bandwidth=peak,
       mbu=(weight_bytes + cache_bytes) / len(devices) / opt / peak, compile_seconds=seconds)
