@@ -242,6 +242,35 @@ def test_pro_jax_aot_compiles_a_tiny_experiment_step_for_v5e(tmp_path, capsys, m
   assert report["while_loops"] > 0  # scanned layers, as configured
 
 
+def test_pro_jax_aot_decode_reports_the_rollout_step_hbm_bandwidth(tmp_path, capsys):
+  """`aot --decode`: the PPO policy's decode step (rollout_batch rows, a KV cache of the padded prompt
+  + max_new_tokens), FSDP over v5e:2x2. Every chip reads every weight (gathered) each step, so XLA's
+  bytes per chip are at least the whole model in bf16; the bandwidth and MBU follow their definitions."""
+  from pro_jax import cli
+  from pro_jax.train.aot import libtpu_available
+  if not libtpu_available():
+    pytest.skip("libtpu is not installed: `pip install 'jax[tpu]==0.10.2'` to compile for TPU topologies on CPU")
+  out = tmp_path / "d.json"
+  over = [*TINY_OVERRIDES, "--config.policy.pro.ppo.rollout_batch=16", "--config.policy.pro.ppo.minibatch=8",
+          "--config.policy.pro.ppo.max_new_tokens=8"]
+  rc = cli.main(["aot", "--config", f"{EXP}/helpful_assistant.py:ppo", "--topology", "v5e:2x2", "--decode",
+                 "--json", str(out), *over])
+  captured = capsys.readouterr()
+  text = captured.out
+  assert rc == 0, text + captured.err
+  assert "policy decode step" in text and "LoRA r=64 unmerged" in text and "HBM bandwidth" in text
+  r = json.loads(out.read_text())
+  m = T.decode_target(exp_config("helpful_assistant", "ppo", over)).model
+  assert (r["batch"], r["cache_len"], r["n_chips"]) == (16, 16 + 8, 4)
+  assert r["weight_bytes"] == m.num_params() * 2  # bf16 compute
+  assert r["cache_bytes"] == 2 * m.n_layers * 16 * 24 * m.kv_heads * m.hd * 2
+  assert r["bytes_accessed"] >= r["weight_bytes"]
+  assert r["bandwidth"] == pytest.approx(r["bytes_accessed"] / r["optimal_seconds"])
+  assert r["peak_bandwidth"] == 819e9
+  assert r["mbu"] == pytest.approx((r["weight_bytes"] + r["cache_bytes"]) / 4 / r["optimal_seconds"] / 819e9)
+  assert 0 < r["mbu"] < 1
+
+
 # -- launch scripts -------------------------------------------------------------------------------
 
 BASH = shutil.which("bash")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from pro_jax.models import LoRAConfig, ModelConfig, RopeScaling, Transformer, init_cache, init_variables
+from pro_jax.models.config import LLAMA_LORA_TARGETS
 from pro_jax.models.transformer import abstract_variables, rope_inv_freq
 
 V = 40
@@ -75,7 +76,8 @@ def _loss_and_grad(config, params, tokens, mask):
 
 
 @pytest.mark.parametrize("variant", [dict(scan_layers=False), dict(remat="full"), dict(remat="dots"),
-                                     dict(remat="dots_no_batch", scan_layers=False)])
+                                     dict(remat="dots_no_batch", scan_layers=False), dict(remat="save_proj"),
+                                     dict(remat="save_attn", scan_layers=False)])
 def test_layer_loop_variants_same_outputs_and_grads(variant, monkeypatch):
   from pro_jax.models import transformer
 
@@ -92,6 +94,36 @@ def test_layer_loop_variants_same_outputs_and_grads(variant, monkeypatch):
   for (path, g), r in zip(jax.tree.flatten_with_path(grad)[0], jax.tree.leaves(ref_grad)):
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-6, rtol=1e-5,
                                err_msg=jax.tree_util.keystr(path))
+
+
+def _projection_dots(jaxpr) -> int:
+  """dot_general equations without batch dimensions (the projections), in every nested jaxpr."""
+  from jax.extend.core import jaxprs_in_params
+  n = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general" and not eqn.params["dimension_numbers"][1][0]:
+      n += 1
+    for sub in jaxprs_in_params(eqn.params):
+      n += _projection_dots(sub)
+  return n
+
+
+def test_named_remat_policies_skip_recomputing_projections():
+  """`remat="save_proj"` saves the tagged projection outputs, so the LoRA step's backward re-runs no
+  projection: as many projection matmuls as without remat; "full" re-runs every forward one (more);
+  "save_attn" / "save_mlp" re-run only the MLP's / the attention's (in between)."""
+  config = LLAMA.replace(lora=LoRAConfig(rank=4, alpha=8.0, targets=LLAMA_LORA_TARGETS), scan_layers=False)
+  tokens = jnp.asarray(_tokens(2, 8))
+  variables = Transformer(config).init(jax.random.key(0), tokens)
+  params, lora = variables["params"], variables["lora"]
+
+  def count(remat):
+    def loss(lo):
+      return jnp.mean(Transformer(config.replace(remat=remat)).apply({"params": params, "lora": lo}, tokens).logits)
+    return _projection_dots(jax.make_jaxpr(jax.grad(loss))(lora).jaxpr)
+
+  n = {r: count(r) for r in ("none", "full", "save_proj", "save_attn", "save_mlp")}
+  assert n["save_proj"] == n["none"] < n["save_attn"] < n["save_mlp"] < n["full"], n
 
 
 def test_gqa_equals_mha_with_repeated_kv_weights():

@@ -11,13 +11,14 @@ Configs are hashable so they can be static arguments of `jax.jit`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import jax.numpy as jnp
 
 Arch = Literal["llama", "gpt2"]
 Head = Literal["lm", "score", "none"]
-Remat = Literal["none", "full", "dots", "dots_no_batch"]
+Remat = Literal["none", "full", "dots", "dots_no_batch", "save_attn", "save_mlp", "save_proj"]
+REMAT_POLICIES: tuple[str, ...] = get_args(Remat)  # pro_jax.models.transformer._remat_policy says what each saves
 MlpAct = Literal["silu", "gelu_tanh"]
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -154,8 +155,8 @@ class ModelConfig:
                        f"{self.weight_tokens}, num_weights={self.num_weights}")
     if self.weight_tokens and not 0 <= self.weight_token_id < self.vocab_size:
       raise ValueError(f"weight_token_id {self.weight_token_id} is outside the vocabulary [0, {self.vocab_size})")
-    if self.remat not in ("none", "full", "dots", "dots_no_batch"):
-      raise ValueError(f"ModelConfig.remat: unknown policy {self.remat!r}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"ModelConfig.remat: unknown policy {self.remat!r} (known: {', '.join(REMAT_POLICIES)})")
     if self.arch == "gpt2" and self.kv_heads != self.n_heads:
       raise ValueError("GPT-2 has no grouped-query attention (n_kv_heads must equal n_heads)")
     if self.lora is not None:

@@ -20,8 +20,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
-from pro_jax.models.config import LoRAConfig, ModelConfig
+from pro_jax.models.config import REMAT_POLICIES, LoRAConfig, ModelConfig
 
 Array = jax.Array
 
@@ -52,7 +53,34 @@ def scans_layers(cfg: ModelConfig) -> bool:
   return bool(cfg.scan_layers) and cfg.n_layers > UNROLL_MAX_LAYERS
 
 
+# Activations a Block tags with `checkpoint_name`, for the named remat policies below. Saving them
+# lets the backward pass skip re-running every large matmul of the layer: the attention backward
+# needs q, k, v (after RoPE), o_proj's LoRA factor needs the attention output, the MLP backward
+# needs the gate and up projections (after their LoRA deltas), the MLP's norm needs the residual
+# stream after the attention (else o_proj is re-run), and each LoRA's weight gradient needs x @ A
+# (r wide). Frozen base weights need no input activations (no weight gradient), so in a LoRA
+# step these are all the matmul results the backward reads.
+ATTN_NAMES = ("attn_q", "attn_k", "attn_v", "attn_out", "resid_mid")
+MLP_NAMES = ("mlp_gate", "mlp_up")
+LORA_NAMES = ("lora_xa",)
+REMAT_NAMES = {
+    # save q, k, v, the attention output and the residual after it: the MLP's matmuls are re-run
+    "save_attn": ATTN_NAMES + LORA_NAMES,
+    # save the gate and up projections: q, k, v and the attention are re-run
+    "save_mlp": MLP_NAMES + LORA_NAMES,
+    # save both: no projection is re-run (only norms, RoPE, the softmax and elementwise ops)
+    "save_proj": ATTN_NAMES + MLP_NAMES + LORA_NAMES,
+}
+assert set(REMAT_POLICIES) == {"none", "full", "dots", "dots_no_batch", *REMAT_NAMES}
+
+
 def _remat_policy(name: str):
+  """The `jax.checkpoint` policy of `ModelConfig.remat` (what the backward pass may read instead of
+  recomputing): "full" saves nothing but the layer input, "dots" every matmul output,
+  "dots_no_batch" every matmul without batch dimensions (the projections, LoRA's factors included),
+  and the `REMAT_NAMES` policies only the activations tagged with those names."""
+  if name in REMAT_NAMES:
+    return jax.checkpoint_policies.save_only_these_names(*REMAT_NAMES[name])
   return {
       "full": None,
       "dots": jax.checkpoint_policies.checkpoint_dots,
@@ -109,7 +137,8 @@ class Linear(nn.Module):
       b = self.variable("lora", "b", lambda: b_init(self.make_rng("params"), (r, self.features),
                                                     cfg.jnp_param_dtype)).value
       xd = nn.Dropout(self.lora.dropout)(x, deterministic=self.deterministic) if self.lora.dropout else x
-      y = y + _dot(_dot(xd, a.astype(dtype)), b.astype(dtype)) * jnp.asarray(self.lora.scale, dtype)
+      xa = checkpoint_name(_dot(xd, a.astype(dtype)), "lora_xa")
+      y = y + _dot(xa, b.astype(dtype)) * jnp.asarray(self.lora.scale, dtype)
     return y
 
 
@@ -252,6 +281,9 @@ class Attention(nn.Module):
     if cfg.arch != "gpt2":
       q_BxLxHxD = apply_rope(q_BxLxHxD, cos, sin)
       k_BxLxKxD = apply_rope(k_BxLxKxD, cos, sin)
+    q_BxLxHxD = checkpoint_name(q_BxLxHxD, "attn_q")
+    k_BxLxKxD = checkpoint_name(k_BxLxKxD, "attn_k")
+    v_BxLxKxD = checkpoint_name(v_BxLxKxD, "attn_v")
     new_cache = None
     if layer_cache is not None:
       ck = jax.lax.dynamic_update_slice(layer_cache["k"], k_BxLxKxD.astype(layer_cache["k"].dtype),
@@ -267,7 +299,7 @@ class Attention(nn.Module):
     else:
       out_BxLxHxD = jax.nn.dot_product_attention(
           q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, mask=mask_Bx1xLxS, scale=scale, implementation=cfg.attention_impl)
-    out = out_BxLxHxD.reshape(B, L, H * hd)
+    out = checkpoint_name(out_BxLxHxD.reshape(B, L, H * hd), "attn_out")
     name = "c_proj" if cfg.arch == "gpt2" else "o_proj"
     out = self._linear(cfg.d_model, (HEADS, EMBED), name, use_bias=cfg.arch == "gpt2" or cfg.o_bias,
                        std=out_std)(out)
@@ -292,8 +324,8 @@ class FeedForward(nn.Module):
       h = lin(cfg.mlp_dim, (EMBED, MLP), "c_fc", use_bias=True)(x_BxLxD)
       h = jax.nn.gelu(h, approximate=True)  # == HF gelu_new
       return lin(cfg.d_model, (MLP, EMBED), "c_proj", use_bias=True, std=out_std)(h)
-    gate = lin(cfg.mlp_dim, (EMBED, MLP), "gate_proj", use_bias=cfg.mlp_bias)(x_BxLxD)
-    up = lin(cfg.mlp_dim, (EMBED, MLP), "up_proj", use_bias=cfg.mlp_bias)(x_BxLxD)
+    gate = checkpoint_name(lin(cfg.mlp_dim, (EMBED, MLP), "gate_proj", use_bias=cfg.mlp_bias)(x_BxLxD), "mlp_gate")
+    up = checkpoint_name(lin(cfg.mlp_dim, (EMBED, MLP), "up_proj", use_bias=cfg.mlp_bias)(x_BxLxD), "mlp_up")
     act = jax.nn.silu(gate) if cfg.mlp_act == "silu" else jax.nn.gelu(gate, approximate=True)
     h = nn.with_logical_constraint(act * up, (BATCH, LENGTH, MLP))
     return lin(cfg.d_model, (MLP, EMBED), "down_proj", use_bias=cfg.mlp_bias, std=out_std)(h)
@@ -324,7 +356,7 @@ class Block(nn.Module):
         _norm(cfg, "attn_norm")(x_BxLxD), cos, sin, mask, layer_cache, cache_index)
     if cfg.sandwich_norms:
       h = _norm(cfg, "post_attn_norm")(h)
-    x_BxLxD = x_BxLxD + h
+    x_BxLxD = checkpoint_name(x_BxLxD + h, "resid_mid")
     h = FeedForward(cfg, self.deterministic, name="mlp")(_norm(cfg, "mlp_norm")(x_BxLxD))
     if cfg.sandwich_norms:
       h = _norm(cfg, "post_mlp_norm")(h)

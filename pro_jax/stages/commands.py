@@ -6,14 +6,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from pro_jax.configs import ConfigError, load_config
 from pro_jax.stages.demo import run_demo
 from pro_jax.stages.export import export_run
 from pro_jax.stages.pipeline import run_stage
-from pro_jax.stages.tasks import aot_target
+from pro_jax.stages.tasks import aot_target, decode_target
 from pro_jax.stages.use import load_pro
 from pro_jax.train.aot import AotError, aot_compile
+from pro_jax.train.aot_decode import aot_decode
 from pro_jax.train.commands import (EXIT_FAIL, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, Command, add_config_arguments,  # noqa: F401
                                     config_from_args, existing_mode, run_error_exit)
 
@@ -93,13 +95,38 @@ def _aot_args(p: argparse.ArgumentParser) -> None:
                  help="PRO pipeline configs: the stage whose train step to compile (default: the config's "
                       "`stage` field, else policy); see pro_jax/stages/tasks.py")
   p.add_argument("--json", default="", help="also write the report as JSON to this file")
+  p.add_argument("--decode", action="store_true",
+                 help="compile the policy's rollout decode step (one token per row, KV cache) instead of a train "
+                      "step; report HBM-bandwidth figures (PRO pipeline configs)")
+  p.add_argument("--decode-batch", type=int, default=0,
+                 help="rows per decode step (default: ppo.rollout_batch, else eval.batch_size)")
+  p.add_argument("--decode-len", type=int, default=0,
+                 help="KV-cache slots (default: the padded prompt length + max_new_tokens)")
   p.add_argument("--no-cost-variant", action="store_true",
                  help="skip the second, loop-free compile used for the cost-model figures when the configured "
                       "step has loops (scanned layers, micro-batches, windowed-einsum collective matmuls)")
 
 
+def _aot_decode_run(cfg: Any, args: argparse.Namespace) -> int:
+  t = decode_target(cfg, args.decode_batch, args.decode_len)
+  try:
+    report = aot_decode(t.model, args.topology, t.mesh, batch=t.batch, cache_len=t.cache_len, rules=t.rules)
+  except AotError as e:
+    print(f"pro-jax aot: error: {e}", file=sys.stderr)
+    return EXIT_FAIL
+  print(f"policy decode step: {t.model.num_params():,} params, {t.model.dtype} compute / {t.model.param_dtype} "
+        f"variables" + (f", LoRA r={t.model.lora.rank} unmerged" if t.model.lora is not None else ""))
+  print(report.table())
+  if args.json:
+    with open(args.json, "w") as f:
+      f.write(report.to_json() + "\n")
+  return EXIT_OK if report.total_bytes <= report.hbm_bytes else EXIT_FAIL
+
+
 def _aot_run(args: argparse.Namespace) -> int:
   cfg = load_config(args.config, args.overrides)
+  if args.decode:
+    return _aot_decode_run(cfg, args)
   target = aot_target(cfg, args.stage or None)  # a PRO pipeline config: the stage's engine config and Task
   try:
     report = aot_compile(target.engine_config, args.topology, target.task_fn, cost_variant=not args.no_cost_variant)

@@ -39,6 +39,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from pro_jax import sharding
 from pro_jax.configs import ConfigError
 from pro_jax.models import ModelConfig
 from pro_jax.models.sources import SOURCES
@@ -294,6 +295,34 @@ def describe(cfg: Any, stage: str) -> str:
           f"batch {batch}, {m.dtype} compute / {m.param_dtype} params, remat {m.remat}")
 
 
+@dataclasses.dataclass
+class DecodeTarget:
+  """What `pro-jax aot --decode` compiles: the policy's decode step for its rollouts."""
+
+  model: ModelConfig  # the generator (the policy without its value head), the stage's dtypes
+  mesh: Any
+  rules: Any
+  batch: int  # rows per decode step
+  cache_len: int  # prompt + new tokens
+
+
+def decode_target(cfg: Any, batch: int = 0, cache_len: int = 0) -> DecodeTarget:
+  """The policy stage's rollout decode step: PPO rows (`ppo.rollout_batch`, prompts padded as
+  `prompt_arrays` pads them + `ppo.max_new_tokens`), else `eval.batch_size` rows of `data.max_prompt_len`
+  + `eval.max_new_tokens`; `batch` / `cache_len` override (> 0)."""
+  if not is_pro_config(cfg):
+    raise ConfigError("--decode compiles a PRO pipeline config's policy decode step; this is not one")
+  ecfg = stage_engine_config(cfg, "policy")
+  if ecfg.pro.loss == "ppo":
+    p = ecfg.pro.ppo
+    b, n = int(p.rollout_batch), round_up(cfg.data.max_prompt_len, 8) + int(p.max_new_tokens)
+  else:
+    b, n = int(cfg.eval.batch_size), int(cfg.data.max_prompt_len) + int(cfg.eval.max_new_tokens)
+  model = stage_model_config(cfg, "policy").replace(value_head=False)
+  return DecodeTarget(model, ecfg.mesh, sharding.rules_from_config(ecfg.sharding.rules), batch or b,
+                      cache_len or n)
+
+
 def aot_target(cfg: Any, stage: str | None = None) -> AotTarget:
   """What `pro-jax aot` compiles: the engine config and `task_fn(engine_cfg) -> Task`.
 
@@ -309,5 +338,5 @@ def aot_target(cfg: Any, stage: str | None = None) -> AotTarget:
   return AotTarget(ecfg, lambda e: stage_task(cfg, stage, e), describe(cfg, stage))
 
 
-__all__ = ["aot_target", "stage_task", "stage_engine_config", "stage_model_config", "batch_spec", "ppo_batch_spec",
+__all__ = ["aot_target", "decode_target", "DecodeTarget", "stage_task", "stage_engine_config", "stage_model_config", "batch_spec", "ppo_batch_spec",
            "architecture", "source_runtime", "is_pro_config", "describe", "AotTarget", "TRAIN_STAGES"]
