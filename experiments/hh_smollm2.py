@@ -80,6 +80,7 @@ class SmolConfig:
   max_prompt_len: int = 64  # tokens, cut from the left (the end of the dialogue)
   max_response_len: int = 48  # tokens incl. EOS; longer responses are cut (as text)
   feature_batch: int = 32
+  feature_bucket: int = 32  # feature batches padded to a multiple of this length; 0 = the full length (one shape)
   mid_layer: int = 20  # the middle block whose residual stream is one of the RM's features
   rm_steps: int = 400
   rm_batch: int = 64
@@ -109,15 +110,19 @@ class SmolConfig:
   policy_concentration: float = 0.5
   policy_prompts_per_file: int = 12  # held-out prompts per file the policy generates for
   policy_grid_step: float = 0.25
+  policy_prompt_extra: int = 16  # prompt tokens added for the weight text (0: the policy's prompts are cut
+  # to max_prompt_len like the candidates', so both `generate` calls share one compiled shape)
 
 
 PRESETS = {
-    # the test's quick variant: same code, small sizes (minutes)
-    "quick": dict(seeds="0", train_pairs_per_file=24, held_pairs_per_file=20, gen_prompts_per_file=4,
-                  max_prompt_len=48, max_response_len=20, rm_steps=100, rm_batch=16, adapter_steps=60,
+    # the test's quick variant: the same code and the same real model, small sizes, and as few
+    # distinct compiled shapes as possible (one feature shape, one `generate` shape shared by the
+    # candidates and the policy's evaluation, one reward-model step for both reward models)
+    "quick": dict(seeds="0", train_pairs_per_file=16, held_pairs_per_file=8, gen_prompts_per_file=4,
+                  max_prompt_len=32, max_response_len=16, rm_steps=100, rm_batch=8, adapter_steps=60,
                   adapter_batch=16, n_samples=2, gen_batch=16, bootstrap=500, policy_seeds="0", policy_steps=1,
-                  policy_batch=8, policy_samples=1, policy_prompts_per_file=2, policy_grid_step=0.5,
-                  feature_batch=16),
+                  policy_batch=8, policy_samples=1, policy_prompts_per_file=2, policy_grid_step=1.0,
+                  policy_prompt_extra=0, feature_batch=16, feature_bucket=0),
 }
 
 
@@ -324,7 +329,8 @@ class Backbone:
 
   def features(self, tokens_NxL: np.ndarray, mask_NxL: np.ndarray, plen_N: np.ndarray, batch: int,
                bucket: int = 32) -> dict[str, np.ndarray]:
-    """Features {name: [N, D] float32} (rows batched by length, padded to a multiple of `bucket`)."""
+    """Features {name: [N, D] float32} (rows batched by length, padded to a multiple of `bucket`;
+    `bucket` <= 0: every batch padded to the full length L, so one compiled shape serves every call)."""
     n, L = tokens_NxL.shape
     D = self.cfg.d_model
     out = {k: np.zeros((n, D), np.float32) for k in FEATURES + ("prompt",)}
@@ -332,7 +338,7 @@ class Backbone:
     order = np.argsort(-lengths, kind="stable")
     for s in range(0, n, batch):
       idx = order[s:s + batch]
-      Lb = min(L, -(-int(lengths[idx].max()) // bucket) * bucket)
+      Lb = L if bucket <= 0 else min(L, -(-int(lengths[idx].max()) // bucket) * bucket)
       t, m, p = tokens_NxL[idx, :Lb], mask_NxL[idx, :Lb], plen_N[idx]
       k = len(idx)
       if k < batch:
@@ -380,6 +386,9 @@ def tokenize_pairs(tok: Any, prompts: list, responses: list[str], c: SmolConfig)
 # Training small parameter trees with the engine's jitted train step
 
 
+_STEPS: dict[tuple, Any] = {}  # fit's jitted train steps by (loss_fn, steps, lr, weight_decay, warmup)
+
+
 def fit(loss_fn, params: Any, data: dict[str, np.ndarray], *, steps: int, batch: int, lr: float, seed: int,
         frozen: dict | None = None, warmup: int = 10, name: str = "fit", weight_decay: float = 0.0,
         log_every: int = 0) -> tuple[Any, list[float]]:
@@ -401,10 +410,17 @@ def fit(loss_fn, params: Any, data: dict[str, np.ndarray], *, steps: int, batch:
   frozen = frozen or {}
   n = len(next(iter(data.values())))
   batch = min(batch, n)
-  spec = {k: rep for k in data}
-  step = build_train_step(loss_fn, opt, mesh=mesh, state_shardings=jax.tree.map(lambda _: rep, state),
-                          frozen_shardings=jax.tree.map(lambda _: rep, frozen), batch_shardings=spec,
-                          schedule=sched)
+  state_sh = jax.tree.map(lambda _: rep, state)
+  # the state placed as the step returns it: else the first call compiles once more for the
+  # uncommitted arrays; and one jitted step per (loss, schedule) reused across calls of the same shapes
+  state = jax.device_put(state, state_sh)
+  frozen = jax.device_put(frozen, jax.tree.map(lambda _: rep, frozen))
+  key = (loss_fn, steps, lr, weight_decay, min(warmup, steps))
+  step = _STEPS.get(key)
+  if step is None:
+    step = _STEPS[key] = build_train_step(loss_fn, opt, mesh=mesh, state_shardings=state_sh,
+                                          frozen_shardings=jax.tree.map(lambda _: rep, frozen),
+                                          batch_shardings={k: rep for k in data}, schedule=sched)
   rng = np.random.default_rng(seed)
   order, pos, losses = rng.permutation(n), 0, []
   for _ in range(steps):
@@ -473,7 +489,8 @@ class Shared:
       side = {}
       for which in ("chosen", "rejected"):
         tk = tokenize_pairs(self.tok, prompts, [x[which] for x in rows], c)
-        side[which] = self.bb.features(tk["tokens"], tk["mask"], tk["prompt_len"], c.feature_batch)
+        side[which] = self.bb.features(tk["tokens"], tk["mask"], tk["prompt_len"], c.feature_batch,
+                                       c.feature_bucket)
       self.pairs[k] = {"chosen": rm_inputs(side["chosen"]), "rejected": rm_inputs(side["rejected"]),
                        "prompt": side["chosen"]["prompt"],
                        "obj": np.asarray([x["pair_objectives"] for x in rows], np.float32)}
@@ -513,7 +530,8 @@ class Shared:
   def response_features(self, prompts: list, texts: list[str]) -> np.ndarray:
     """RM inputs [N, F] of (prompt, response) pairs."""
     tk = tokenize_pairs(self.tok, prompts, texts, self.c)
-    return rm_inputs(self.bb.features(tk["tokens"], tk["mask"], tk["prompt_len"], self.c.feature_batch))
+    return rm_inputs(self.bb.features(tk["tokens"], tk["mask"], tk["prompt_len"], self.c.feature_batch,
+                                      self.c.feature_bucket))
 
   def gen_index(self) -> np.ndarray:
     """Row of each generation prompt in the held-out arrays."""
@@ -529,28 +547,30 @@ class Shared:
 # Per seed
 
 
+def _rm_loss(params: Any, frozen: Any, batch: dict, rng: Any) -> tuple[Any, dict]:
+  """Masked Bradley-Terry loss of the linear heads (frozen: the features' mean and sd)."""
+  from pro_jax.pro.losses import bradley_terry_multi
+  del rng
+  rm = {**params, "mu": frozen["mu"], "sd": frozen["sd"]}
+  loss, metrics = bradley_terry_multi(rm_scores(rm, batch["xc"]), rm_scores(rm, batch["xr"]), batch["obj"],
+                                      OBJECTIVES)
+  return loss, {k: v for k, v in metrics.items() if "/" not in k}
+
+
 def train_rm(sh: Shared, half: str, seed: int, steps: int) -> tuple[Any, list[float]]:
   """Two linear heads on the standardized frozen features, masked Bradley-Terry loss, engine step."""
   import jax
   import jax.numpy as jnp
-  from pro_jax.pro.losses import bradley_terry_multi
   c = sh.c
   p = sh.pairs[half]
   both = np.concatenate([p["chosen"], p["rejected"]])
   mu, sd = both.mean(0), both.std(0) + 1e-6
 
-  def loss_fn(params, frozen, batch, rng):
-    del rng
-    rm = {**params, "mu": frozen["mu"], "sd": frozen["sd"]}
-    loss, metrics = bradley_terry_multi(rm_scores(rm, batch["xc"]), rm_scores(rm, batch["xr"]), batch["obj"],
-                                        OBJECTIVES)
-    return loss, {k: v for k, v in metrics.items() if "/" not in k}
-
   F, K = both.shape[1], len(OBJECTIVES)
   init = {"head": {"kernel": 0.01 * jax.random.normal(jax.random.PRNGKey(seed), (F, K), jnp.float32),
                    "bias": jnp.zeros((K,), jnp.float32)}}
   data = {"xc": p["chosen"], "xr": p["rejected"], "obj": p["obj"]}
-  params, losses = fit(loss_fn, init, data, steps=steps, batch=c.rm_batch, lr=c.rm_lr, seed=seed,
+  params, losses = fit(_rm_loss, init, data, steps=steps, batch=c.rm_batch, lr=c.rm_lr, seed=seed,
                        frozen={"mu": jnp.asarray(mu), "sd": jnp.asarray(sd)}, weight_decay=c.rm_weight_decay)
   return {**params, "mu": mu, "sd": sd}, losses
 
@@ -592,7 +612,8 @@ def train_adapter(sh: Shared, feats: np.ndarray, targets: np.ndarray, seed: int)
     del frozen, rng
     return adapter_kl(batch["w"], mlp.apply(params, batch["h"]))
 
-  init = adapter_variables(mlp, feats.shape[1], jax.random.PRNGKey(seed))
+  init = jax.jit(lambda r: adapter_variables(mlp, feats.shape[1], r))(jax.random.PRNGKey(seed))  # one compile, not
+  # one per eager op of the init
   params, losses = fit(loss_fn, init, {"h": feats.astype(np.float32), "w": targets.astype(np.float32)},
                        steps=c.adapter_steps, batch=c.adapter_batch, lr=c.adapter_lr, seed=seed)
   fn = jax.jit(lambda h: jax.nn.softmax(mlp.apply(params, h), axis=-1))
@@ -714,6 +735,8 @@ def run_policy(sh: Shared, seed: int, out_dir: str, res: dict[str, Any], pdir: s
   """RiC-style weight-conditioned LoRA policy (best_of conditioning over the simplex) trained with the
   engine on half A's chosen / rejected responses (scored by the seed's RM); evaluated with the
   adapter's weights vs the fixed grid on held-out prompts, scored by the seed's eval RM."""
+  import jax
+  import jax.numpy as jnp
   from pro_jax.data.pipeline import Pipeline, PipelineConfig
   from pro_jax.models import LoRAConfig, Transformer
   from pro_jax.models.sources import load_source
@@ -735,7 +758,7 @@ def run_policy(sh: Shared, seed: int, out_dir: str, res: dict[str, Any], pdir: s
                           concentration=c.policy_concentration)
   lora = LoRAConfig(rank=c.lora_rank, alpha=c.lora_alpha, targets=tuple(c.lora_targets.split(",")))
   mcfg = sh.cfg.replace(lora=lora)
-  L_prompt = c.max_prompt_len + 16  # the weight text adds ~15 tokens
+  L_prompt = c.max_prompt_len + c.policy_prompt_extra  # the weight text adds ~15 tokens (cut from the left)
   pc = PipelineConfig(kind="sequence", batch_size=c.policy_batch, max_prompt_len=L_prompt,
                       max_response_len=c.max_response_len, bucket_multiple=8, template="auto", strict=True,
                       shuffle=True, seed=seed, num_epochs=None, static_shapes=True)
@@ -762,7 +785,11 @@ def run_policy(sh: Shared, seed: int, out_dir: str, res: dict[str, Any], pdir: s
   cond = [condition_prompt(p, w, OBJECTIVES) for n in names for p, w in zip(prompts, settings[n])]
   gen = GenerationConfig(max_prompt_len=L_prompt, max_new_tokens=c.max_response_len - 1, batch_size=c.gen_batch,
                          greedy=False, temperature=c.temperature, top_p=c.top_p, seed=seed, template="auto")
-  texts, _, _ = generate_texts(pol_model, {"params": bb.params}, sh.tok, cond, gen)
+  # uncommitted, as the GGUF-loaded base's: the restored (committed) arrays would lower `generate` with
+  # other input shardings and compile it again (same shapes and config as the candidates' when
+  # policy_prompt_extra = 0 and the row counts fit one gen_batch)
+  params = jax.tree.map(jnp.asarray, jax.device_get(bb.params))
+  texts, _, _ = generate_texts(pol_model, {"params": params}, sh.tok, cond, gen)
   # scored as answers to the plain (unconditioned) prompt by the eval RM
   z_e = norm_e.apply(score(ev, sh.response_features([p for _ in names for p in prompts], texts)))
   U = {n: utility(w_star_e[pi], z_e[j * N:(j + 1) * N]) for j, n in enumerate(names)}
@@ -800,7 +827,8 @@ def run(workdir: str, data_dir: str, config: SmolConfig | None = None) -> dict[s
   timings: dict[str, float] = {}
   sh = Shared(workdir, data_dir, c, timings)
   seeds, pol_seeds = _seeds(c.seeds), _seeds(c.policy_seeds)
-  cfg = dataclasses.asdict(c)
+  # result keys: fields added later count only when set off their default (earlier runs stay reusable)
+  cfg = {k: v for k, v in dataclasses.asdict(c).items() if _LATER_FIELDS.get(k, object()) != v}
   main_key = _key({k: v for k, v in cfg.items() if not k.startswith(("policy_", "lora_"))})
   per_seed = {}
   for s in seeds:  # inference results of every seed first (cheap), then the trained policies
@@ -843,6 +871,9 @@ def run(workdir: str, data_dir: str, config: SmolConfig | None = None) -> dict[s
   write_report(report, workdir)
   _say(f"done in {timings['total']:.0f} s: {os.path.join(workdir, 'report.md')}")
   return report
+
+
+_LATER_FIELDS = {"feature_bucket": 32, "policy_prompt_extra": 16}  # field: its default
 
 
 def _key(d: dict) -> str:

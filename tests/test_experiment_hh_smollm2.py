@@ -99,10 +99,9 @@ def test_hh_smollm2_quick_end_to_end(shared_data, tmp_path, capsys):
   b = r["best_of_n"]["pro_minus_best_fixed"]
   best = max((k for k in u if k.startswith("fixed[")), key=u.get)
   assert b["delta"] == pytest.approx(u["PRO"] - u[best]) and b["lo"] <= b["hi"]
-  # the policy trained and generated for PRO and each grid vector (step 0.5: 3)
+  # the policy trained and generated for PRO and each grid vector (step 1: the 2 corners)
   p = r["policy"]
-  assert p["steps"] == cfg.policy_steps and set(p["utility"]) == {"PRO", "fixed[1.00,0.00]", "fixed[0.50,0.50]",
-                                                                 "fixed[0.00,1.00]"}
+  assert p["steps"] == cfg.policy_steps and set(p["utility"]) == {"PRO", "fixed[1.00,0.00]", "fixed[0.00,1.00]"}
   assert all(np.isfinite(v) for v in p["utility"].values())
   md = (tmp_path / "run" / "report.md").read_text()
   assert "PRO at inference" in md and (tmp_path / "run" / "utility_best_of_n.png").exists()

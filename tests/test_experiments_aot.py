@@ -146,8 +146,8 @@ def test_the_architecture_must_be_in_the_config():
 # -- one task builder: `pro-jax aot` compiles the stages' own builders ------------------------------
 
 
-def _tiny_stage_config(stage: str, loss: str):
-  return exp_config("helpful_assistant", f"{stage},{loss}", TINY_OVERRIDES + [
+def _tiny_stage_config(stage: str, loss: str, setting: str = "helpful_assistant"):
+  return exp_config(setting, f"{stage},{loss}", TINY_OVERRIDES + [
       f"--config.{s}.batch_size=8" for s in ("sft", "rm", "adapter", "policy")] + [
       "--config.policy.pro.ppo.rollout_batch=16", "--config.policy.pro.ppo.minibatch=8",
       "--config.policy.pro.ppo.max_new_tokens=8"])
@@ -155,13 +155,17 @@ def _tiny_stage_config(stage: str, loss: str):
 
 # stage -> (module defining its task builder, the builder, the module whose runner trains with it)
 BUILDERS = {"sft": (policy, "sft_task", pipeline), "rm": (rm, "rm_task", rm), "adapter": (adapter, "adapter_task", adapter),
-            "modpo": (policy, "dpo_task", pipeline), "ppo": (ppo, "ppo_task", ppo)}
+            "modpo": (policy, "dpo_task", pipeline), "ppo": (ppo, "ppo_task", ppo), "ric": (policy, "sft_task", pipeline)}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,loss", [("sft", "ppo"), ("rm", "ppo"), ("adapter", "ppo"), ("policy", "modpo"),
-                                        ("policy", "ppo")])
-def test_aot_compiles_each_stage_through_the_pipelines_task_builder(stage, loss, monkeypatch):
+@pytest.mark.parametrize("stage,loss,setting", [
+    ("sft", "ppo", "helpful_assistant"), ("rm", "ppo", "helpful_assistant"), ("adapter", "ppo", "helpful_assistant"),
+    ("policy", "modpo", "helpful_assistant"), ("policy", "ppo", "helpful_assistant"),
+    # the real-model experiment's TPU config (experiments/hh_smollm2_tpu.py): its 2-head reward model (its
+    # RiC policy is sft_task, compiled above); the 7B compiles are in docs/results.md (section 2b)
+    ("rm", "ric", "hh_smollm2_tpu")])
+def test_aot_compiles_each_stage_through_the_pipelines_task_builder(stage, loss, setting, monkeypatch):
   """`pro-jax aot`'s Task of a stage comes from the same builder the pipeline trains with (called
   with abstract shapes, no inputs), and its train step lowers and compiles ahead of time from those
   shapes alone (here for the 8 CPU devices; `pro-jax aot --topology` does the same for a TPU)."""
@@ -174,8 +178,8 @@ def test_aot_compiles_each_stage_through_the_pipelines_task_builder(stage, loss,
     calls.append(kwargs.get("inputs"))
     return builder(*args, **kwargs)
 
-  monkeypatch.setattr(tasks, name, spy)
-  cfg = _tiny_stage_config(stage, loss)
+  monkeypatch.setattr(T, name, spy)
+  cfg = _tiny_stage_config(stage, loss, setting)
   target = tasks.aot_target(cfg, stage)
   task = target.task_fn(target.engine_config)
   assert calls == [None]  # the builder, with abstract shapes only
