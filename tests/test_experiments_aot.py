@@ -178,7 +178,7 @@ def test_aot_compiles_each_stage_through_the_pipelines_task_builder(stage, loss,
     calls.append(kwargs.get("inputs"))
     return builder(*args, **kwargs)
 
-  monkeypatch.setattr(T, name, spy)
+  monkeypatch.setattr(tasks, name, spy)
   cfg = _tiny_stage_config(stage, loss, setting)
   target = tasks.aot_target(cfg, stage)
   task = target.task_fn(target.engine_config)
@@ -264,7 +264,7 @@ def test_pro_jax_aot_decode_reports_the_rollout_step_hbm_bandwidth(tmp_path, cap
   assert rc == 0, text + captured.err
   assert "policy decode step" in text and "LoRA r=64 unmerged" in text and "HBM bandwidth" in text
   r = json.loads(out.read_text())
-  m = T.decode_target(exp_config("helpful_assistant", "ppo", over)).model
+  m = tasks.decode_target(exp_config("helpful_assistant", "ppo", over)).model
   assert (r["batch"], r["cache_len"], r["n_chips"]) == (16, 16 + 8, 4)
   assert r["weight_bytes"] == m.num_params() * 2  # bf16 compute
   assert r["cache_bytes"] == 2 * m.n_layers * 16 * 24 * m.kv_heads * m.hd * 2
