@@ -99,7 +99,7 @@ class SmolConfig:
   grid_step: float = 0.1
   bootstrap: int = 2000
   # the trained weight-conditioned policy
-  policy_seeds: str = "0"  # "" = skip (a LoRA step on 2 shared cores costs ~10-30 s: one seed by default)
+  policy_seeds: str = "0,1,2"  # "" = skip (a LoRA step on 2 shared cores costs ~10-30 s; ~18-40 min a seed)
   policy_steps: int = 16
   policy_batch: int = 8
   policy_lr: float = 1e-3
