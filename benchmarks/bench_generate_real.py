@@ -82,6 +82,17 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray
 # Workers
 
 
+def _timed_runs(run, repeats: int, label: str) -> dict:
+  """1 warm-up + `repeats` timed calls of `run()` (which returns the generated tokens)."""
+  times, toks = [], None
+  for _ in range(1 + repeats):
+    t0 = time.perf_counter()
+    toks = run()
+    times.append(time.perf_counter() - t0)
+  print(f"{label}: {times}", flush=True)
+  return {"times": times, "tokens": toks.tolist()}
+
+
 def worker_pro_jax(spec: dict) -> dict:
   import jax
   import jax.numpy as jnp
@@ -101,13 +112,7 @@ def worker_pro_jax(spec: dict) -> dict:
                      eos_token_id=[], pad_token_id=spec["pad_id"], return_logprobs=False)
         return np.asarray(jax.block_until_ready(o.tokens_BxN))
 
-      times, toks = [], None
-      for _ in range(1 + spec["repeats"]):
-        t0 = time.perf_counter()
-        toks = run()
-        times.append(time.perf_counter() - t0)
-      out["runs"][f"{dtype}/{B}"] = {"times": times, "tokens": toks.tolist()}
-      print(f"pro_jax {dtype} B={B}: {times}", flush=True)
+      out["runs"][f"{dtype}/{B}"] = _timed_runs(run, spec["repeats"], f"pro_jax {dtype} B={B}")
   return out
 
 
@@ -133,13 +138,7 @@ def worker_transformers(spec: dict) -> dict:
                              eos_token_id=None)
         return o[:, tokens.shape[1]:].numpy()
 
-      times, toks = [], None
-      for _ in range(1 + spec["repeats"]):
-        t0 = time.perf_counter()
-        toks = run()
-        times.append(time.perf_counter() - t0)
-      out["runs"][f"{dtype}/{B}"] = {"times": times, "tokens": toks.tolist()}
-      print(f"transformers {dtype} B={B}: {times}", flush=True)
+      out["runs"][f"{dtype}/{B}"] = _timed_runs(run, spec["repeats"], f"transformers {dtype} B={B}")
   return out
 
 
