@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pro_jax.models.config import ModelConfig
-from pro_jax.models.transformer import (Block, Linear, Transformer, _dot, _norm, init_cache, make_attention_mask,
-                                        positions_from_mask, rope_cos_sin)
+from pro_jax.models.transformer import (Block, Linear, Transformer, _dot, _norm, embed_tokens, init_cache,
+                                        layer_context, positions_from_mask, softcap_logits)
 
 Array = jax.Array
 
@@ -153,24 +153,12 @@ def _decode_step(config: ModelConfig, variables: dict, layer_vars: list[dict], c
   the matmuls read the weights in place and each cache update is an in-place write."""
   params = variables["params"]
   dtype = config.jnp_dtype
-  x_Bx1xD = jnp.take(params["embed"], tokens_Bx1, axis=0).astype(dtype)
-  if config.scale_embeddings:  # as Transformer.__call__ (HF Gemma)
-    x_Bx1xD = x_Bx1xD * jnp.asarray(np.float32(config.d_model**0.5), dtype)
-  T = caches[0]["k"].shape[1]
+  x_Bx1xD = embed_tokens(config, params["embed"], tokens_Bx1)
   if config.arch == "gpt2":
     x_Bx1xD = x_Bx1xD + jnp.take(params["wpe"], positions_Bx1, axis=0).astype(dtype)
-    cos = sin = None
-  else:
-    cos, sin = rope_cos_sin(config, positions_Bx1, local=all(config.sliding_layers))
-  if config.mixed_layers:  # local / global layers: both tables and masks, each layer picks by its flag
-    mask = make_attention_mask(cache_mask_BxT, 1, T, cache_index)
-    mask_local = make_attention_mask(cache_mask_BxT, 1, T, cache_index, sliding_window=config.sliding_window)
-    ctx = (cos, sin, mask, cache_index, *rope_cos_sin(config, positions_Bx1, local=True), mask_local)
-    slidings = [jnp.asarray(s) for s in config.sliding_layers]
-  else:
-    mask = make_attention_mask(cache_mask_BxT, 1, T, cache_index, sliding_window=config.sliding_window)
-    ctx = (cos, sin, mask, cache_index)
-    slidings = [None] * config.n_layers
+  T = caches[0]["k"].shape[1]
+  ctx, sliding_N = layer_context(config, positions_Bx1, cache_mask_BxT, 1, T, cache_index, cache_index)
+  slidings = [None] * config.n_layers if sliding_N is None else [sliding_N[i] for i in range(config.n_layers)]
   block = Block(config)
   new_caches = []
   for lv, layer_cache, sliding in zip(layer_vars, caches, slidings):
@@ -185,8 +173,7 @@ def _decode_step(config: ModelConfig, variables: dict, layer_vars: list[dict], c
     if "lm_head" in variables.get("lora", {}):
       head_vars["lora"] = variables["lora"]["lm_head"]
     logits_BxV = lm_head.apply(head_vars, h_BxD).astype(jnp.float32)
-  if config.final_logit_softcap is not None:  # as Transformer.__call__ (Gemma 2)
-    logits_BxV = jnp.tanh(logits_BxV / config.final_logit_softcap) * config.final_logit_softcap
+  logits_BxV = softcap_logits(config, logits_BxV)
   return logits_BxV, new_caches
 
 

@@ -419,6 +419,38 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) ->
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
+def embed_tokens(cfg: ModelConfig, embedding_VxD: Array, tokens_BxL: Array) -> Array:
+  """Token embeddings in the compute dtype (Gemma: times sqrt(d_model), the factor in that dtype)."""
+  x_BxLxD = jnp.take(embedding_VxD, tokens_BxL, axis=0).astype(cfg.jnp_dtype)
+  if cfg.scale_embeddings:  # HF Gemma: embed * tensor(sqrt(hidden)).to(dtype)
+    x_BxLxD = x_BxLxD * jnp.asarray(np.float32(cfg.d_model**0.5), cfg.jnp_dtype)
+  return x_BxLxD
+
+
+def layer_context(cfg: ModelConfig, positions_BxL: Array, key_mask_BxS: Array | None, L: int, kv_len: int,
+                  q_offset: Array | int, cache_index: Array | int) -> tuple[tuple, Array | None]:
+  """(ctx, sliding_N) for `Block`: the RoPE tables and attention mask every layer shares and, for
+  models with local / global layers (`cfg.mixed_layers`), the local ones too plus each layer's flag."""
+  if cfg.arch == "gpt2":
+    cos = sin = None
+  else:  # every layer sliding (Mistral): the local RoPE (local_rope_theta, when set) for all of them
+    cos, sin = rope_cos_sin(cfg, positions_BxL, local=all(cfg.sliding_layers))
+  if not cfg.mixed_layers:
+    mask = make_attention_mask(key_mask_BxS, L, kv_len, q_offset, sliding_window=cfg.sliding_window)
+    return (cos, sin, mask, cache_index), None
+  mask = make_attention_mask(key_mask_BxS, L, kv_len, q_offset)
+  mask_local = make_attention_mask(key_mask_BxS, L, kv_len, q_offset, sliding_window=cfg.sliding_window)
+  ctx = (cos, sin, mask, cache_index, *rope_cos_sin(cfg, positions_BxL, local=True), mask_local)
+  return ctx, jnp.asarray(cfg.sliding_layers)
+
+
+def softcap_logits(cfg: ModelConfig, logits: Array) -> Array:
+  """Gemma 2's final soft-cap (the LM head only, as in HF); identity for other models."""
+  if cfg.final_logit_softcap is None:
+    return logits
+  return jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
+
+
 class Transformer(nn.Module):
   """Decoder-only transformer. See module docstring."""
 
@@ -458,9 +490,7 @@ class Transformer(nn.Module):
 
     embedding = self.param("embed", nn.with_logical_partitioning(_init_normal(0.02), (VOCAB, EMBED)),
                            (cfg.vocab_size, cfg.d_model), cfg.jnp_param_dtype)
-    x_BxLxD = jnp.take(embedding, tokens_BxL, axis=0).astype(dtype)
-    if cfg.scale_embeddings:  # HF Gemma: embed * tensor(sqrt(hidden)).to(dtype)
-      x_BxLxD = x_BxLxD * jnp.asarray(np.float32(cfg.d_model**0.5), dtype)
+    x_BxLxD = embed_tokens(cfg, embedding, tokens_BxL)
     if cfg.weight_tokens:
       w_embed_KxNxD = self.param(
           "weight_embed", nn.with_logical_partitioning(_init_normal(0.02), (None, None, EMBED)),
@@ -471,10 +501,6 @@ class Transformer(nn.Module):
       wpe = self.param("wpe", nn.with_logical_partitioning(_init_normal(0.01), (None, EMBED)),
                        (cfg.max_seq_len, cfg.d_model), cfg.jnp_param_dtype)
       x_BxLxD = x_BxLxD + jnp.take(wpe, positions_BxL, axis=0).astype(dtype)
-      cos = sin = None
-    else:
-      # Every layer sliding (Mistral): the local RoPE (local_rope_theta, when set) for all of them.
-      cos, sin = rope_cos_sin(cfg, positions_BxL, local=all(cfg.sliding_layers))
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, (BATCH, LENGTH, EMBED))
 
     if cache is None:
@@ -485,15 +511,7 @@ class Transformer(nn.Module):
         raise ValueError("cache_mask_BxT is required when decoding with a cache")
       key_mask_BxS, kv_len, q_offset = cache_mask_BxT, cache["k"].shape[2], cache_index
       layer_caches = cache
-    sliding_N = None
-    if cfg.mixed_layers:  # local / global layers: the global mask and RoPE, then the local ones
-      mask = make_attention_mask(key_mask_BxS, L, kv_len, q_offset)
-      mask_local = make_attention_mask(key_mask_BxS, L, kv_len, q_offset, sliding_window=cfg.sliding_window)
-      ctx = (cos, sin, mask, cache_index, *rope_cos_sin(cfg, positions_BxL, local=True), mask_local)
-      sliding_N = jnp.asarray(cfg.sliding_layers)
-    else:
-      mask = make_attention_mask(key_mask_BxS, L, kv_len, q_offset, sliding_window=cfg.sliding_window)
-      ctx = (cos, sin, mask, cache_index)
+    ctx, sliding_N = layer_context(cfg, positions_BxL, key_mask_BxS, L, kv_len, q_offset, cache_index)
 
     block = Block
     if cfg.remat != "none":
@@ -521,8 +539,7 @@ class Transformer(nn.Module):
       else:
         logits = Linear(cfg.vocab_size, (EMBED, VOCAB), cfg, name="lm_head")(h)
       logits = logits.astype(jnp.float32)
-      if cfg.final_logit_softcap is not None:  # Gemma 2 (the LM head only, as in HF)
-        logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
+      logits = softcap_logits(cfg, logits)
       out["logits"] = nn.with_logical_constraint(logits, (BATCH, LENGTH, VOCAB))
     elif cfg.head == "score":
       idx = last_token_index(attention_mask_BxL, L, B)
